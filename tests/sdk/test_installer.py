@@ -206,3 +206,15 @@ def test_help_mentions_the_default_root():
     r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "install", "--help"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "/usr/libexec/xapi-storage-script" in r.stdout
+
+
+def test_prune_removes_plugins_no_longer_registered(tmp_path):
+    assert install(tmp_path, *TOY_PLUGINS).returncode == 0
+    r = install(tmp_path, f"volume:{TOY}=sdk_toy")          # toydp no longer among the plugins
+    assert r.returncode == 0
+    assert "datapath/toydp was laid by this installer for sdk_toy_dp" in r.stderr and "--prune" in r.stderr
+    assert (tmp_path / "datapath" / "toydp").is_dir()        # only a note without --prune
+    r = install(tmp_path, f"volume:{TOY}=sdk_toy", extra=["--prune"])
+    assert r.returncode == 0 and "pruned" in r.stdout
+    assert not (tmp_path / "datapath" / "toydp").exists() and (tmp_path / "datapath").is_dir()
+    assert (tmp_path / "volume" / TOY / "Plugin.Query").exists()
