@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import TOY, assert_error_record, plugin_env, run_exe
+from .helpers import TOY, assert_error_record, plugin_env, run_exe
 
 VOL = {"dbg": "OpaqueRef:1\n{\"trace\": 1}", "name": "disk0", "description": "", "size": 10737418240,
        "sharable": False}
@@ -307,3 +307,9 @@ def test_plugin_that_closes_its_stdout_still_answers(tmp_path):
     exe.chmod(0o755)
     r = run_exe(exe, {"dbg": "d"}, env=env)
     assert (r.rc, r.value) == (0, "still here"), r
+
+
+def test_cli_mode_values_after_double_dash_are_positional(toy_dir, sr):
+    r = cli(toy_dir / "Volume.create", "static-vdis", sr, "--", "-h", "--json", "1", "false")
+    assert r.rc == 0, r
+    assert (r.value["name"], r.value["description"]) == ("-h", "--json")

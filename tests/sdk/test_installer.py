@@ -10,7 +10,7 @@ import pytest
 
 from xapi_storage import installer
 
-from conftest import REPO, TOY, TOY_PLUGINS, install, plugin_env, run_exe
+from .helpers import REPO, TOY, TOY_PLUGINS, install, plugin_env, run_exe
 
 
 def snapshot(root):
