@@ -264,9 +264,9 @@ def _rec(key):
     return key + ".json"
 
 
-def _volume(path, datapath, rec, st):
+def _volume(path, datapath, rec, st, qpath=None):
     key = rec["key"]
-    location = quote_path(f"{path}/{_img(key)}")
+    location = f"{qpath or quote_path(path)}/{key}.img"     # a key needs no quoting
     return {
         "key": key,
         "uuid": key,
@@ -526,25 +526,29 @@ class SR(base.SR):
             return _list_volumes(store, srrec)
 
 
+def _check_creatable(store, uuid):
+    """The SR record if `store` already holds this SR (a retry), None if the directory is free
+    for a new SR, else the error that says why not."""
+    rec = _read_sr_record(store)
+    if rec is not None:
+        if rec.get("uuid") != uuid or rec.get("state") != "ready":
+            raise XenAPIError("SR_BACKEND_FAILURE", [
+                "SR already exists", store.path, str(rec.get("uuid")), str(rec.get("state"))])
+        return rec
+    ours = (SR_LOCK, SR_META + LOCK_SUFFIX)
+    if any(n not in ours and not n.startswith(f".tmp.{SR_META}.") for n in store.names()):
+        raise XenAPIError("SR_BACKEND_FAILURE", [
+            "Directory not empty", store.path, "SR.create needs an empty or missing directory"])
+    return None
+
+
 def _create_sr(path, uuid, name, description, datapath):
     with Store(path) as store:
+        if _check_creatable(store, uuid) is not None:     # before making the lock file
+            return
         with store.lock(SR_LOCK):
-            rec = _read_sr_record(store)
-            if rec is not None:
-                if rec.get("uuid") != uuid or rec.get("state") != "ready":
-                    raise XenAPIError("SR_BACKEND_FAILURE", [
-                        "SR already exists", path, str(rec.get("uuid")),
-                        str(rec.get("state"))])
-                # a retry of a create that completed: converge on the same answer
-            else:
-                ours = (SR_LOCK, SR_META + LOCK_SUFFIX)
+            if _check_creatable(store, uuid) is None:
                 names = store.names()
-                others = [n for n in names
-                          if n not in ours and not n.startswith(f".tmp.{SR_META}.")]
-                if others:
-                    raise XenAPIError("SR_BACKEND_FAILURE", [
-                        "Directory not empty", path,
-                        "SR.create needs an empty or missing directory"])
                 for n in names:         # temporaries of a killed SR.create
                     if n.startswith(f".tmp.{SR_META}."):
                         store.unlink(n)
@@ -589,6 +593,8 @@ def _list_volumes(store, srrec):
     path = store.path
     datapath = srrec.get("datapath", DEFAULT_DATAPATH)
     names = store.names()
+    present = set(names)
+    qpath = quote_path(path)
     result, listed, unsettled = [], set(), set()
     for n in names:
         if n.endswith(".json"):
@@ -599,11 +605,11 @@ def _list_volumes(store, srrec):
             if rec is None:
                 continue
             if rec.get("state") == "ready":
-                result.append(_volume(path, datapath, rec, store.stat(_img(key))))
+                result.append(_volume(path, datapath, rec, store.stat(_img(key)), qpath))
                 listed.add(key)
             else:
                 unsettled.add(key)
-        elif n.endswith(LOCK_SUFFIX) and is_uuid(n[:-5]) and (n[:-5] + ".json") not in names:
+        elif n.endswith(LOCK_SUFFIX) and is_uuid(n[:-5]) and (n[:-5] + ".json") not in present:
             unsettled.add(n[:-5])
     tmps = store.temporaries(names)
     unsettled.update(k for k in tmps if is_uuid(k))

@@ -58,15 +58,9 @@ def is_uuid(key):
     Volume keys are checked with this before they are ever used to build a file name, so a key
     cannot contain '/', '..', NUL or anything else that could leave the SR directory.
     """
-    if type(key) is not str or len(key) != 36:
-        return False
-    for i, c in enumerate(key):
-        if i in _DASHES:
-            if c != "-":
-                return False
-        elif c not in _HEX:
-            return False
-    return True
+    return (type(key) is str and len(key) == 36
+            and key[8] == key[13] == key[18] == key[23] == "-" and key.count("-") == 4
+            and _HEX.issuperset(key.replace("-", "")))
 
 
 def new_uuid():
@@ -80,11 +74,15 @@ def new_uuid():
 
 # --- percent-encoding of paths inside URIs and SR keys -------------------------------------------
 
-_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
+_SAFE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/"
+_SAFE = frozenset(_SAFE_CHARS.encode())
+_SAFE_STR = frozenset(_SAFE_CHARS)
 
 
 def quote_path(path):
     """Percent-encode every byte of `path` outside [A-Za-z0-9-._~/] (upper-case hex)."""
+    if _SAFE_STR.issuperset(path):
+        return path
     out = []
     for byte in os.fsencode(path):
         out.append(chr(byte) if byte in _SAFE else f"%{byte:02X}")
@@ -207,15 +205,16 @@ class Store:
         except FileNotFoundError:
             return None
         try:
-            chunks = []
-            while True:
-                b = os.read(fd, 65536)
-                if not b:
-                    break
-                chunks.append(b)
+            data = os.read(fd, 65536)
+            if len(data) == 65536:      # rare: a record with many keys
+                chunks = [data]
+                while data:
+                    data = os.read(fd, 65536)
+                    chunks.append(data)
+                data = b"".join(chunks)
         finally:
             os.close(fd)
-        return json.loads(b"".join(chunks))
+        return json.loads(data)
 
     def write(self, name, record, owner, exclusive=False):
         """Atomically and durably replace (or, if exclusive, create) the record `name`.
