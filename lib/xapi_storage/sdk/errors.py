@@ -74,3 +74,60 @@ class Cancelled(InterfaceError):
 
 class Activated_on_another_host(InterfaceError):
     """The volume is active on another host (argument: that host's installation uuid)."""
+
+
+# Errors the SDK itself raises. Same wire shape as the interface's variants:
+# code SR_BACKEND_FAILURE, params [Name, ...], with the fields below; see docs/sdk.md.
+
+class SDKError(StorageError):
+    """An error found by the SDK rather than raised by the plugin's own code."""
+    NAME = "SDK_error"
+
+    def __init__(self, *params):
+        self._params = [str(p) for p in params]
+        super().__init__(": ".join(self._params))
+
+    @property
+    def params(self):
+        return [self.NAME] + self._params
+
+
+class InvalidRequest(SDKError):
+    """The caller's fault: the request does not match the interface's schema.
+    params: ["Invalid_request", method, field, rule, message]"""
+    NAME = "Invalid_request"
+
+    def __init__(self, method, field, rule, message):
+        super().__init__(method, field, rule, message)
+        self.method, self.field, self.rule, self.message = method, field, rule, message
+
+
+class InvalidResult(SDKError):
+    """The plugin's bug: its result does not match the interface's schema (or is not JSON).
+    params: ["Invalid_result", method, field, rule, message]"""
+    NAME = "Invalid_result"
+
+    def __init__(self, method, field, rule, message):
+        super().__init__(method, field, rule, message)
+        self.method, self.field, self.rule, self.message = method, field, rule, message
+
+
+class UnknownMethod(SDKError):
+    """The executable's name (or the name passed to wire.call) is not a method of the
+    interfaces this plugin implements. params: ["Unknown_method", name, supported names]"""
+    NAME = "Unknown_method"
+
+    def __init__(self, name, supported=()):
+        super().__init__(name, " ".join(supported))
+        self.name = name
+        self.supported = list(supported)
+
+
+class PluginLoadError(SDKError):
+    """The plugin module cannot be imported, or does not export a usable IMPLEMENTATIONS.
+    params: ["Plugin_load_failed", module, reason]"""
+    NAME = "Plugin_load_failed"
+
+    def __init__(self, module, reason):
+        super().__init__(module, reason)
+        self.module, self.reason = module, reason

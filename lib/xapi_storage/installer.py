@@ -1,0 +1,372 @@
+"""`xapi-storage install`: lay out the plugin executables that xapi-storage-script runs.
+
+Plugins register through entry points (setup.cfg of this package, or a vendor's own):
+
+    [options.entry_points]
+    xapi_storage.volume =
+        org.xen.xapi.storage.file-raw = xapi_storage.volume.file_raw
+    xapi_storage.datapath =
+        pyblkback = xapi_storage.datapath.pyblkback
+
+For each plugin the installer imports its module, reads IMPLEMENTATIONS, and writes into
+ROOT/volume/<name>/ (or ROOT/datapath/<scheme>/) one executable per method that the
+plugin's classes override, named Interface.method (Plugin.Query with a capital Q). Every
+executable is the same small Python 3 source file (runnable by runpy, as xapi's observer
+needs), whose shebang is the interpreter running the installer; the SDK dispatches on the
+file's name. A manifest (.xapi-storage-install.json) in each plugin directory records what
+was laid, so that:
+
+  * running the installer again converges: it rewrites only files that differ, and removes
+    executables of methods the plugin no longer implements;
+  * --uninstall removes exactly what was laid (files changed since are kept, with a
+    warning), then the plugin directory if it is empty. ROOT/volume and ROOT/datapath
+    themselves are never removed (the daemon watches them).
+
+A new plugin directory is assembled beside ROOT/volume (in ROOT) and renamed into place, so
+the daemon never sees it half-written (it runs a datapath's Plugin.Query as soon as the
+directory appears). Files are replaced by rename, never rewritten in place.
+
+A registered plugin whose module cannot be imported is reported on stderr and skipped (its
+directory, if any, is left as it was); the other plugins are still installed, and the exit
+status is 1. A directory that exists but was not laid by this installer is never touched.
+The installer also byte-compiles the modules it lays out executables for (a plugin call is
+a new process; without .pyc files each call compiles the SDK again).
+"""
+
+import hashlib
+import os
+import re
+import sys
+
+HELP = "lay out the plugin executables under a root (default /usr/libexec/xapi-storage-script)"
+DEFAULT_ROOT = "/usr/libexec/xapi-storage-script"
+GROUPS = {"volume": "xapi_storage.volume", "datapath": "xapi_storage.datapath"}
+MANIFEST = ".xapi-storage-install.json"
+_VOLUME_NAME = re.compile(r"\Aorg\.xen\.xapi\.storage\.[a-z0-9][a-z0-9_-]*\Z")
+_SCHEME = re.compile(r"\A[a-z][a-z0-9+.-]*\Z")
+_MODULE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+
+
+class InstallError(Exception):
+    """A plugin cannot be installed (or uninstalled); the message says why."""
+
+
+class Plugin:
+    """One registered plugin: kind ("volume" or "datapath"), name (directory), module."""
+
+    def __init__(self, kind, name, module):
+        self.kind, self.name, self.module = kind, name, module
+
+    def check(self):
+        if self.kind not in GROUPS:
+            raise InstallError(f"unknown plugin kind {self.kind!r} (volume or datapath)")
+        if self.kind == "volume" and not _VOLUME_NAME.match(self.name):
+            raise InstallError(
+                f"volume plugin name {self.name!r} must be org.xen.xapi.storage.<srtype>, with a "
+                "lower-case <srtype> without dots (xapi takes the SR type from the last dot)")
+        if self.kind == "datapath" and not _SCHEME.match(self.name):
+            raise InstallError(f"datapath plugin name {self.name!r} must be a lower-case URI scheme "
+                               "([a-z][a-z0-9+.-]*)")
+        if not _MODULE.match(self.module):
+            raise InstallError(f"{self.name}: {self.module!r} is not a module name")
+
+    def __repr__(self):
+        return f"<Plugin {self.kind}/{self.name} = {self.module}>"
+
+    def __eq__(self, other):
+        return (self.kind, self.name, self.module) == (other.kind, other.name, other.module)
+
+
+def registered_plugins():
+    """Every plugin registered through the entry point groups, sorted."""
+    from importlib.metadata import entry_points
+    eps = entry_points()
+    out = []
+    for kind, group in GROUPS.items():
+        found = eps.select(group=group) if hasattr(eps, "select") else eps.get(group, [])
+        for ep in found:
+            out.append(Plugin(kind, ep.name, ep.value.split(":", 1)[0].strip()))
+    return sorted(out, key=lambda p: (p.kind, p.name))
+
+
+def shim_source(module, interpreter):
+    """The text of every executable of the plugin `module`."""
+    if not _MODULE.match(module):
+        raise InstallError(f"{module!r} is not a module name")
+    if not interpreter or any(c.isspace() for c in interpreter) or "\0" in interpreter:
+        raise InstallError(f"cannot use {interpreter!r} in a shebang line (empty or has spaces)")
+    return (
+        f"#!{interpreter}\n"
+        "# A SMAPIv3 plugin executable, laid out by `xapi-storage install`: every method of the\n"
+        "# plugin is a copy of this file, named Interface.method; the SDK dispatches on the name.\n"
+        "# Python 3 source, runnable by runpy (xapi's observer). Do not edit: rerun the installer.\n"
+        "from xapi_storage.sdk.wire import main\n"
+        "\n"
+        f'main("{module}")\n'
+    )
+
+
+def plan(plugin, interpreter):
+    """{file name: content} for a plugin: one executable per overridden method.
+    Imports the plugin module; raises InstallError if that fails."""
+    from .sdk import errors, wire
+    try:
+        table = wire.load_implementations(plugin.module)
+    except errors.PluginLoadError as e:
+        raise InstallError(f"{plugin.kind} plugin {plugin.name}: {e.reason}") from None
+    from .sdk.schema import KINDS
+    allowed = KINDS[plugin.kind]
+    wrong = [i for i in table if i not in allowed]
+    if wrong:
+        raise InstallError(f"{plugin.kind} plugin {plugin.name}: IMPLEMENTATIONS has {', '.join(wrong)}; "
+                           f"a {plugin.kind} plugin implements {', '.join(allowed)}")
+    names = wire.implemented_names(table)
+    if "Plugin.Query" not in names:
+        raise InstallError(f"{plugin.kind} plugin {plugin.name}: it must implement Plugin.query "
+                           "(the daemon and xapi call Plugin.Query to learn what it is)")
+    text = shim_source(plugin.module, interpreter)
+    return {name: text for name in names}
+
+
+def _sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _write_atomic(path, data, mode):
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(plugin_dir):
+    from .sdk import jsonio
+    data = _read(os.path.join(plugin_dir, MANIFEST))
+    if data is None:
+        return None
+    try:
+        m = jsonio.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise InstallError(f"{plugin_dir}: its manifest {MANIFEST} is not JSON") from None
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
+        raise InstallError(f"{plugin_dir}: its manifest {MANIFEST} is not one this installer wrote")
+    return m
+
+
+def _manifest_bytes(plugin, interpreter, files):
+    from .sdk import jsonio
+    m = {"installer": "xapi-storage install", "format": 1, "kind": plugin.kind, "name": plugin.name,
+         "module": plugin.module, "interpreter": interpreter,
+         "files": {n: _sha(files[n].encode()) for n in sorted(files)}}
+    return (jsonio.dumps(m) + "\n").encode()
+
+
+def converge(root, plugin, files, interpreter, report=print):
+    """Make ROOT/<kind>/<name> hold exactly `files` (+ manifest). Returns the list of
+    changes made, e.g. ["write Plugin.Query", "remove SR.probe"]; [] if none."""
+    kind_dir = os.path.join(root, plugin.kind)
+    os.makedirs(kind_dir, mode=0o755, exist_ok=True)
+    target = os.path.join(kind_dir, plugin.name)
+    changes = []
+    manifest_data = _manifest_bytes(plugin, interpreter, files)
+    if not os.path.lexists(target):
+        # Assemble beside the watched directory, then rename into place in one step.
+        tmp = os.path.join(root, f".xapi-storage-install-{plugin.kind}-{plugin.name}-{os.getpid()}")
+        os.mkdir(tmp, 0o755)
+        try:
+            for name, text in sorted(files.items()):
+                _write_atomic(os.path.join(tmp, name), text.encode(), 0o755)
+                changes.append(f"write {name}")
+            _write_atomic(os.path.join(tmp, MANIFEST), manifest_data, 0o644)
+            _fsync_dir(tmp)
+            os.rename(tmp, target)
+        except BaseException:
+            for n in os.listdir(tmp):
+                os.unlink(os.path.join(tmp, n))
+            os.rmdir(tmp)
+            raise
+        _fsync_dir(kind_dir)
+        return changes
+    if os.path.islink(target) or not os.path.isdir(target):
+        raise InstallError(f"{target} exists and is not a directory laid by this installer; "
+                           "remove it first")
+    manifest = read_manifest(target)
+    if manifest is None:
+        raise InstallError(f"{target} exists but was not laid by this installer (no {MANIFEST}); "
+                           "left untouched: remove it first to install here")
+    owned = manifest["files"]
+    for name, text in sorted(files.items()):
+        path = os.path.join(target, name)
+        data = text.encode()
+        current = _read(path) if not os.path.islink(path) else None
+        if current == data and os.access(path, os.X_OK):
+            continue
+        if os.path.lexists(path) and name not in owned and current != data:
+            raise InstallError(f"{path} exists and was not laid by this installer; left untouched")
+        _write_atomic(path, data, 0o755)
+        changes.append(f"write {name}")
+    for name, digest in sorted(owned.items()):
+        if name in files:
+            continue
+        path = os.path.join(target, name)
+        current = _read(path)
+        if current is None:
+            continue
+        if _sha(current) != digest:
+            report(f"warning: {path} was changed since it was installed: kept (remove it by hand)")
+            continue
+        os.unlink(path)
+        changes.append(f"remove {name}")
+    if _read(os.path.join(target, MANIFEST)) != manifest_data:
+        _write_atomic(os.path.join(target, MANIFEST), manifest_data, 0o644)
+        if not changes:
+            changes.append(f"write {MANIFEST}")
+    if changes:
+        _fsync_dir(target)
+    return changes
+
+
+def uninstall(root, plugin, report=print):
+    """Remove what the installer laid for `plugin`. Returns the list of changes."""
+    target = os.path.join(root, plugin.kind, plugin.name)
+    if not os.path.lexists(target):
+        return []
+    if os.path.islink(target) or not os.path.isdir(target):
+        raise InstallError(f"{target} is not a directory laid by this installer; left untouched")
+    manifest = read_manifest(target)
+    if manifest is None:
+        raise InstallError(f"{target} was not laid by this installer (no {MANIFEST}); left untouched")
+    changes, kept = [], []
+    for name, digest in sorted(manifest["files"].items()):
+        path = os.path.join(target, name)
+        current = _read(path)
+        if current is None:
+            continue
+        if _sha(current) != digest:
+            report(f"warning: {path} was changed since it was installed: kept")
+            kept.append(name)
+            continue
+        os.unlink(path)
+        changes.append(f"remove {name}")
+    os.unlink(os.path.join(target, MANIFEST))
+    try:
+        os.rmdir(target)
+        changes.append(f"remove {plugin.kind}/{plugin.name}/")
+    except OSError:
+        report(f"warning: {target} is not empty (files not laid by the installer): kept")
+    return changes
+
+
+def precompile(modules):
+    """Byte-compile the SDK and the given plugin modules' packages (best effort)."""
+    import compileall
+    import importlib.util
+    dirs = {os.path.dirname(os.path.abspath(__file__))}
+    for mod in modules:
+        try:
+            spec = importlib.util.find_spec(mod)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            dirs.add(os.path.dirname(spec.origin))
+    ok = True
+    for d in sorted(dirs):
+        try:
+            ok &= bool(compileall.compile_dir(d, quiet=2, workers=1))
+        except OSError:
+            ok = False
+    return ok
+
+
+def add_arguments(parser):
+    parser.add_argument("--root", default=DEFAULT_ROOT,
+                        help=f"where the daemon looks for plugins (default {DEFAULT_ROOT})")
+    parser.add_argument("--uninstall", action="store_true",
+                        help="remove what the installer laid for these plugins")
+    parser.add_argument("--plugin", action="append", metavar="KIND:NAME=MODULE", default=[],
+                        help="install this plugin instead of the registered ones (repeatable), "
+                             "e.g. volume:org.xen.xapi.storage.toy=mypkg.toy")
+    parser.add_argument("--python", default=sys.executable, metavar="PATH",
+                        help="interpreter for the executables' shebang (default: this one, "
+                             f"{sys.executable})")
+    parser.add_argument("--list", action="store_true",
+                        help="list the registered plugins and exit")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="do not byte-compile the SDK and the plugins")
+
+
+def parse_plugin(spec):
+    kind, sep, rest = spec.partition(":")
+    name, sep2, module = rest.partition("=")
+    if not sep or not sep2:
+        raise InstallError(f"--plugin {spec!r}: expected KIND:NAME=MODULE")
+    return Plugin(kind.strip(), name.strip(), module.strip())
+
+
+def run(args):
+    def report(msg):
+        print(msg, file=sys.stderr)
+
+    try:
+        plugins = [parse_plugin(s) for s in args.plugin] if args.plugin else registered_plugins()
+    except InstallError as e:
+        report(f"xapi-storage install: {e}")
+        return 2
+    if args.list:
+        for p in plugins:
+            print(f"{p.kind}\t{p.name}\t{p.module}")
+        return 0
+    root = os.path.abspath(args.root)
+    status = 0
+    installed = []
+    for p in plugins:
+        try:
+            p.check()
+            if args.uninstall:
+                changes = uninstall(root, p, report)
+            else:
+                changes = converge(root, p, plan(p, args.python), args.python, report)
+                installed.append(p.module)
+        except InstallError as e:
+            report(f"xapi-storage install: error: {e}; skipped")
+            status = 1
+            continue
+        except OSError as e:
+            report(f"xapi-storage install: error: {p.kind}/{p.name}: {e}; skipped")
+            status = 1
+            continue
+        where = os.path.join(root, p.kind, p.name)
+        print(f"{where}: " + (", ".join(changes) if changes else "unchanged"))
+    if installed and not args.no_compile and not precompile(installed):
+        report("xapi-storage install: warning: byte-compiling failed (calls will be slower)")
+    if not plugins:
+        report("xapi-storage install: no plugin registered (entry point groups "
+               + ", ".join(GROUPS.values()) + ")")
+    return status
