@@ -16,7 +16,7 @@ The SR key is "file://" + the percent-encoded absolute path; a volume key is a l
 
 import os
 
-from ..sdk import base
+from ..sdk import base, log
 from ..sdk.errors import SR_does_not_exist, Volume_does_not_exist, XenAPIError
 from .store import (
     LOCK_SUFFIX, Store, faultpoint, is_enospc, is_uuid, new_uuid, quote_path, unquote_path,
@@ -68,8 +68,7 @@ def _no_space(exc):
 
 
 def _log(level, msg):
-    import logging      # lazily: most calls never log from here, and start-up time matters
-    logging.getLogger(__name__).log(level, msg)
+    log.emit(level, "%s", msg)
 
 
 # --- arguments -----------------------------------------------------------------------------------
