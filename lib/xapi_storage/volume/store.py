@@ -23,8 +23,9 @@ name of the lock its writer holds, so a stale temporary file is one whose owner'
 
 import errno
 import fcntl
-import json
 import os
+
+from ..sdk import jsonio     # strict JSON without importing `json` (start-up time)
 
 TMP_PREFIX = ".tmp."
 LOCK_SUFFIX = ".lock"
@@ -214,7 +215,7 @@ class Store:
                 data = b"".join(chunks)
         finally:
             os.close(fd)
-        return json.loads(data)
+        return jsonio.loads(data.decode("utf-8"))
 
     def write(self, name, record, owner, exclusive=False):
         """Atomically and durably replace (or, if exclusive, create) the record `name`.
@@ -222,7 +223,7 @@ class Store:
         `owner` names the lock the caller holds (the temporary file is tagged with it).
         With exclusive=True, FileExistsError if `name` already exists (nothing is left behind).
         """
-        data = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("ascii")
+        data = jsonio.dumps(record).encode("ascii")
         tmp = f"{TMP_PREFIX}{owner}.{os.urandom(8).hex()}"
         fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
