@@ -226,7 +226,7 @@ def converge(root, plugin, files, interpreter, report=print):
         path = os.path.join(target, name)
         data = text.encode()
         current = _read(path) if not os.path.islink(path) else None
-        if current == data and os.access(path, os.X_OK):
+        if current == data and os.stat(path).st_mode & 0o7777 == 0o755:
             continue
         if os.path.lexists(path) and name not in owned and current != data:
             raise InstallError(f"{path} exists and was not laid by this installer; left untouched")

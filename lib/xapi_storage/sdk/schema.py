@@ -341,6 +341,13 @@ class _Compiler:
             # A variant: if the value names a known tag, the error is in that tag's argument.
             tag = v if type(v) is str else (v[0] if type(v) in (list, tuple) and v and type(v[0]) is str else None)
             if tag is not None and tag in tags:
+                branch = branches[tags.index(tag)]
+                if type(v) is not str and isinstance(branch, dict) and "const" in branch:
+                    raise Violation(p, "const", f"{tag} takes no argument: write the string "
+                                    f"{_short(tag)}, not {_short(v)}")
+                if type(v) is str and isinstance(branch, dict) and "prefixItems" in branch:
+                    raise Violation(p, "type", f"{tag} takes an argument: write [{_short(tag)}, ...], "
+                                    f"not {_short(v)}")
                 return _raise(errors[tags.index(tag)])
             if any(t is not None for t in tags):
                 names = ", ".join(t for t in tags if t is not None)
