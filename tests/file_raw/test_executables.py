@@ -254,3 +254,18 @@ def test_generated_bad_input_gives_error_record_and_no_change(plugin_dir, exe_sr
     if rc:
         assert rc == 1 and set(out) == {"code", "params", "backtrace"}
         assert sorted(os.listdir(path)) == before
+
+
+def test_set_keys_round_trip_verbatim_on_the_wire(plugin_dir, exe_sr):
+    """Keys and values arrive as JSON text; what Volume.stat prints is the same JSON text,
+    lone surrogates and non-ASCII included."""
+    sr, path = exe_sr
+    key = ok(plugin_dir, "Volume.create", sr=sr, name="", description="", size=0,
+             sharable=False)["key"]
+    raw_k, raw_v = '"tags\\u00e9\\ud800 \\/x"', '"\\udfff\\u0000\\u202e\\ud83d\\ude00"'
+    stdin = f'{{"dbg":"d","sr":{json.dumps(sr)},"key":"{key}","k":{raw_k},"v":{raw_v}}}'
+    r = subprocess.run([os.path.join(plugin_dir, "Volume.set"), "--json"], input=stdin,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "null", r.stdout
+    keys = ok(plugin_dir, "Volume.stat", sr=sr, key=key)["keys"]
+    assert keys == {json.loads(raw_k): json.loads(raw_v)}

@@ -182,17 +182,16 @@ class _Attached:
     """`with _Attached(sr) as (store, rec)`: the SR's directory, its record, and a shared
     hold on sr.lock for the whole call (SR.destroy waits for it)."""
 
-    def __init__(self, sr, exclusive=False):
+    def __init__(self, sr):
         self.sr = sr
         self.path = sr_path(sr)
-        self.exclusive = exclusive
         self.store = None
         self.lock = None
 
     def __enter__(self):
         self.store = _open_store(self.path, self.sr)
         try:
-            self.lock = self.store.lock(SR_LOCK, exclusive=self.exclusive, create=False)
+            self.lock = self.store.lock(SR_LOCK, exclusive=False, create=False)
             rec = _read_sr_record(self.store) if self.lock else None
             if rec is None or rec.get("state") != "ready":
                 raise SR_does_not_exist(self.sr)
