@@ -182,3 +182,12 @@ def test_killed_at_random_moments(SR, sr, sr_dir):
         for v in vols:                          # and the retry of a destroy converges
             ok("Volume", "destroy", sr=sr, key=v["key"])
         assert check_accounted(SR, sr, sr_dir) == []
+
+
+def test_sr_set_name_killed(SR, sr, sr_dir):
+    killed_at("store:tmp-written#1", "SR", "set_name", sr=sr, new_name="new")
+    assert [n for n in os.listdir(sr_dir) if n.startswith(".tmp.sr.meta.")]
+    assert SR.stat(dbg=DBG, sr=sr)["name"] == "test SR"
+    check_accounted(SR, sr, sr_dir)             # SR.ls removed the stale temporary file
+    ok("SR", "set_name", sr=sr, new_name="new")
+    assert SR.stat(dbg=DBG, sr=sr)["name"] == "new"
