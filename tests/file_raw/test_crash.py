@@ -191,3 +191,22 @@ def test_sr_set_name_killed(SR, sr, sr_dir):
     check_accounted(SR, sr, sr_dir)             # SR.ls removed the stale temporary file
     ok("SR", "set_name", sr=sr, new_name="new")
     assert SR.stat(dbg=DBG, sr=sr)["name"] == "new"
+
+
+def test_ls_leaves_calls_in_progress_alone(SR, sr, sr_dir):
+    """A record in state creating whose lock is held is a call still running: SR.ls neither
+    lists nor removes it; once the lock is free it is a leftover, and SR.ls removes it."""
+    from xapi_storage.volume.store import Store, new_uuid
+    key = new_uuid()
+    with Store(sr_dir) as store:
+        lock = store.lock(key + ".lock")
+        store.write(key + ".json", {"key": key, "state": "creating", "name": "", "keys": {},
+                                    "description": "", "read_write": True,
+                                    "sharable": False}, owner=key, exclusive=True)
+        with open(os.path.join(sr_dir, key + ".img"), "wb"):
+            pass
+        assert SR.ls(dbg=DBG, sr=sr) == []
+        assert sorted(n for n in os.listdir(sr_dir) if n.startswith(key)) == [
+            key + ".img", key + ".json", key + ".lock"]
+        lock.release()
+    assert check_accounted(SR, sr, sr_dir) == []

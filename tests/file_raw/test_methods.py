@@ -571,3 +571,15 @@ def test_implementations_table():
     assert set(impl) == {"Plugin", "SR", "Volume"}
     for name in impl:
         assert impl[name]().NAMESPACE == name
+
+
+def test_big_records(V, SR, sr, sr_dir):
+    """Records larger than one read buffer (64 KiB) read back whole."""
+    name = "n" * 200_000
+    v = make(V, sr, name=name)
+    for i in range(300):
+        V.set(dbg=DBG, sr=sr, key=v["key"], k=f"tags{i}", v="x" * 300)
+    st = V.stat(dbg=DBG, sr=sr, key=v["key"])
+    assert st["name"] == name and len(st["keys"]) == 300
+    assert os.stat(os.path.join(sr_dir, v["key"] + ".json")).st_size > 65536 * 4
+    assert SR.ls(dbg=DBG, sr=sr)[0]["keys"] == st["keys"]
