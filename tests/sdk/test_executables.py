@@ -241,3 +241,69 @@ def test_secret_configuration_values_are_not_logged(toy_dir):
     env = plugin_env(XAPI_STORAGE_LOG_STDERR="1")
     r = run_exe(toy_dir / "SR.attach", {"dbg": "d", "configuration": {"chappassword": "hunter2", "path": "/x"}}, env=env)
     assert "hunter2" not in r.stderr and "<hidden>" in r.stderr
+
+
+def test_cli_mode_failure_is_also_said_on_stderr(toy_dir):
+    r = cli(toy_dir / "Volume.stat", "static-vdis", "/nonexistent", "k")
+    assert r.rc == 1 and r.value["params"] == ["Volume_does_not_exist", "k"]
+    assert 'Volume.stat: SR_BACKEND_FAILURE ["Volume_does_not_exist","k"]' in r.stderr
+
+
+def test_stdin_that_is_not_utf8(toy_dir):
+    r = run_exe(toy_dir / "Plugin.Query", stdin=b'{"dbg":"\xff"}')
+    assert r.rc == 1
+    assert_error_record(r.value, "SR_BACKEND_FAILURE", "Invalid_request")
+    assert r.value["params"][3] == "json"
+
+
+def test_plugin_module_that_fails_to_import(tmp_path):
+    from xapi_storage import installer
+    exe = tmp_path / "Plugin.Query"
+    exe.write_text(installer.shim_source("sdk_toy_broken", sys.executable))
+    exe.chmod(0o755)
+    r = run_exe(exe, {"dbg": "d"})
+    assert r.rc == 1
+    assert_error_record(r.value, "SR_BACKEND_FAILURE", "Plugin_load_failed")
+    assert r.value["params"][1:] == ["sdk_toy_broken", "cannot import sdk_toy_broken: RuntimeError: "
+                                     "this plugin is broken on purpose"]
+    r = run_exe(exe, args=("--help",), parse=False)  # --help still documents the method
+    assert r.rc == 0 and r.stdout.startswith("Plugin.Query: Describe the plugin")
+
+
+def test_result_that_is_not_json(tmp_path):
+    mod = tmp_path / "setresult.py"
+    mod.write_text("from xapi_storage.sdk import base\n"
+                   "class P(base.Plugin):\n"
+                   "    def ls(self, dbg):\n"
+                   "        return {'a', 'b'}\n"
+                   "    def diagnostics(self, dbg):\n"
+                   "        return float('nan')\n"
+                   "IMPLEMENTATIONS = {'Plugin': P}\n")
+    from xapi_storage import installer
+    env = plugin_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{plugin_env()['PYTHONPATH']}")
+    for name in ("Plugin.ls", "Plugin.diagnostics"):
+        exe = tmp_path / name
+        exe.write_text(installer.shim_source("setresult", sys.executable))
+        exe.chmod(0o755)
+        r = run_exe(exe, {"dbg": "d"}, env=env)
+        assert r.rc == 1
+        assert_error_record(r.value, "SR_BACKEND_FAILURE", "Invalid_result")
+        assert r.value["params"][3] == "type"
+
+
+def test_plugin_that_closes_its_stdout_still_answers(tmp_path):
+    mod = tmp_path / "closer.py"
+    mod.write_text("import os, sys\nfrom xapi_storage.sdk import base\n"
+                   "class P(base.Plugin):\n"
+                   "    def diagnostics(self, dbg):\n"
+                   "        sys.stdout.close()\n"
+                   "        os.close(1)\n"
+                   "        return 'still here'\n"
+                   "IMPLEMENTATIONS = {'Plugin': P}\n")
+    from xapi_storage import installer
+    env = plugin_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{plugin_env()['PYTHONPATH']}")
+    exe = tmp_path / "Plugin.diagnostics"
+    exe.write_text(installer.shim_source("closer", sys.executable))
+    exe.chmod(0o755)
+    r = run_exe(exe, {"dbg": "d"}, env=env)
+    assert (r.rc, r.value) == (0, "still here"), r

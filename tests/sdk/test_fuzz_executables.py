@@ -5,7 +5,6 @@ rejects always gives exit 1 and an Invalid_request error record, and never reach
 import json
 import os
 
-import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -2,7 +2,6 @@
 the spec's examples and reject what the wire rules forbid."""
 
 import glob
-import inspect
 import json
 import os
 

@@ -46,7 +46,7 @@ class Violation(Exception):
 
     def __init__(self, path, rule, message):
         super().__init__(message)
-        self.path = path
+        self.path = _unlink(path)
         self.rule = rule
         self.message = message
 
@@ -56,6 +56,19 @@ class Violation(Exception):
 
     def __str__(self):
         return f"{self.where}: {self.message} (rule: {self.rule})"
+
+
+def _unlink(path):
+    """Paths are built as linked tuples (parent, key), () for the root: cheap on the happy
+    path. Violation turns them into a list of keys."""
+    if isinstance(path, list):
+        return path
+    out = []
+    while path:
+        path, key = path
+        out.append(key)
+    out.reverse()
+    return out
 
 
 def format_path(path):
@@ -166,11 +179,24 @@ class _Compiler:
             for t in types:
                 _is_type(None, t)  # reject unknown type names now
 
-            def check_type(v, p, types=types):
-                for t in types:
-                    if _is_type(v, t):
-                        return v
+            def type_error(v, p, types=types):
                 raise Violation(p, "type", f"expected {' or '.join(types)}, got {json_type(v)} {_short(v)}")
+
+            exact = {"string": str, "integer": int, "boolean": bool, "object": dict}
+            if len(types) == 1 and types[0] in exact:
+                # the common case, specialised: SR.ls of 10,000 volumes runs ~150,000 of these
+                cls = exact[types[0]]
+
+                def check_type(v, p):
+                    if type(v) is cls:
+                        return v
+                    type_error(v, p)
+            else:
+                def check_type(v, p):
+                    for t in types:
+                        if _is_type(v, t):
+                            return v
+                    type_error(v, p)
             checks.append(check_type)
         if "const" in s:
             c = s["const"]
@@ -236,7 +262,7 @@ class _Compiler:
                     for f in inner:
                         v = f(v, p)
                 except Violation as e:
-                    if e.path != p:
+                    if e.path != _unlink(p):
                         raise
                     raise Violation(p, "type", "expected an integer (or a string of decimal digits), "
                                     f"got {json_type(v)} {_short(v)}") from None
@@ -266,7 +292,7 @@ class _Compiler:
                 return v  # "type" says what v must be; these keywords only apply to objects
             for k in required:
                 if k not in v:
-                    raise Violation(p + [k], "required", f"the field {k!r} is missing")
+                    raise Violation((p, k), "required", f"the field {k!r} is missing")
             out = None
             for k, x in v.items():
                 if type(k) is not str:
@@ -276,12 +302,12 @@ class _Compiler:
                     if extra_fn is None:
                         continue
                     if extra_fn is False:
-                        raise Violation(p + [k], "additionalProperties", f"unknown field {k!r}")
+                        raise Violation((p, k), "additionalProperties", f"unknown field {k!r}")
                     f = extra_fn
                 if x is None and f is not None and k not in required and props.get(k) is not None:
-                    raise Violation(p + [k], "type",
+                    raise Violation((p, k), "type",
                                     f"optional field {k!r} is null: omit it instead (the daemon cannot read null)")
-                y = f(x, p + [k])
+                y = f(x, (p, k))
                 if y is not x:
                     if out is None:
                         out = dict(v)
@@ -310,10 +336,10 @@ class _Compiler:
                 elif items_fn is None:
                     continue
                 elif items_fn is False:
-                    raise Violation(p + [i], "items", f"expected at most {len(prefix)} items, got {n}")
+                    raise Violation((p, i), "items", f"expected at most {len(prefix)} items, got {n}")
                 else:
                     f = items_fn
-                y = f(x, p + [i])
+                y = f(x, (p, i))
                 if y is not x:
                     if out is None:
                         out = list(v)
@@ -353,7 +379,7 @@ class _Compiler:
                 names = ", ".join(t for t in tags if t is not None)
                 raise Violation(p, rule, f"expected a variant, one of: {names}; got {_short(v)}")
             deepest = max(errors, key=lambda e: len(e.path))
-            if len(deepest.path) > len(p):
+            if len(deepest.path) > len(_unlink(p)):
                 raise deepest
             raise Violation(p, rule, f"{_short(v)} matches none of the alternatives: "
                             + "; ".join(e.message for e in errors))
@@ -394,14 +420,14 @@ class Method:
         exactly the interface's parameters, unknown ones dropped). Raises Violation."""
         if self._params is None:
             self._params = self.interface.compiler.compile(self.params_schema)
-        v = self._params(value, [])
+        v = self._params(value, ())
         return {k: v[k] for k in self.param_names}
 
     def check_result(self, value):
         """Validate a result; raises Violation."""
         if self._result is None:
             self._result = self.interface.compiler.compile(self.result_schema)
-        self._result(value, [])
+        self._result(value, ())
         return value
 
     def __repr__(self):

@@ -416,6 +416,13 @@ def run(module_name, argv=None, stdin=None, stdout=None):
             pass
         out.write(jsonio.dumps(rec))
         status = 1
+        if "--json" not in args and "-j" not in args:
+            # command-line mode is for people and boot scripts: say it on stderr too
+            try:
+                sys.stderr.write(f"{name}: {rec['code']} {jsonio.dumps(rec['params'])}\n")
+                sys.stderr.flush()
+            except BaseException:  # noqa: B902
+                pass
     finally:
         out.close()
         sys.stdout = saved_stdout
