@@ -1,0 +1,100 @@
+"""`xapi-storage demo`: the main job on a default that needs no Xen.
+
+Installs the plugins into a temporary root, then drives the `file-raw` volume plugin through its
+executables exactly as xapi-storage-script would (argv [path, "--json"], JSON on stdin): create
+an SR in a temporary directory, a volume, write to it, snapshot and clone it, list the SR, and
+destroy it all again (unless --keep).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HELP = "run a file-raw SR through the plugin executables: create, snapshot, clone, list"
+
+PLUGIN_DIR = "volume/org.xen.xapi.storage.file-raw"
+
+
+def add_arguments(parser):
+    parser.add_argument("--dir", help="work in DIR (default: a new temporary directory)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the SR and the installed plugins afterwards")
+
+
+class _Failed(Exception):
+    pass
+
+
+def _call(plugin, method, **args):
+    args.setdefault("dbg", "demo")
+    r = subprocess.run([os.path.join(plugin, method), "--json"], input=json.dumps(args),
+                       capture_output=True, text=True)
+    out = json.loads(r.stdout) if r.stdout.strip() else None
+    shown = {k: v for k, v in args.items() if k != "dbg"}
+    print(f"$ {method} {json.dumps(shown)}")
+    if r.returncode != 0:
+        print(f"  FAILED (exit {r.returncode}): {r.stdout.strip()} {r.stderr.strip()}")
+        raise _Failed(method)
+    return out
+
+
+def _gib(n):
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
+
+
+def run(args):
+    work = args.dir or tempfile.mkdtemp(prefix="xapi-storage-demo-")
+    os.makedirs(work, exist_ok=True)
+    root, path = os.path.join(work, "root"), os.path.join(work, "sr")
+    try:
+        exe = shutil.which("xapi-storage", path=os.path.dirname(sys.executable))
+        argv = [exe] if exe else [sys.executable, "-m", "xapi_storage.cli"]
+        r = subprocess.run(argv + ["install", "--root", root], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"install failed: {r.stderr.strip()}", file=sys.stderr)
+            return 1
+        plugin = os.path.join(root, PLUGIN_DIR)
+        print(f"plugins installed under {root}\n")
+        q = _call(plugin, "Plugin.Query")
+        print(f"  plugin {q['plugin']} {q['version']}, API {q['required_api_version']}")
+        config = _call(plugin, "SR.create", uuid="00000000-0000-4000-8000-00000000d3e0",
+                       configuration={"path": path}, name="demo SR", description="")
+        sr = _call(plugin, "SR.attach", configuration=config)
+        print(f"  SR key {sr}")
+        st = _call(plugin, "SR.stat", sr=sr)
+        print(f"  {st['name']}: {_gib(st['free_space'])} free of {_gib(st['total_space'])}, "
+              f"health {st['health'][0]}")
+        vol = _call(plugin, "Volume.create", sr=sr, name="disk0", description="demo disk",
+                    size=1 << 30, sharable=False)
+        _call(plugin, "Volume.set", sr=sr, key=vol["key"], k="vdi-type", v="user")
+        data = vol["uri"][0].split("://", 1)[1]
+        with open(data, "r+b") as f:            # what a VM would do through a datapath
+            f.write(b"hello from the demo\n")
+        print(f"  wrote 20 bytes into {data}")
+        snap = _call(plugin, "Volume.snapshot", sr=sr, key=vol["key"])
+        clone = _call(plugin, "Volume.clone", sr=sr, key=snap["key"])
+        with open(clone["uri"][0].split("://", 1)[1], "rb") as f:
+            print(f"  the clone reads: {f.read(20)!r}")
+        vols = _call(plugin, "SR.ls", sr=sr)
+        kind = {vol["key"]: "volume", snap["key"]: "snapshot", clone["key"]: "clone"}
+        print(f"\n  {'key':<36}  {'kind':<8}  {'rw':<5}  {'virtual':>9}  {'used':>9}  uri[0]")
+        for v in sorted(vols, key=lambda v: kind[v["key"]] != "volume"):
+            print(f"  {v['key']:<36}  {kind[v['key']]:<8}  {str(v['read_write']):<5}  "
+                  f"{_gib(v['virtual_size']):>9}  {_gib(v['physical_utilisation']):>9}  "
+                  f"{v['uri'][0]}")
+        print()
+        if not args.keep:
+            _call(plugin, "SR.destroy", sr=sr)
+            print(f"  SR destroyed; {path} is empty again")
+        return 0
+    except _Failed:
+        return 1
+    finally:
+        if not args.keep and not args.dir:
+            shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,9 @@
+"""Volume plugins (SR and Volume control plane), one module each, plus what they share.
+
+    store       crash-safe records, locks and temporary files in one directory
+    datacopy    reflink (FICLONE) or sparse copy (SEEK_DATA/SEEK_HOLE + copy_file_range)
+    file_raw    the `file-raw` plugin: SR = directory, volume = sparse raw file + record
+
+Each plugin module exports IMPLEMENTATIONS = {"Plugin": ..., "SR": ..., "Volume": ...}.
+Kept free of imports: plugin executables import only the module they run.
+"""

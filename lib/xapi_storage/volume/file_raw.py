@@ -1,0 +1,845 @@
+"""The `file-raw` volume plugin: an SR is a directory, a volume a sparse raw file plus a record.
+
+See docs/file-raw.md for the contract (SR key, on-disk layout, record format, URIs, locking and
+crash behaviour). In short:
+
+    <path>/sr.json          SR record; its presence (format "xapi-storage/file-raw") makes <path> an SR
+    <path>/sr.lock          flock: shared by every mutating call, exclusive by SR.create/SR.destroy
+    <path>/sr.meta.lock     flock: serialises read-modify-write of sr.json
+    <path>/<key>.json       volume record (state creating | ready | destroying)
+    <path>/<key>.img        volume data: a sparse raw file, size = virtual size
+    <path>/<key>.lock       flock: serialises calls on one volume; free = no call in progress
+    <path>/.tmp.<owner>.*   temporary files of atomic writes (owner = key or "sr.meta")
+
+The SR key is "file://" + the percent-encoded absolute path; a volume key is a lower-case uuid.
+"""
+
+import os
+
+from ..sdk import base, log
+from ..sdk.errors import SR_does_not_exist, Volume_does_not_exist, XenAPIError
+from .store import (
+    LOCK_SUFFIX, Store, faultpoint, is_enospc, is_uuid, new_uuid, quote_path, unquote_path,
+)
+
+PLUGIN = "file-raw"
+SR_FORMAT = "xapi-storage/file-raw"
+SR_FORMAT_VERSION = 1
+SR_RECORD = "sr.json"
+SR_LOCK = "sr.lock"
+SR_META = "sr.meta"             # owner tag of sr.json's temporary files; its lock is sr.meta.lock
+SR_KEY_PREFIX = "file://"
+DATAPATHS = ("blkback", "pyblkback")
+DEFAULT_DATAPATH = ("blkback", "pyblkback")
+SECTOR = 512
+MAX_SIZE = (1 << 63) - SECTOR   # largest int64 that is a multiple of 512
+
+CONFIGURATION = {
+    "path": "absolute path of the directory that holds the SR (SR.create makes it if missing; "
+            "its parent must exist)",
+    "datapath": "comma-separated datapath preference for volume URIs, from blkback and "
+                "pyblkback (default: blkback,pyblkback)",
+    "sr_uuid": "set by SR.create: the SR's uuid, checked by SR.attach",
+}
+
+FEATURES = [
+    "SR_PROBE", "SR_CREATE", "SR_DELETE", "SR_ATTACH", "SR_DETACH", "SR_SCAN", "SR_UPDATE",
+    "VDI_CREATE", "VDI_DESTROY", "VDI_UPDATE", "VDI_RESIZE", "VDI_SNAPSHOT", "VDI_CLONE",
+    "VDI_REVERT", "VDI_ATTACH_OFFLINE", "THIN_PROVISIONING", "LARGE_VDI",
+]
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+def _config_error(key, why):
+    return XenAPIError("SR_BACKEND_FAILURE", ["Invalid device-config", key, why])
+
+
+def _argument_error(name, why):
+    return XenAPIError("SR_BACKEND_FAILURE", ["Invalid argument", name, why])
+
+
+def _size_error(why):
+    return XenAPIError("SR_BACKEND_FAILURE_79", ["VDI Invalid size", why])
+
+
+def _no_space(exc):
+    return XenAPIError("SR_BACKEND_FAILURE_44", ["There is insufficient space", str(exc)])
+
+
+def _log(level, msg):
+    log.emit(level, "%s", msg)
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+def _want_str(name, value):
+    if type(value) is not str:
+        raise _argument_error(name, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _want_bool(name, value):
+    if type(value) is not bool:
+        raise _argument_error(name, f"expected a boolean, got {type(value).__name__}")
+    return value
+
+
+def _want_size(name, value):
+    """An int64 size rounded up to a multiple of 512 bytes."""
+    if type(value) is not int:
+        raise _argument_error(name, f"expected an integer, got {type(value).__name__}")
+    if value < 0:
+        raise _size_error(f"{name} {value} is negative")
+    if value > MAX_SIZE:
+        raise _size_error(f"{name} {value} is larger than {MAX_SIZE}")
+    return -(-value // SECTOR) * SECTOR
+
+
+def _config(configuration):
+    if type(configuration) is not dict or not all(
+            type(k) is str and type(v) is str for k, v in configuration.items()):
+        raise _argument_error("configuration", "expected a map of strings to strings")
+    return configuration
+
+
+def _config_path(configuration):
+    path = _config(configuration).get("path")
+    if path is None:
+        raise _config_error("path", "missing: give the absolute path of the SR's directory")
+    if not path.startswith("/") or "\x00" in path:
+        raise _config_error("path", f"{path!r} is not an absolute path")
+    norm = os.path.normpath(path)
+    if norm.startswith("//"):
+        norm = "/" + norm.lstrip("/")
+    if norm == "/":
+        raise _config_error("path", "the root directory cannot be an SR")
+    return norm
+
+
+def _config_datapath(configuration):
+    text = configuration.get("datapath")
+    if text is None:
+        return None
+    order = [p.strip() for p in text.split(",")]
+    if not order or any(p not in DATAPATHS for p in order) or len(set(order)) != len(order):
+        raise _config_error("datapath", f"{text!r}: expected a comma-separated list of distinct "
+                            f"names from {', '.join(DATAPATHS)}")
+    return order
+
+
+def sr_key(path):
+    """The SR key (what SR.attach returns) of the SR in directory `path`."""
+    return SR_KEY_PREFIX + quote_path(path)
+
+
+def sr_path(sr):
+    """The directory of an SR key; SR_does_not_exist if `sr` is not a key we could return."""
+    if type(sr) is str and sr.startswith(SR_KEY_PREFIX):
+        path = unquote_path(sr[len(SR_KEY_PREFIX):])
+        if (path is not None and path.startswith("/") and path != "/" and "\x00" not in path
+                and os.path.normpath(path) == path and not path.startswith("//")):
+            return path
+    raise SR_does_not_exist(sr if type(sr) is str else repr(sr))
+
+
+def _volume_key(key):
+    if not is_uuid(key):
+        raise Volume_does_not_exist(key if type(key) is str else repr(key))
+    return key
+
+
+# --- SR records ----------------------------------------------------------------------------------
+
+def _is_sr_record(rec):
+    return type(rec) is dict and rec.get("format") == SR_FORMAT
+
+
+def _read_sr_record(store):
+    """The SR record in `store`, or None if the directory is not (yet) one of our SRs."""
+    try:
+        rec = store.read(SR_RECORD)
+    except (ValueError, IsADirectoryError):
+        return None
+    if rec is None or not _is_sr_record(rec):
+        return None
+    if rec.get("version") != SR_FORMAT_VERSION:
+        raise XenAPIError("SR_BACKEND_FAILURE", [
+            "Unsupported SR format version", store.path, str(rec.get("version"))])
+    return rec
+
+
+def _open_store(path, sr):
+    store = Store(path)
+    try:
+        store.dfd
+    except (FileNotFoundError, NotADirectoryError):
+        raise SR_does_not_exist(sr) from None
+    return store
+
+
+class _Attached:
+    """`with _Attached(sr) as (store, rec)`: the SR's directory, its record, and a shared
+    hold on sr.lock for the whole call (SR.destroy waits for it)."""
+
+    def __init__(self, sr):
+        self.sr = sr
+        self.path = sr_path(sr)
+        self.store = None
+        self.lock = None
+
+    def __enter__(self):
+        self.store = _open_store(self.path, self.sr)
+        try:
+            self.lock = self.store.lock(SR_LOCK, exclusive=False, create=False)
+            rec = _read_sr_record(self.store) if self.lock else None
+            if rec is None or rec.get("state") != "ready":
+                raise SR_does_not_exist(self.sr)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.store, rec
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            self.lock.release()
+        self.store.close()
+
+
+def _ready_store(sr):
+    """Lock-free (for stat calls): the SR's open Store and record; the caller closes the
+    Store. SR_does_not_exist unless the SR is there and ready."""
+    store = _open_store(sr_path(sr), sr)
+    try:
+        rec = _read_sr_record(store)
+        if rec is None or rec.get("state") != "ready":
+            raise SR_does_not_exist(sr)
+    except BaseException:
+        store.close()
+        raise
+    return store, rec
+
+
+def _sr_stat(sr, path, rec):
+    vfs = os.statvfs(path)
+    health = ["Healthy", ""]
+    if not os.access(path, os.W_OK):
+        health = ["Unreachable", f"{path} is not writable"]
+    result = {
+        "sr": sr,
+        "name": rec.get("name", ""),
+        "description": rec.get("description", ""),
+        "free_space": vfs.f_bavail * vfs.f_frsize,
+        "total_space": vfs.f_blocks * vfs.f_frsize,
+        "datasources": [],
+        "clustered": False,
+        "health": health,
+    }
+    if type(rec.get("uuid")) is str:
+        result["uuid"] = rec["uuid"]
+    return result
+
+
+def _update_sr_record(store, change):
+    """Read-modify-write of sr.json under sr.meta.lock (caller holds sr.lock)."""
+    with store.lock(SR_META + LOCK_SUFFIX):
+        rec = _read_sr_record(store)
+        if rec is None or rec.get("state") != "ready":
+            raise SR_does_not_exist(sr_key(store.path))
+        new = dict(rec)
+        change(new)
+        if new != rec:
+            store.write(SR_RECORD, new, owner=SR_META)
+
+
+# --- volume records ------------------------------------------------------------------------------
+
+def _img(key):
+    return key + ".img"
+
+
+def _rec(key):
+    return key + ".json"
+
+
+def _volume(path, datapath, rec, st, qpath=None):
+    key = rec["key"]
+    location = f"{qpath or quote_path(path)}/{key}.img"     # a key needs no quoting
+    return {
+        "key": key,
+        "uuid": key,
+        "name": rec["name"],
+        "description": rec["description"],
+        "read_write": rec["read_write"],
+        "sharable": rec["sharable"],
+        "virtual_size": st.st_size if st is not None else 0,
+        "physical_utilisation": st.st_blocks * 512 if st is not None else 0,
+        "uri": [f"{scheme}://{location}" for scheme in datapath],
+        "keys": dict(rec["keys"]),
+    }
+
+
+def _read_volume_record(store, key):
+    try:
+        rec = store.read(_rec(key))
+    except ValueError:
+        _log(40, f"{store.path}/{_rec(key)}: unreadable volume record, ignored")
+        return None
+    if type(rec) is not dict or rec.get("key") != key:
+        return None
+    return rec
+
+
+def _remove_volume_files(store, key):
+    """Data first, then the record, then the lock: a crash between two steps leaves a record
+    (state creating or destroying) that the next SR.ls or locked call finishes removing."""
+    if store.unlink(_img(key)):
+        store.fsync_dir()
+    faultpoint("remove:data-gone")
+    store.unlink(_rec(key))
+    store.fsync_dir()
+    faultpoint("remove:record-gone")
+    store.unlink(key + LOCK_SUFFIX)
+
+
+def _settle(store, key):
+    """Call with `key`'s lock held. Returns the ready record, or None after removing whatever
+    a killed create/snapshot/clone/destroy left behind for this key."""
+    rec = _read_volume_record(store, key)
+    if rec is not None and rec.get("state") == "ready":
+        return rec
+    if rec is not None:
+        _log(30, f"{store.path}: removing volume {key} left in state {rec.get('state')!r} "
+             "by a killed call")
+        _remove_volume_files(store, key)
+    else:
+        store.unlink(key + LOCK_SUFFIX)
+    return None
+
+
+class _VolumeLocks:
+    """Exclusive locks on several volumes, taken in key order (no deadlock), each settled."""
+
+    def __init__(self, store, keys):
+        self.store = store
+        self.keys = sorted(set(keys))
+        self.locks = []
+
+    def __enter__(self):
+        records = {}
+        try:
+            for key in self.keys:
+                self.locks.append(self.store.lock(key + LOCK_SUFFIX))
+                records[key] = _settle(self.store, key)
+        except BaseException:
+            self.__exit__()
+            raise
+        return records
+
+    def __exit__(self, *exc):
+        for lock in self.locks:
+            lock.release()
+
+
+def _require(records, key):
+    rec = records[key]
+    if rec is None:
+        raise Volume_does_not_exist(key)
+    return rec
+
+
+def _new_record(key, name, description, read_write, sharable, origin=None):
+    rec = {"key": key, "state": "creating", "name": name, "description": description,
+           "read_write": read_write, "sharable": sharable, "keys": {}}
+    if origin is not None:
+        rec["origin"] = origin
+    return rec
+
+
+# --- the interfaces ------------------------------------------------------------------------------
+
+class Plugin(base.Plugin):
+    def query(self, dbg):
+        from .. import __version__
+        return {
+            "plugin": PLUGIN,
+            "name": "file-raw volume plugin",
+            "description": "SRs are directories; volumes are sparse raw files with JSON records",
+            "vendor": "xapi-storage-suite",
+            "copyright": "(C) xapi-storage-suite contributors, BSD-2-Clause",
+            "version": __version__,
+            "required_api_version": "5.0",
+            "features": list(FEATURES),
+            "configuration": dict(CONFIGURATION),
+            "required_cluster_stack": [],
+        }
+
+    def diagnostics(self, dbg):
+        from .datacopy import reflink_disabled
+        from .. import __version__
+        return (f"file-raw {__version__}; datapaths {','.join(DATAPATHS)}; "
+                f"reflink {'disabled by XAPI_STORAGE_NO_REFLINK' if reflink_disabled() else 'tried first'}")
+
+
+class SR(base.SR):
+    def probe(self, dbg, configuration):
+        path = _config_path(configuration)
+        base_config = {k: v for k, v in configuration.items() if k != "sr_uuid"}
+        base_config["path"] = path
+        found = _probe_dir(path)
+        if found == "notdir":
+            raise _config_error("path", f"{path} exists and is not a directory")
+        if found == "noparent":
+            raise _config_error("path", f"the parent of {path} does not exist")
+        if type(found) is dict:
+            if found.get("state") == "ready":
+                return [_probe_sr(base_config, path, found)]
+            return [{"configuration": base_config, "complete": False,
+                     "extra_info": {"reason": "an SR being destroyed: retry SR.destroy",
+                                    "sr_uuid": str(found.get("uuid"))}}]
+        if found in ("missing", "empty"):
+            return [{"configuration": base_config, "complete": True,
+                     "extra_info": {"reason": "no SR here yet: usable for SR.create"}}]
+        # a non-empty directory that is not an SR: look one level down for SRs
+        results = []
+        try:
+            with os.scandir(path) as it:
+                subdirs = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+        except OSError as e:
+            raise _config_error("path", f"{path}: cannot list: {e.strerror}") from None
+        for name in subdirs[:1000]:
+            sub = f"{path}/{name}"
+            rec = _probe_dir(sub)
+            if type(rec) is dict and rec.get("state") == "ready":
+                results.append(_probe_sr(dict(base_config, path=sub), sub, rec))
+        results.append({"configuration": base_config, "complete": False,
+                        "extra_info": {"reason": "directory is not empty and is not a file-raw "
+                                       "SR; SRs found in its sub-directories are listed"}})
+        return results
+
+    def create(self, dbg, uuid, configuration, name, description):
+        path = _config_path(configuration)
+        datapath = _config_datapath(configuration)
+        _want_str("uuid", uuid)
+        _want_str("name", name)
+        _want_str("description", description)
+        if configuration.get("sr_uuid", uuid) != uuid:
+            raise _config_error("sr_uuid", f"{configuration['sr_uuid']} differs from the uuid "
+                                f"{uuid} given to SR.create")
+        made = False
+        try:
+            os.mkdir(path, 0o755)
+            made = True
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            raise _config_error("path", f"the parent of {path} does not exist") from None
+        if not os.path.isdir(path):
+            raise _config_error("path", f"{path} exists and is not a directory")
+        try:
+            _create_sr(path, uuid, name, description, datapath)
+        except BaseException:
+            if made:        # leave nothing behind: remove what this call made
+                for n in (SR_LOCK, SR_META + LOCK_SUFFIX):
+                    try:
+                        os.unlink(f"{path}/{n}")
+                    except FileNotFoundError:
+                        pass
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
+            raise
+        result = dict(configuration)
+        result["path"] = path
+        result["sr_uuid"] = uuid
+        return result
+
+    def attach(self, dbg, configuration):
+        path = _config_path(configuration)
+        datapath = _config_datapath(configuration)
+        key = sr_key(path)
+        with _Attached(key) as (store, rec):
+            wanted = configuration.get("sr_uuid")
+            if wanted is not None and wanted != rec.get("uuid"):
+                raise XenAPIError("SR_BACKEND_FAILURE", [
+                    "SR uuid mismatch", path, f"device-config sr_uuid is {wanted}",
+                    f"the SR in the directory is {rec.get('uuid')}"])
+            if datapath is not None and datapath != rec.get("datapath"):
+                _update_sr_record(store, lambda r: r.__setitem__("datapath", datapath))
+        return key
+
+    def detach(self, dbg, sr):
+        sr_path(sr)         # a malformed key is an error; otherwise nothing to release
+        return None
+
+    def destroy(self, dbg, sr):
+        path = sr_path(sr)
+        with _open_store(path, sr) as store:
+            rec = _read_sr_record(store)
+            if rec is None:
+                raise SR_does_not_exist(sr)
+            with store.lock(SR_LOCK) as lock:
+                rec = _read_sr_record(store)
+                if rec is None:
+                    raise SR_does_not_exist(sr)
+                if rec.get("state") != "destroying":
+                    store.write(SR_RECORD, dict(rec, state="destroying"), owner=SR_META)
+                faultpoint("sr-destroy:marked")
+                names = store.names()
+                keys = {n[:-5] for n in names if n.endswith(".json") and is_uuid(n[:-5])}
+                for key in sorted(keys):
+                    _remove_volume_files(store, key)
+                    faultpoint("sr-destroy:volume-gone")
+                for n in names:
+                    if n.startswith(".tmp.") or (n.endswith(LOCK_SUFFIX) and is_uuid(n[:-5])):
+                        store.unlink(n)
+                    elif n.endswith(".img") and is_uuid(n[:-4]) and n[:-4] not in keys:
+                        _log(30, f"{path}/{n}: data file without a record left in place")
+                store.unlink(SR_META + LOCK_SUFFIX)
+                store.unlink(SR_LOCK)
+                faultpoint("sr-destroy:locks-gone")
+                store.unlink(SR_RECORD)
+                store.fsync_dir()
+                lock.release()
+        return None
+
+    def stat(self, dbg, sr):
+        store, rec = _ready_store(sr)
+        with store:
+            return _sr_stat(sr, store.path, rec)
+
+    def set_name(self, dbg, sr, new_name):
+        _want_str("new_name", new_name)
+        with _Attached(sr) as (store, _):
+            _update_sr_record(store, lambda r: r.__setitem__("name", new_name))
+
+    def set_description(self, dbg, sr, new_description):
+        _want_str("new_description", new_description)
+        with _Attached(sr) as (store, _):
+            _update_sr_record(store, lambda r: r.__setitem__("description", new_description))
+
+    def ls(self, dbg, sr):
+        with _Attached(sr) as (store, srrec):
+            return _list_volumes(store, srrec)
+
+
+def _check_creatable(store, uuid):
+    """The SR record if `store` already holds this SR (a retry), None if the directory is free
+    for a new SR, else the error that says why not."""
+    rec = _read_sr_record(store)
+    if rec is not None:
+        if rec.get("uuid") != uuid or rec.get("state") != "ready":
+            raise XenAPIError("SR_BACKEND_FAILURE", [
+                "SR already exists", store.path, str(rec.get("uuid")), str(rec.get("state"))])
+        return rec
+    ours = (SR_LOCK, SR_META + LOCK_SUFFIX)
+    if any(n not in ours and not n.startswith(f".tmp.{SR_META}.") for n in store.names()):
+        raise XenAPIError("SR_BACKEND_FAILURE", [
+            "Directory not empty", store.path, "SR.create needs an empty or missing directory"])
+    return None
+
+
+def _create_sr(path, uuid, name, description, datapath):
+    with Store(path) as store:
+        if _check_creatable(store, uuid) is not None:     # before making the lock file
+            return
+        with store.lock(SR_LOCK):
+            if _check_creatable(store, uuid) is None:
+                names = store.names()
+                for n in names:         # temporaries of a killed SR.create
+                    if n.startswith(f".tmp.{SR_META}."):
+                        store.unlink(n)
+                faultpoint("sr-create:checked")
+                rec = {"format": SR_FORMAT, "version": SR_FORMAT_VERSION, "state": "ready",
+                       "uuid": uuid, "name": name, "description": description,
+                       "datapath": list(datapath or DEFAULT_DATAPATH)}
+                store.write(SR_RECORD, rec, owner=SR_META)
+
+
+def _probe_dir(path):
+    """What is at `path`: an SR record (dict), or "missing", "noparent", "notdir", "empty",
+    "other"."""
+    try:
+        store = Store(path)
+        store.dfd
+    except FileNotFoundError:
+        return "missing" if os.path.isdir(os.path.dirname(path)) else "noparent"
+    except NotADirectoryError:
+        return "notdir"
+    with store:
+        rec = _read_sr_record(store)
+        if rec is not None:
+            return rec
+        names = store.names()
+        ours = (SR_LOCK, SR_META + LOCK_SUFFIX)
+        if all(n in ours or n.startswith(".tmp.") for n in names):
+            return "empty"
+        return "other"
+
+
+def _probe_sr(config, path, rec):
+    config = dict(config, sr_uuid=str(rec.get("uuid")))
+    return {"configuration": config, "complete": True,
+            "sr": _sr_stat(sr_key(path), path, rec), "extra_info": {}}
+
+
+def _list_volumes(store, srrec):
+    """Every ready volume. Also finishes removing what killed calls left behind (a record not
+    ready, a lock or temporary file without a record, stale temporary files), for each key
+    whose lock is free: a held lock means a call on that key is still running."""
+    path = store.path
+    datapath = srrec.get("datapath", DEFAULT_DATAPATH)
+    names = store.names()
+    present = set(names)
+    qpath = quote_path(path)
+    result, listed, unsettled = [], set(), set()
+    for n in names:
+        if n.endswith(".json"):
+            key = n[:-5]
+            if not is_uuid(key):
+                continue
+            rec = _read_volume_record(store, key)
+            if rec is None:
+                continue
+            if rec.get("state") == "ready":
+                result.append(_volume(path, datapath, rec, store.stat(_img(key)), qpath))
+                listed.add(key)
+            else:
+                unsettled.add(key)
+        elif n.endswith(LOCK_SUFFIX) and is_uuid(n[:-5]) and (n[:-5] + ".json") not in present:
+            unsettled.add(n[:-5])
+    tmps = store.temporaries(names)
+    unsettled.update(k for k in tmps if is_uuid(k))
+    for key in sorted(unsettled):
+        lock = store.lock(key + LOCK_SUFFIX, blocking=False)
+        if lock is None:
+            continue                                    # a call on it is running
+        with lock:
+            rec = _settle(store, key)
+            if rec is not None and key not in listed:   # finished since we listed
+                result.append(_volume(path, datapath, rec, store.stat(_img(key))))
+            for t in tmps.get(key, ()):
+                store.unlink(t)
+    if SR_META in tmps:
+        lock = store.lock(SR_META + LOCK_SUFFIX, blocking=False)
+        if lock is not None:
+            with lock:
+                for t in tmps[SR_META]:
+                    store.unlink(t)
+    return result
+
+
+class Volume(base.Volume):
+    def create(self, dbg, sr, name, description, size, sharable):
+        _want_str("name", name)
+        _want_str("description", description)
+        size = _want_size("size", size)
+        _want_bool("sharable", sharable)
+        with _Attached(sr) as (store, srrec):
+            key = new_uuid()
+            with store.lock(key + LOCK_SUFFIX):
+                rec = _new_record(key, name, description, True, sharable)
+                store.write(_rec(key), rec, owner=key, exclusive=True)
+                try:
+                    faultpoint("create:pending")
+                    fd = store.open(_img(key), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    try:
+                        os.ftruncate(fd, size)
+                        os.fsync(fd)
+                        st = os.fstat(fd)
+                    finally:
+                        os.close(fd)
+                    store.fsync_dir()
+                    faultpoint("create:data")
+                    rec["state"] = "ready"
+                    store.write(_rec(key), rec, owner=key)
+                    faultpoint("create:ready")
+                except BaseException as e:
+                    _remove_volume_files(store, key)
+                    if isinstance(e, OSError) and e.errno == 27:      # EFBIG
+                        raise _size_error(f"size {size} is too large for this filesystem") \
+                            from None
+                    if is_enospc(e):
+                        raise _no_space(e) from None
+                    raise
+            return _volume(store.path, srrec.get("datapath", DEFAULT_DATAPATH), rec, st)
+
+    def snapshot(self, dbg, sr, key):
+        return _copy_volume(sr, key, read_write=False)
+
+    def clone(self, dbg, sr, key):
+        return _copy_volume(sr, key, read_write=True)
+
+    def destroy(self, dbg, sr, key):
+        _volume_key(key)
+        with _Attached(sr) as (store, _):
+            with store.lock(key + LOCK_SUFFIX):
+                rec = _read_volume_record(store, key)
+                if rec is None:                 # already gone: destroy is idempotent
+                    store.unlink(key + LOCK_SUFFIX)
+                    return None
+                if rec.get("state") != "destroying":
+                    rec["state"] = "destroying"
+                    store.write(_rec(key), rec, owner=key)
+                faultpoint("destroy:marked")
+                tmps = store.temporaries().get(key, ())
+                for t in tmps:
+                    store.unlink(t)
+                _remove_volume_files(store, key)
+        return None
+
+    def stat(self, dbg, sr, key):
+        _volume_key(key)
+        store, srrec = _ready_store(sr)
+        with store:
+            rec = _read_volume_record(store, key)
+            if rec is None or rec.get("state") != "ready":
+                raise Volume_does_not_exist(key)
+            return _volume(store.path, srrec.get("datapath", DEFAULT_DATAPATH), rec,
+                           store.stat(_img(key)))
+
+    def set(self, dbg, sr, key, k, v):
+        _want_str("k", k)
+        _want_str("v", v)
+        _update_volume(sr, key, lambda rec: rec["keys"].__setitem__(k, v))
+
+    def unset(self, dbg, sr, key, k):
+        _want_str("k", k)
+        _update_volume(sr, key, lambda rec: rec["keys"].pop(k, None))
+
+    def set_name(self, dbg, sr, key, new_name):
+        _want_str("new_name", new_name)
+        _update_volume(sr, key, lambda rec: rec.__setitem__("name", new_name))
+
+    def set_description(self, dbg, sr, key, new_description):
+        _want_str("new_description", new_description)
+        _update_volume(sr, key, lambda rec: rec.__setitem__("description", new_description))
+
+    def resize(self, dbg, sr, key, new_size):
+        _volume_key(key)
+        size = _want_size("new_size", new_size)
+        with _Attached(sr) as (store, _):
+            with _VolumeLocks(store, [key]) as records:
+                rec = _require(records, key)
+                if not rec["read_write"]:
+                    raise XenAPIError("SR_BACKEND_FAILURE", [
+                        "Volume is read-only", key, "a snapshot cannot be resized"])
+                fd = store.open(_img(key), os.O_RDWR)
+                try:
+                    current = os.fstat(fd).st_size
+                    if size < current:
+                        raise _size_error("shrinking not allowed")
+                    if size > current:
+                        try:
+                            os.ftruncate(fd, size)
+                        except OSError as e:
+                            if e.errno == 27:
+                                raise _size_error(
+                                    f"size {size} is too large for this filesystem") from None
+                            raise
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+        return None
+
+    def revert(self, dbg, sr, snapshot, key):
+        _volume_key(snapshot)
+        _volume_key(key)
+        if snapshot == key:
+            raise _argument_error("snapshot", "a volume cannot be reverted to itself")
+        with _Attached(sr) as (store, _):
+            with _VolumeLocks(store, [snapshot, key]) as records:
+                _require(records, snapshot)
+                rec = _require(records, key)
+                if not rec["read_write"]:
+                    raise XenAPIError("SR_BACKEND_FAILURE", [
+                        "Volume is read-only", key, "a snapshot cannot be reverted"])
+                # Copy the snapshot beside the volume, then rename it over the volume's data:
+                # a crash leaves either the old or the new data, plus at most a temporary file.
+                tmp = f".tmp.{key}.{os.urandom(8).hex()}"
+                src = store.open(_img(snapshot), os.O_RDONLY)
+                try:
+                    dst = store.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    try:
+                        _copy_data(src, dst)
+                        os.fsync(dst)
+                    finally:
+                        os.close(dst)
+                    faultpoint("revert:copied")
+                    os.rename(tmp, _img(key), src_dir_fd=store.dfd, dst_dir_fd=store.dfd)
+                    store.fsync_dir()
+                except BaseException as e:
+                    store.unlink(tmp)
+                    if is_enospc(e):
+                        raise _no_space(e) from None
+                    raise
+                finally:
+                    os.close(src)
+        return None
+
+
+def _copy_data(src, dst):
+    from .datacopy import clone_or_copy
+    started = [False]
+
+    def progress(_pos):
+        if not started[0]:
+            started[0] = True
+            faultpoint("copy:started")
+    return clone_or_copy(src, dst, progress=progress)
+
+
+def _update_volume(sr, key, change):
+    _volume_key(key)
+    with _Attached(sr) as (store, _):
+        with _VolumeLocks(store, [key]) as records:
+            rec = _require(records, key)
+            new = dict(rec, keys=dict(rec["keys"]))
+            change(new)
+            if new != rec:
+                store.write(_rec(key), new, owner=key)
+    return None
+
+
+def _copy_volume(sr, key, read_write):
+    """Snapshot (read_write=False) or clone (True) of `key` into a new volume."""
+    _volume_key(key)
+    kind = "clone" if read_write else "snapshot"
+    with _Attached(sr) as (store, srrec):
+        with _VolumeLocks(store, [key]) as records:
+            src_rec = _require(records, key)
+            new = new_uuid()
+            with store.lock(new + LOCK_SUFFIX):
+                rec = _new_record(new, src_rec["name"], src_rec["description"], read_write,
+                                  src_rec["sharable"], origin={"kind": kind, "of": key})
+                store.write(_rec(new), rec, owner=new, exclusive=True)
+                try:
+                    faultpoint(f"{kind}:pending")
+                    src = store.open(_img(key), os.O_RDONLY)
+                    try:
+                        dst = store.open(_img(new), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                        try:
+                            rec["copied_by"] = _copy_data(src, dst)
+                            if not read_write:
+                                os.fchmod(dst, 0o400)
+                            os.fsync(dst)
+                            st = os.fstat(dst)
+                        finally:
+                            os.close(dst)
+                    finally:
+                        os.close(src)
+                    store.fsync_dir()
+                    faultpoint(f"{kind}:data")
+                    rec["state"] = "ready"
+                    store.write(_rec(new), rec, owner=new)
+                    faultpoint(f"{kind}:ready")
+                except BaseException as e:
+                    _remove_volume_files(store, new)
+                    if is_enospc(e):
+                        raise _no_space(e) from None
+                    raise
+            return _volume(store.path, srrec.get("datapath", DEFAULT_DATAPATH), rec, st)
+
+
+IMPLEMENTATIONS = {"Plugin": Plugin, "SR": SR, "Volume": Volume}

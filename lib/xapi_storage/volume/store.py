@@ -1,0 +1,291 @@
+"""A crash-safe store of records and files in one directory, for file-based volume plugins.
+
+The store knows nothing about SMAPIv3: it gives a directory (an SR) small JSON records written
+atomically and durably, flock-based locks that are safe to delete, and a way to tell a record
+whose writer died from one that is still being written. `file_raw` builds the SR and Volume
+semantics on it; `nfs-raw` can reuse it unchanged on an NFS mount (flock is emulated with POSIX
+locks there, so every lock file is opened read-write).
+
+Durability: a record is written to a temporary file in the same directory, fsynced, then
+renamed (or linked, for an exclusive create) over its name, and the directory is fsynced. A
+reader therefore sees either the old or the new record, never a torn one, and after a crash the
+new one only if the call returned.
+
+Locks: `lock(name)` opens `name` (creating it) and flocks it, then checks that the directory
+entry still names the locked inode. A lock file may thus be unlinked by its holder at any time
+(e.g. when a volume is destroyed): a waiter that wakes up on the unlinked inode notices and
+retries or gives up. Locks die with their process, which is how a record left half-written by
+a killed call is recognised: its lock can be taken.
+
+Temporary files are named `.tmp.<owner>.<random>`; the owner (a volume key, or `sr`) is the
+name of the lock its writer holds, so a stale temporary file is one whose owner's lock is free.
+"""
+
+import errno
+import fcntl
+import os
+
+from ..sdk import jsonio     # strict JSON without importing `json` (start-up time)
+
+TMP_PREFIX = ".tmp."
+LOCK_SUFFIX = ".lock"
+
+_HEX = frozenset("0123456789abcdef")
+_DASHES = (8, 13, 18, 23)
+
+# --- fault injection -----------------------------------------------------------------------------
+# Tests set XAPI_STORAGE_FAULT=<point> to have the process SIGKILL itself at that point, which is
+# how "a call killed at any point" is tested deterministically. Unset, this costs one comparison.
+# XAPI_STORAGE_FAULT=<point>#<n> dies at the n-th time the point is reached (default: the first).
+_FAULT = os.environ.get("XAPI_STORAGE_FAULT") or None
+if _FAULT is not None:
+    _FAULT_NAME, _, _n = _FAULT.partition("#")
+    _FAULT_LEFT = [int(_n) if _n else 1]
+
+
+def faultpoint(name):
+    """Die here (SIGKILL, no clean-up of any kind) if the environment asks for it."""
+    if _FAULT is not None and _FAULT_NAME == name:
+        _FAULT_LEFT[0] -= 1
+        if _FAULT_LEFT[0] == 0:
+            os.kill(os.getpid(), 9)
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+def is_uuid(key):
+    """True for a canonical lower-case 8-4-4-4-12 uuid string, and nothing else.
+
+    Volume keys are checked with this before they are ever used to build a file name, so a key
+    cannot contain '/', '..', NUL or anything else that could leave the SR directory.
+    """
+    return (type(key) is str and len(key) == 36
+            and key[8] == key[13] == key[18] == key[23] == "-" and key.count("-") == 4
+            and _HEX.issuperset(key.replace("-", "")))
+
+
+def new_uuid():
+    """A random (version 4) uuid string, without importing the uuid module (start-up time)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# --- percent-encoding of paths inside URIs and SR keys -------------------------------------------
+
+_SAFE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/"
+_SAFE = frozenset(_SAFE_CHARS.encode())
+_SAFE_STR = frozenset(_SAFE_CHARS)
+
+
+def quote_path(path):
+    """Percent-encode every byte of `path` outside [A-Za-z0-9-._~/] (upper-case hex)."""
+    if _SAFE_STR.issuperset(path):
+        return path
+    out = []
+    for byte in os.fsencode(path):
+        out.append(chr(byte) if byte in _SAFE else f"%{byte:02X}")
+    return "".join(out)
+
+
+def unquote_path(text):
+    """Inverse of quote_path, or None if `text` is not exactly what quote_path produces."""
+    if type(text) is not str:
+        return None
+    raw = bytearray()
+    i, n = 0, len(text)
+    try:
+        while i < n:
+            c = text[i]
+            if c == "%":
+                h = text[i + 1:i + 3]
+                if len(h) != 2 or h.upper() != h:
+                    return None
+                raw.append(int(h, 16))
+                i += 3
+            else:
+                if ord(c) > 127:
+                    return None
+                raw.append(ord(c))
+                i += 1
+    except ValueError:
+        return None
+    path = os.fsdecode(bytes(raw))
+    return path if quote_path(path) == text else None
+
+
+# --- the store -----------------------------------------------------------------------------------
+
+class Lock:
+    """A held flock on a file of the store; release() (or the with block) closes it."""
+
+    __slots__ = ("fd", "name")
+
+    def __init__(self, fd, name):
+        self.fd = fd
+        self.name = name
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class Store:
+    """One directory holding records (`<name>` JSON files), data files and lock files.
+
+    Every file operation is relative to a directory file descriptor opened once (O_DIRECTORY),
+    so a rename of the directory's path cannot redirect half a call elsewhere, and O_NOFOLLOW
+    keeps a symlink planted in the directory from being followed.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._dfd = None
+
+    # directory ------------------------------------------------------------------------------
+    @property
+    def dfd(self):
+        if self._dfd is None:
+            self._dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._dfd
+
+    def close(self):
+        if self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def fsync_dir(self):
+        os.fsync(self.dfd)
+
+    def names(self):
+        """The directory's entry names (one scandir)."""
+        with os.scandir(self.dfd) as it:
+            return [e.name for e in it]
+
+    def stat(self, name):
+        """lstat of an entry, or None if it does not exist."""
+        try:
+            return os.stat(name, dir_fd=self.dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def exists(self, name):
+        return self.stat(name) is not None
+
+    def unlink(self, name):
+        """Remove an entry; True if it was there."""
+        try:
+            os.unlink(name, dir_fd=self.dfd)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def open(self, name, flags, mode=0o600):
+        return os.open(name, flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=self.dfd)
+
+    # records --------------------------------------------------------------------------------
+    def read(self, name):
+        """The JSON record `name`, or None if it does not exist."""
+        try:
+            fd = self.open(name, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            data = os.read(fd, 65536)
+            if len(data) == 65536:      # rare: a record with many keys
+                chunks = [data]
+                while data:
+                    data = os.read(fd, 65536)
+                    chunks.append(data)
+                data = b"".join(chunks)
+        finally:
+            os.close(fd)
+        return jsonio.loads(data.decode("utf-8"))
+
+    def write(self, name, record, owner, exclusive=False):
+        """Atomically and durably replace (or, if exclusive, create) the record `name`.
+
+        `owner` names the lock the caller holds (the temporary file is tagged with it).
+        With exclusive=True, FileExistsError if `name` already exists (nothing is left behind).
+        """
+        data = jsonio.dumps(record).encode("ascii")
+        tmp = f"{TMP_PREFIX}{owner}.{os.urandom(8).hex()}"
+        fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            faultpoint("store:tmp-written")
+            if exclusive:
+                os.link(tmp, name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd,
+                        follow_symlinks=False)
+                os.unlink(tmp, dir_fd=self.dfd)
+            else:
+                os.rename(tmp, name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
+        except BaseException:
+            self.unlink(tmp)
+            raise
+        self.fsync_dir()
+
+    # locks ----------------------------------------------------------------------------------
+    def lock(self, name, exclusive=True, blocking=True, create=True):
+        """flock the file `name` (created if missing and `create`).
+
+        Returns a Lock, or None if `name` does not exist (create=False), or if not `blocking`
+        and another process holds a conflicting lock.
+        """
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
+        while True:
+            try:
+                fd = self.open(name, flags)
+            except FileNotFoundError:
+                return None
+            try:
+                fcntl.flock(fd, op)
+                held = os.fstat(fd)
+                now = self.stat(name)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            if now is not None and now.st_ino == held.st_ino and now.st_dev == held.st_dev:
+                return Lock(fd, name)
+            # The holder before us unlinked the file: our lock is on a dead inode.
+            os.close(fd)
+            if not create:
+                return None
+
+    def temporaries(self, names=None):
+        """{owner: [temporary file names]} for the temporary files in the directory."""
+        owners = {}
+        for n in self.names() if names is None else names:
+            if n.startswith(TMP_PREFIX):
+                owner = n[len(TMP_PREFIX):].rsplit(".", 1)[0]
+                owners.setdefault(owner, []).append(n)
+        return owners
+
+
+def is_enospc(exc):
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
