@@ -38,6 +38,7 @@ def _frontend(d, domid, q, cmds):
             elif cmd == "notify3":
                 for _ in range(3):
                     e.notify(port)
+                q.put("sent")
             elif cmd == "wait":
                 q.put(wait(e) == [port])
             elif cmd == "pingpong":
@@ -77,6 +78,7 @@ def test_bind_notify_both_ways_and_coalesce(frontend):
     assert wait(be) == [lport]                    # the spurious event Xen gives a fresh bind
     assert be.pending() == []
     cmds.put("notify3")                           # three notifications, one event
+    assert q.get(timeout=10) == "sent"
     assert wait(be) == [lport]
     assert be.pending() == []
     r, _, _ = select.select([be], [], [], 0)
