@@ -315,7 +315,7 @@ class Connection:
         try:
             fn = _HANDLERS.get(type_)
             if fn is None:
-                raise XsError("EINVAL")
+                raise XsError("ENOSYS")
             fn(self, req_id, tx_id, payload)
         except XsError as e:
             self.error(req_id, tx_id, e.name)
@@ -351,7 +351,7 @@ class Connection:
     def do_directory(self, req_id, tx_id, payload):
         _, tree = self._tree(tx_id)
         node = tree.get(self, self.canonical(self._onearg(payload)), PERM_READ)
-        body = b"".join(k.encode() + b"\0" for k in node.children)
+        body = b"".join(k.encode() + b"\0" for k in sorted(node.children))
         if len(body) > W.PAYLOAD_MAX:
             raise XsError("E2BIG")
         self.reply(W.DIRECTORY, req_id, tx_id, body)
@@ -362,7 +362,7 @@ class Connection:
             raise XsError("EINVAL")
         _, tree = self._tree(tx_id)
         node = tree.get(self, self.canonical(parts[0]), PERM_READ)
-        children = b"".join(k.encode() + b"\0" for k in node.children)
+        children = b"".join(k.encode() + b"\0" for k in sorted(node.children))
         off = int(parts[1])
         gen = str(node.gen).encode() + b"\0"
         if off >= len(children):
