@@ -364,3 +364,21 @@ def test_directory_part(simxen, raw_xs):
             break
     assert names == [b"child-%04d" % i for i in range(600)]
     assert r.call(W.DIRECTORY, b"/many\x00")[3] == b"E2BIG\x00"
+
+
+def test_deep_paths_and_node_quota(simxen_guest, raw_xs):
+    sim, g = simxen_guest
+    r = raw_xs(sim.xenstore_path(g))
+    deep = b"data/" + b"/".join([b"a"] * 900)                 # ~1.8 KiB, 900 levels
+    assert r.call(W.WRITE, deep + b"\x00v")[3] == b"OK\x00"
+    assert r.call(W.READ, deep + b"\x00")[3] == b"v"
+    t = r.call(W.TRANSACTION_START, b"\x00")[3]              # snapshot of a deep tree
+    assert r.call(W.TRANSACTION_END, b"T\x00", tx_id=int(t[:-1]))[3] == b"OK\x00"
+    assert r.call(W.RM, b"data/a\x00")[3] == b"OK\x00"
+    n, res = 0, b"OK\x00"
+    while res == b"OK\x00" and n < 1100:
+        res = r.call(W.WRITE, b"data/n%d\x00x" % n)[3]
+        n += 1
+    assert res == b"ENOSPC\x00" and 990 < n < 1000           # quota 1000 (a few owned already)
+    assert r.call(W.RM, b"data/n1\x00")[3] == b"OK\x00"
+    assert r.call(W.WRITE, b"data/again\x00x")[3] == b"OK\x00"   # freed by rm

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 
 from .. import xs_wire as W
 from . import layout as L
@@ -574,6 +575,8 @@ def _alive(pid):
 
 def run(d):
     logging.basicConfig(level=logging.INFO, format="simxen: %(message)s")
+    # the tree is walked recursively: a path may be ~1500 components deep
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
     daemon = Daemon(d)
     try:
         asyncio.run(daemon.serve())
