@@ -374,6 +374,10 @@ class Daemon:
     # ------------------------------------------------------------ lifecycle
     async def serve(self):
         d = self.dir
+        longest = L.handle_sock(d, 9999999)
+        if len(os.fsencode(longest)) > 107:
+            raise SystemExit(f"simxen: {d} is too long a path: unix socket paths such as "
+                             f"{longest} must stay under 108 bytes; use a shorter DIR")
         if not os.path.isdir(d):
             os.makedirs(d)
             self.created_dir = True

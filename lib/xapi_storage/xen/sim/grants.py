@@ -80,26 +80,51 @@ class _Granter:
 
 
 class SimGrantMapping(GrantMapping):
-    def __init__(self, mapper, granter, refs, region):
+    def __init__(self, mapper, granter, refs, region, key):
         self._mapper, self._granter, self.refs = mapper, granter, refs
-        self._region = region
+        self._region, self._key = region, key
         self.buffer = region.buffer
 
     def unmap(self):
         if self._region is None:
             return
-        self._region.release()
-        self._region = None
+        region, self._region = self._region, None
         self.buffer = None
-        self._mapper._unlock(self._granter, self.refs)
-        self._mapper._live.discard(self)
+        m = self._mapper
+        if region.detach():
+            m._keep(self._key, region)
+        m._unlock(self._granter, self.refs)
+        m._live.discard(self)
 
 
 class SimGrantMapper(GrantMapper):
+    """Maps are checked afresh every time (locks, flags, domid, readonly, frame). What is
+    cached is only the mmap of a frame run once nothing in Python can reach it any more:
+    the next map of the same frames (after its own checks) reuses it instead of paying
+    one mmap per run, which is most of the cost of a map."""
+
+    CACHE_ENTRIES = 1024
+    CACHE_BYTES = 64 << 20
+
     def __init__(self, d, domid):
         self.dir, self.domid = d, domid
         self._granters = {}
         self._live = set()
+        self._cache = {}            # (granter domid, writable, frames) -> detached Region
+        self._cache_bytes = 0
+
+    def _keep(self, key, region):
+        cache = self._cache
+        old = cache.pop(key, None)
+        if old is not None:
+            self._cache_bytes -= old.size
+            old.close()
+        cache[key] = region
+        self._cache_bytes += region.size
+        while len(cache) > self.CACHE_ENTRIES or self._cache_bytes > self.CACHE_BYTES:
+            r = cache.pop(next(iter(cache)))
+            self._cache_bytes -= r.size
+            r.close()
 
     def _granter(self, domid):
         g = self._granters.get(domid)
@@ -156,18 +181,28 @@ class SimGrantMapper(GrantMapper):
                     raise XenError(errno.EFAULT, f"grant ref {ref} of domain {domid} names "
                                    f"frame {frame}, outside its memory")
                 frames.append(frame)
-            runs = [(g.mem_fd, s * PAGE_SIZE, c * PAGE_SIZE) for s, c in _runs(frames)]
-            region = _mem.Region(n * PAGE_SIZE, writable, runs)
+            key = (domid, writable, tuple(frames))
+            region = self._cache.pop(key, None)
+            if region is not None:
+                self._cache_bytes -= region.size
+                region.attach()
+            else:
+                runs = [(g.mem_fd, s * PAGE_SIZE, c * PAGE_SIZE) for s, c in _runs(frames)]
+                region = _mem.Region(n * PAGE_SIZE, writable, runs)
         except BaseException:
             self._unlock(g, taken)
             raise
-        m = SimGrantMapping(self, g, refs, region)
+        m = SimGrantMapping(self, g, refs, region, key)
         self._live.add(m)
         return m
 
     def close(self):
         for m in list(self._live):
             m.unmap()
+        for r in self._cache.values():
+            r.close()
+        self._cache = {}
+        self._cache_bytes = 0
         for g in self._granters.values():
             g.close()
         self._granters = {}
