@@ -111,3 +111,17 @@ def test_client_processes_dying_leave_no_files(simxen_guest):
     while os.listdir(os.path.join(sim.dir, "evtchn")):
         assert time.monotonic() < deadline, os.listdir(os.path.join(sim.dir, "evtchn"))
         time.sleep(0.01)
+
+
+def test_restart_after_a_killed_daemon(tmp_path):
+    d = str(tmp_path / "x")
+    from xapi_storage.xen.sim import start
+    sim = start(d)
+    sim.create_domain("g")
+    sim.proc.kill()                                    # no cleanup at all
+    sim.proc.wait()
+    assert os.path.exists(layout.pid_file(d))
+    with running(d) as sim2:                           # a stale pid file is not a daemon
+        assert [x["name"] for x in sim2.domains()] == ["Domain-0"]
+        assert not os.path.exists(layout.mem_file(d, 1))
+    assert not os.path.exists(d) or not os.listdir(d)
