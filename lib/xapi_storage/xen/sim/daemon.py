@@ -98,6 +98,7 @@ class Handle:
         self.id, self.domid = hid, domid
         self.sock = L.handle_sock(d, hid)
         self.pending = L.handle_pending(d, hid)
+        self.pending_fd = -1
         self.ports = {}
 
 
@@ -126,7 +127,8 @@ class Daemon:
         dom = Domain(domid, name, mem_mb * 256, grant_entries)
         for path, size in ((L.mem_file(self.dir, domid), dom.mem_pages * L.PAGE),
                            (L.gnttab_file(self.dir, domid), grant_entries * 8)):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            _unlink(path)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 os.ftruncate(fd, size)
             finally:
@@ -209,9 +211,7 @@ class Daemon:
     # ------------------------------------------------------------ event channels
     def _wake(self, handle, port):
         try:
-            with open(handle.pending, "r+b", buffering=0) as f:
-                f.seek(port)
-                f.write(b"\1")
+            os.pwrite(handle.pending_fd, b"\1", port)
             self.wake.sendto(port.to_bytes(4, "little"), handle.sock)
         except OSError:
             pass
@@ -246,6 +246,9 @@ class Daemon:
         for p in list(h.ports.values()):
             self._close_port(p)
         self.handles.pop(h.id, None)
+        if h.pending_fd >= 0:
+            os.close(h.pending_fd)
+            h.pending_fd = -1
         _unlink(h.sock)
         _unlink(h.pending)
 
@@ -299,11 +302,10 @@ class Daemon:
             self._domain(domid)
             h = Handle(self.next_handle, domid, self.dir)
             self.next_handle += 1
-            fd = os.open(h.pending, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.ftruncate(fd, L.MAX_PORTS)
-            finally:
-                os.close(fd)
+            _unlink(h.pending)
+            fd = os.open(h.pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, L.MAX_PORTS)
+            h.pending_fd = fd
             self.handles[h.id] = h
             client.handle = h
             return {"handle": h.id, "socket": h.sock, "pending": h.pending}
@@ -358,7 +360,7 @@ class Daemon:
                 continue
             # the dead client's grants end with it
             try:
-                fd = os.open(L.gnttab_file(self.dir, domid), os.O_RDWR | os.O_CLOEXEC)
+                fd = L.open_regular(L.gnttab_file(self.dir, domid))
             except OSError:
                 fd = None
             if fd is not None:

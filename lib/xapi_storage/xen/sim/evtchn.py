@@ -40,7 +40,7 @@ class SimEventChannels(EventChannels):
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._sock.bind(self._sock_path)
             self._sock.setblocking(False)
-            fd = os.open(hello["pending"], os.O_RDWR | os.O_CLOEXEC)
+            fd = L.open_regular(hello["pending"], L.MAX_PORTS)
             try:
                 self._page = mmap.mmap(fd, L.MAX_PORTS)
             finally:
@@ -85,9 +85,9 @@ class SimEventChannels(EventChannels):
         page = self._pages.get(path)
         if page is None:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return None
+                fd = L.open_regular(path, L.MAX_PORTS)
+            except OSError:
+                return None            # gone (or not a pending file): nobody to notify
             try:
                 page = self._pages[path] = mmap.mmap(fd, L.MAX_PORTS)
             finally:

@@ -60,11 +60,13 @@ class _Granter:
     def __init__(self, d, domid):
         self.domid = domid
         try:
-            self.gt_fd = os.open(L.gnttab_file(d, domid), os.O_RDWR | os.O_CLOEXEC)
+            self.gt_fd = L.open_regular(L.gnttab_file(d, domid))
         except FileNotFoundError:
             raise XenError(errno.ESRCH, f"simulated Xen {d}: no domain {domid}") from None
+        except OSError as e:
+            raise XenError(e.errno, f"simulated Xen {d}: grant table of domain {domid}: {e}") from None
         try:
-            self.mem_fd = os.open(L.mem_file(d, domid), os.O_RDWR | os.O_CLOEXEC)
+            self.mem_fd = L.open_regular(L.mem_file(d, domid))
         except OSError:
             os.close(self.gt_fd)
             raise XenError(errno.ESRCH, f"simulated Xen {d}: no memory for domain {domid}") from None
@@ -256,8 +258,8 @@ class SimGrantAllocator(GrantAllocator):
         self.dir, self.domid = d, domid
         self._ctl = JsonConn(L.control_sock(d))
         try:
-            self._gt_fd = os.open(L.gnttab_file(d, domid), os.O_RDWR | os.O_CLOEXEC)
-            self._mem_fd = os.open(L.mem_file(d, domid), os.O_RDWR | os.O_CLOEXEC)
+            self._gt_fd = L.open_regular(L.gnttab_file(d, domid))
+            self._mem_fd = L.open_regular(L.mem_file(d, domid))
         except FileNotFoundError:
             self._ctl.close()
             raise XenError(errno.ESRCH, f"simulated Xen {d}: no domain {domid}") from None

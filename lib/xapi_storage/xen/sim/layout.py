@@ -12,7 +12,9 @@
 See docs/simxen.md for the protocols.
 """
 
+import errno
 import os
+import stat
 import struct
 
 PAGE = 4096
@@ -66,3 +68,18 @@ def handle_pending(d, handle):
 
 
 SUBDIRS = ("xenstore", "mem", "gnttab", "evtchn")
+
+
+def open_regular(path, min_size=0):
+    """Open a file of the simulated Xen read-write, never blocking (a FIFO put in its place
+    cannot hang the caller) and only if it is a regular file of at least `min_size` bytes."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < min_size:
+            raise OSError(errno.EINVAL, f"{path} is not a simxen file (regular, "
+                          f">= {min_size} bytes)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
