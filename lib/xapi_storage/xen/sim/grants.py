@@ -20,6 +20,7 @@ import fcntl
 import mmap
 import os
 import struct
+import threading
 
 from .. import (GrantAllocation, GrantAllocator, GrantMapper, GrantMapping, XenError,
                 PAGE_SIZE)
@@ -90,13 +91,16 @@ class SimGrantMapping(GrantMapping):
     def unmap(self):
         if self._region is None:
             return
-        region, self._region = self._region, None
-        self.buffer = None
         m = self._mapper
-        if region.detach():
-            m._keep(self._key, region)
-        m._unlock(self._granter, self.refs)
-        m._live.discard(self)
+        with m._mutex:
+            region, self._region = self._region, None
+            if region is None:
+                return
+            self.buffer = None
+            if region.detach():
+                m._keep(self._key, region)
+            m._unlock(self._granter, self.refs)
+            m._live.discard(self)
 
 
 class SimGrantMapper(GrantMapper):
@@ -114,6 +118,7 @@ class SimGrantMapper(GrantMapper):
         self._live = set()
         self._cache = {}            # (granter domid, writable, frames) -> detached Region
         self._cache_bytes = 0
+        self._mutex = threading.Lock()   # map/unmap may come from several threads
 
     def _keep(self, key, region):
         cache = self._cache
@@ -148,6 +153,10 @@ class SimGrantMapper(GrantMapper):
             _lock(g.gt_fd, F_UNLCK, start, count)
 
     def map(self, domid, refs, writable):
+        with self._mutex:
+            return self._map(domid, refs, writable)
+
+    def _map(self, domid, refs, writable):
         refs = tuple(refs)
         n = len(refs)
         if not n:
