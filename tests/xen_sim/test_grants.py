@@ -216,3 +216,33 @@ def test_two_allocators_of_one_domain_do_not_collide(simxen_guest):
     assert len(set(refs)) == len(refs) and len(set(frames)) == len(frames)
     a1.close()
     a2.close()
+
+
+def test_one_mapper_shared_by_threads(simxen_guest):
+    import threading
+    sim, g = simxen_guest
+    a = sim.xen(g).grant_allocator()
+    pages = [a.grant(0, 1) for _ in range(8)]
+    m = sim.xen(0).grant_mapper()
+    errors = []
+
+    def work(k):
+        try:
+            for i in range(200):
+                refs = [pages[(k + i + j) % 8].refs[0] for j in range(3)]
+                mp = m.map(g, refs, writable=True)
+                mp.buffer[0] = k
+                mp.unmap()
+        except Exception as e:          # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    for ga in pages:
+        assert ga.busy() == []
+        ga.revoke()
+    m.close()
+    a.close()
