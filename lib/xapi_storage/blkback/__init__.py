@@ -1,0 +1,1 @@
+"""pyblkback: a userspace Xen block backend (blkif ring server)."""
