@@ -1,0 +1,147 @@
+"""Event channels of the simulated Xen, client side.
+
+A handle talks to the broker (DIR/evtchn.sock) to allocate, bind and unbind ports. The
+broker gives it a pending page (DIR/evtchn/h<H>.pending: byte p != 0 means local port p is
+pending) and a socket path to bind (DIR/evtchn/h<H>.sock) for wake-ups.
+
+notify(port) does not involve the broker once the peer is known: it writes 1 into the
+peer handle's pending page at the peer's port, then sends a 4-byte datagram (the peer
+port, u32 little-endian) to the peer handle's socket; a full socket queue (EAGAIN) is fine,
+the peer has wake-ups queued already. pending() first drains the socket, then scans the
+pending bytes of its bound ports and clears those set: nothing can be lost, and any number
+of notifications before a drain count once.
+"""
+
+import errno
+import mmap
+import os
+import socket
+
+from .. import EventChannels, XenError
+from . import layout as L
+from .control import JsonConn
+
+
+class _Peer:
+    __slots__ = ("port", "sock", "page")
+
+    def __init__(self, port, sock, page):
+        self.port, self.sock, self.page = port, sock, page
+
+
+class SimEventChannels(EventChannels):
+    def __init__(self, d, domid):
+        self.dir, self.domid = d, domid
+        self._broker = JsonConn(L.evtchn_sock(d))
+        try:
+            hello = self._broker.call(op="hello", domid=domid)
+            self.handle = hello["handle"]
+            self._sock_path = hello["socket"]
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sock.bind(self._sock_path)
+            self._sock.setblocking(False)
+            fd = os.open(hello["pending"], os.O_RDWR | os.O_CLOEXEC)
+            try:
+                self._page = mmap.mmap(fd, L.MAX_PORTS)
+            finally:
+                os.close(fd)
+        except BaseException:
+            self._broker.close()
+            raise
+        self._bound = {}                 # local port -> _Peer or None (peer not looked up yet)
+        self._pages = {}                 # peer pending path -> mmap
+        self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._send.setblocking(False)
+        self._closed = False
+
+    # -- broker operations
+    def alloc_unbound(self, remote_domid):
+        port = self._broker.call(op="alloc_unbound", remote_domid=remote_domid)["port"]
+        self._bound[port] = None
+        return port
+
+    def bind_interdomain(self, domid, remote_port):
+        res = self._broker.call(op="bind_interdomain", remote_domid=domid,
+                                remote_port=remote_port)
+        port = res["port"]
+        self._bound[port] = self._peer_from(res)
+        return port
+
+    def unbind(self, port):
+        if port not in self._bound:
+            return
+        del self._bound[port]
+        self._page[port] = 0
+        try:
+            self._broker.call(op="unbind", port=port)
+        except XenError as e:
+            if e.errno != errno.EINVAL:
+                raise
+
+    def _peer_from(self, info):
+        if info.get("state") != "interdomain":
+            return None
+        path = info["peer_pending"]
+        page = self._pages.get(path)
+        if page is None:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            try:
+                page = self._pages[path] = mmap.mmap(fd, L.MAX_PORTS)
+            finally:
+                os.close(fd)
+        return _Peer(info["peer_port"], info["peer_socket"], page)
+
+    # -- hot path
+    def notify(self, port):
+        try:
+            peer = self._bound[port]
+        except KeyError:
+            raise XenError(errno.EINVAL, f"notify: port {port} is not bound here") from None
+        if peer is None:
+            peer = self._bound[port] = self._peer_from(
+                self._broker.call(op="peer", port=port))
+            if peer is None:
+                return               # unbound peer: dropped, as Xen does
+        peer.page[peer.port] = 1
+        try:
+            self._send.sendto(peer.port.to_bytes(4, "little"), peer.sock)
+        except BlockingIOError:
+            pass                     # the peer has wake-ups queued already
+        except (FileNotFoundError, ConnectionRefusedError):
+            self._bound[port] = None  # peer handle gone; look it up again next time
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def pending(self):
+        sock = self._sock
+        try:
+            while True:
+                sock.recv(64)
+        except BlockingIOError:
+            pass
+        page = self._page
+        out = []
+        for p in self._bound:
+            if page[p]:
+                page[p] = 0
+                out.append(p)
+        return out
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        self._broker.close()          # the broker closes our ports and removes our files
+        self._sock.close()
+        self._send.close()
+        self._page.close()
+        for p in self._pages.values():
+            p.close()
+        try:
+            os.unlink(self._sock_path)
+        except FileNotFoundError:
+            pass
