@@ -71,7 +71,8 @@ def serve(xen_spec, domain, path, backend="raw", readonly=False, size=None, stat
           timeout=10.0, **device_options):
     """Plug a vbd into `domain` (name or id) served from `path`, in a background thread.
 
-    `xen_spec` is what `xapi_storage.xen.open_xen` takes ("sim:<dir>" or "real"). On exit
+    `xen_spec` is what `xapi_storage.xen.open_xen` takes ("sim:<dir>" or "real"). `backend`
+    is a kind ("raw", "cow", "null", "block") or an already open `backends.Storage`. On exit
     the device is unplugged as a toolstack would (online=0, state=5), the server finishes the
     close, and every node written is removed. `device_options` go to server.Device
     (max_queues, max_ring_page_order, max_indirect, persistent, ...)."""
@@ -86,7 +87,10 @@ def serve(xen_spec, domain, path, backend="raw", readonly=False, size=None, stat
     fe = be = None
     try:
         guest = toolstack.resolve_domain(xs, domain)
-        storage = open_storage(backend, path, readonly=readonly, size=size)
+        if isinstance(backend, str):
+            storage = open_storage(backend, path, readonly=readonly, size=size)
+        else:
+            storage, backend = backend, backend.kind
         devid, name = toolstack.free_devid(xs, guest, xen.domid)
         fe, be = toolstack.create_vbd(xs, guest, devid,
                                       f"{backend}:{path}" if path else backend,

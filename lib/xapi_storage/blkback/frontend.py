@@ -98,7 +98,7 @@ class _Queue:
 
 class Frontend:
     def __init__(self, xen, devid, *, max_queues=4, max_ring_page_order=0, persistent=True,
-                 max_indirect=32, protocol=blkif.PROTO_X86_64, timeout=10.0):
+                 max_indirect=32, protocol=blkif.PROTO_X86_64, timeout=10.0, ring_start=0):
         self.xen = xen
         self.devid = devid
         self.own_max_queues = max_queues
@@ -108,6 +108,7 @@ class Frontend:
         self.protocol = protocol
         self.abi = ABI_X86_32 if protocol == blkif.PROTO_X86_32 else ABI_X86_64
         self.timeout = timeout
+        self.ring_start = ring_start & M32      # first ring index (to test the u32 wrap)
         self.fe_path = f"/local/domain/{xen.domid}/device/vbd/{devid}"
         self.xs = XenStore(xen.xenstore_path)
         self.be_path = self.xs.read(f"{self.fe_path}/backend")
@@ -135,6 +136,8 @@ class Frontend:
             s = self.xs.read(f"{self.be_path}/state")
             if s is not None and s.isdigit() and int(s) in states:
                 return int(s)
+            if s in ("5", "6") and not {5, 6} & set(states):
+                raise FrontendError(f"backend went to state {s} at {self.be_path}")
             if time.monotonic() > deadline:
                 raise FrontendError(f"timed out waiting for backend state in {states} "
                                     f"(it is {s}) at {self.be_path}")
@@ -151,6 +154,10 @@ class Frontend:
         for i in range(nq):
             ga = self.alloc.grant(self.be_domid, 1 << order, writable=True)
             ring = FrontRing(ga.buffer, self.abi.entry_size, init=True)
+            if self.ring_start:
+                st = self.ring_start
+                struct.pack_into("<IIII", ring.buf, 0, st, (st + 1) & M32, st, (st + 1) & M32)
+                ring.req_prod_pvt = ring.rsp_cons = st
             port = self.evtchn.alloc_unbound(self.be_domid)
             self.queues.append(_Queue(i, ga, ring, port))
         fe = self.fe_path
