@@ -110,10 +110,12 @@ def _indirect(fe, iop, nseg, segs_bytes=None, grefs=None):
     return bytes(buf), ga
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["mapped", "persistent"])
 @pytest.mark.parametrize("case", ["bad-iop", "zero-segs", "too-many", "bad-page-gref",
                                   "bad-segment", "bad-data-gref"])
-def test_bad_indirect_requests(served, case):
-    with served.frontend() as fe:
+def test_bad_indirect_requests(served, case, persistent):
+    fe = served.frontend(persistent=persistent)
+    try:
         good = fe.alloc.grant(fe.be_domid, 1)
         seg_ok = SEGMENT.pack(good.refs[0], 0, 7)
         raw, ga = {
@@ -128,9 +130,12 @@ def test_bad_indirect_requests(served, case):
         (rid, op, st), = fe.raw_responses(1)
         assert rid == 5 and st == -1
         assert op == (OP_INDIRECT if case == "bad-iop" else raw[1])
-        ga.revoke()                                       # the backend let go of the page
-        good.revoke()
+        if not persistent:
+            ga.revoke()                                   # the backend let go of the page
+            good.revoke()
         assert fe.read(0, 8)                              # still serving
+    finally:
+        fe.close()            # with persistence the backend keeps the pages until here
     assert served.store.calls == 1
 
 

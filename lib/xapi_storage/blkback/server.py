@@ -179,7 +179,7 @@ class Device:
     """One virtual block device: BE directory, state machine, rings, storage, stats."""
 
     def __init__(self, server, be_path, storage, *, max_ring_page_order=4, max_queues=4,
-                 max_indirect=256, persistent=True, max_persistent=1056, stats_path=None,
+                 max_indirect=256, persistent=True, max_persistent=16384, stats_path=None,
                  on_destroy=None, sector_size=512):
         self.server = server
         self.be_path = be_path.rstrip("/")
