@@ -169,7 +169,7 @@ def _check_segments(segs, req_id, op):
     return n
 
 
-def _check_range(limits, sector, nsect, req_id, op):
+def check_range(limits, sector, nsect, req_id, op):
     if sector + nsect > limits.sectors:
         raise BadRequest(req_id, op, RSP_ERROR,
                          f"sectors {sector}+{nsect} beyond the disk end {limits.sectors}")
@@ -199,7 +199,7 @@ def parse_request(abi, raw, limits, offset=0):
         segs = tuple(zip(f[5:5 + 3 * nseg:3], f[6:6 + 3 * nseg:3], f[7:7 + 3 * nseg:3]))
         nsect = _check_segments(segs, req_id, op)
         if nseg:
-            _check_range(limits, sector, nsect, req_id, op)
+            check_range(limits, sector, nsect, req_id, op)
         return (op, req_id, op, sector, nsect, segs, None)
     if op == OP_DISCARD:
         _op, flag, _handle, req_id, sector, nsect = abi.disc.unpack_from(raw, offset)
@@ -207,7 +207,7 @@ def parse_request(abi, raw, limits, offset=0):
             raise BadRequest(req_id, op, RSP_EOPNOTSUPP, "discard not supported")
         if limits.readonly:
             raise BadRequest(req_id, op, RSP_ERROR, "discard on a read-only device")
-        _check_range(limits, sector, nsect, req_id, op)
+        check_range(limits, sector, nsect, req_id, op)
         return (K_DISCARD, req_id, op, sector, nsect, (), flag)
     if op == OP_INDIRECT:
         f = abi.ind.unpack_from(raw, offset)
@@ -240,7 +240,7 @@ def parse_indirect_segments(header, segbytes, limits):
         raise BadRequest(req_id, iop, RSP_ERROR, "indirect segment list truncated")
     segs = tuple(SEGMENT.iter_unpack(segbytes[:nseg * SEGMENT.size]))
     nsect = _check_segments(segs, req_id, iop)
-    _check_range(limits, sector, nsect, req_id, iop)
+    check_range(limits, sector, nsect, req_id, iop)
     return (iop, req_id, iop, sector, nsect, segs, None)
 
 

@@ -82,6 +82,16 @@ def run(args):
         print(f"error: --backend {args.backend} needs --path", file=sys.stderr)
         return 2
 
+    # Signals first: once nodes exist, Ctrl-C/SIGTERM must unplug, never kill us midway.
+    stop = {"count": 0, "server": None}
+
+    def on_signal(signum, frame):
+        stop["count"] += 1
+        if stop["server"] is not None:
+            stop["server"].stop(force=stop["count"] > 1)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
     from ..xen import open_xen
     from . import fence, toolstack
     from .backends import open_storage
@@ -125,11 +135,9 @@ def run(args):
               file=sys.stderr)
         print("Ctrl-C to unplug (twice to force)", file=sys.stderr)
 
-        def on_signal(signum, frame):
-            server.stop(force=getattr(on_signal, "seen", False))
-            on_signal.seen = True
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        stop["server"] = server
+        if stop["count"]:
+            server.stop(force=stop["count"] > 1)
         last = 0.0
         last_state = None
         while server.devices:

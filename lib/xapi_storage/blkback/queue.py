@@ -28,6 +28,7 @@ from .ring import M32, BackRing
 IOV_MAX = 1024
 DISCARD_CHUNK = 1 << 30
 PLAN_CACHE_MAX = 4096
+PARALLEL_MIN_IOVS = 64            # runs of >= 64 pages (256 KiB) may go to I/O threads
 
 
 class FatalRingError(Exception):
@@ -48,6 +49,7 @@ class Queue:
         self.pmaps = []                 # GrantMappings that back self.persistent
         self.plans = {}                 # indirect segment bytes -> (nsect, iovs)
         self.dead = False
+        self.inflight = []              # runs in the I/O threads: (future, op, start, end, ids)
 
     # -- grants -----------------------------------------------------------------------------
     def _pages(self, segs, writable, temps):
@@ -252,8 +254,7 @@ class Queue:
                     else:
                         nsect, iovs = plan
                         kind = req[2]
-                        if req[3] + nsect > limits.sectors:
-                            raise BadRequest(rid, kind, RSP_ERROR, "beyond the disk end")
+                        blkif.check_range(limits, req[3], nsect, rid, kind)
                 elif kind <= K_WRITE:
                     segs = req[5]
                     nsect = req[4]
@@ -262,6 +263,8 @@ class Queue:
                     if run_op >= 0:
                         rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
                         run_op = -1
+                    if self.inflight:
+                        rsp = self._drain(rsp)
                     status = self._special(req, temps)
                     rsp_pack(buf, 64 + (rsp & mask) * esz, rid, req[2], status)
                     rsp = (rsp + 1) & M32
@@ -319,6 +322,8 @@ class Queue:
                 dev.log_bad(BadRequest(rid, op, RSP_ERROR, f"grant mapping failed: {e}"))
         if run_op >= 0:
             rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+        if self.inflight:
+            rsp = self._drain(rsp)
         self._unmap(temps)
         ring.rsp_prod_pvt = rsp
         if errors:
@@ -329,13 +334,31 @@ class Queue:
         return [p[f * 512:(l + 1) * 512] for p, (_g, f, l) in zip(pages, segs)]
 
     def _run(self, op, start, iovs, ids, rsp, temps):
-        """Do one merged read or write; answer every request in it. Returns the new rsp."""
+        """Do one merged read or write and answer every request in it; returns the new rsp.
+
+        A large run (>= PARALLEL_MIN_IOVS pages) on persistent grants goes to the server's
+        I/O threads instead (preadv/pwritev release the GIL) and is answered by _drain();
+        a run that overlaps one still in flight, where either writes, waits for it first."""
+        storage = self.dev.storage
+        inflight = self.inflight
+        if inflight:
+            end = start + sum(map(len, iovs))
+            for _f, op2, s2, e2, _i in inflight:
+                if (op != K_READ or op2 != K_READ) and start < e2 and s2 < end:
+                    rsp = self._drain(rsp)
+                    break
+        pool = self.dev.io_pool
+        if pool is not None and not temps and len(iovs) >= PARALLEL_MIN_IOVS:
+            end = start + sum(map(len, iovs))
+            fn = storage.readv if op == K_READ else storage.writev
+            inflight.append((pool.submit(fn, start, iovs), op, start, end, ids))
+            return rsp
         status = RSP_OKAY
         try:
             if op == K_READ:
-                self.dev.storage.readv(start, iovs)
+                storage.readv(start, iovs)
             else:
-                self.dev.storage.writev(start, iovs)
+                storage.writev(start, iovs)
         except OSError as e:
             status = RSP_ERROR
             self.dev.stats.errors += len(ids)
@@ -350,6 +373,27 @@ class Queue:
         for rid in ids:
             pack(buf, 64 + (rsp & mask) * esz, rid, op, status)
             rsp = (rsp + 1) & M32
+        return rsp
+
+    def _drain(self, rsp):
+        """Wait for the runs in the I/O threads; answer their requests. Returns the new rsp."""
+        ring = self.ring
+        buf = ring.buf
+        mask = ring.mask
+        esz = self.abi.entry_size
+        pack = self.abi.rsp.pack_into
+        for fut, op, start, _end, ids in self.inflight:
+            status = RSP_OKAY
+            try:
+                fut.result()
+            except OSError as e:
+                status = RSP_ERROR
+                self.dev.stats.errors += len(ids)
+                self.dev.log_io_error(op, start, e)
+            for rid in ids:
+                pack(buf, 64 + (rsp & mask) * esz, rid, op, status)
+                rsp = (rsp + 1) & M32
+        self.inflight.clear()
         return rsp
 
     def _special(self, req, temps):

@@ -180,7 +180,7 @@ class Device:
 
     def __init__(self, server, be_path, storage, *, max_ring_page_order=4, max_queues=4,
                  max_indirect=256, persistent=True, max_persistent=16384, stats_path=None,
-                 on_destroy=None, sector_size=512):
+                 on_destroy=None, sector_size=512, io_threads=2):
         self.server = server
         self.be_path = be_path.rstrip("/")
         self.storage = storage
@@ -194,6 +194,11 @@ class Device:
         self.on_destroy = on_destroy
         self.sector_size = sector_size
         self.mapper = server.mapper
+        # large reads/writes of a batch run in parallel in these threads (GIL released)
+        self.io_pool = None
+        if io_threads and getattr(storage, "parallel_io", False):
+            from concurrent.futures import ThreadPoolExecutor
+            self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="blkback-io")
         self.machine = xenbus.Machine()
         self.stats = Stats()
         self.queues = []
@@ -413,6 +418,8 @@ class Device:
                 self.server.xs.rm(self.error_path)
             except OSError:
                 pass
+        if self.io_pool is not None:
+            self.io_pool.shutdown(wait=True)
         try:
             self.storage.close()
         finally:

@@ -36,6 +36,8 @@ class Storage:
     write_cache = True
     #: the bytes a discarded range reads back as are zero (informational)
     discard_zeroes = False
+    #: readv/writev may run concurrently from several threads
+    parallel_io = False
 
     def size(self):
         raise NotImplementedError

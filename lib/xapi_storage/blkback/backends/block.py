@@ -15,6 +15,7 @@ BLKROGET = 0x125E
 
 class BlockDevice(Storage):
     kind = "block"
+    parallel_io = True              # positional I/O: safe from several threads
     can_discard = True
 
     def __init__(self, path, readonly=False):

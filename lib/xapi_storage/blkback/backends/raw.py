@@ -24,6 +24,7 @@ def punch_hole(fd, offset, length):
 
 class RawFile(Storage):
     kind = "raw"
+    parallel_io = True              # positional I/O: safe from several threads
     can_discard = True
     discard_zeroes = True
 
