@@ -1,0 +1,149 @@
+"""Storage backends: where the server's reads and writes go.
+
+The server talks to a backend through `Storage` only:
+
+    size()                      device size in bytes (re-read for online resize)
+    readv(offset, iovs)         fill the buffers (memoryviews, e.g. mapped guest pages) from
+                                `offset`; all bytes or OSError
+    writev(offset, iovs)        write the buffers at `offset`; all bytes or OSError
+    flush()                     make every completed write durable (fdatasync/fsync)
+    discard(offset, length)     drop the range (punch hole / BLKDISCARD)
+    close()
+
+`offset`/`length` are bytes, multiples of 512, already checked against size() by the server;
+backends check again (a request outside the disk is a bug, never I/O). Kinds: raw, block,
+null, cow - see `open_storage`.
+"""
+
+import errno
+import os
+
+SECTOR = 512
+
+
+class StorageError(OSError):
+    """The storage failed an operation (answered to the guest as BLKIF_RSP_ERROR)."""
+
+
+class Storage:
+    """Base class; see the module docstring for the contract."""
+
+    kind = "?"
+    readonly = False
+    #: discard does something useful (advertise feature-discard)
+    can_discard = False
+    #: writes are volatile until flush() (advertise feature-flush-cache)
+    write_cache = True
+    #: the bytes a discarded range reads back as are zero (informational)
+    discard_zeroes = False
+    #: readv/writev may run concurrently from several threads
+    parallel_io = False
+
+    def size(self):
+        raise NotImplementedError
+
+    def readv(self, offset, iovs):
+        raise NotImplementedError
+
+    def writev(self, offset, iovs):
+        raise NotImplementedError
+
+    def flush(self):
+        pass
+
+    def discard(self, offset, length):
+        raise StorageError(errno.EOPNOTSUPP, f"{self.kind} storage cannot discard")
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check(self, offset, length):
+        if offset < 0 or length < 0 or offset + length > self.size():
+            raise StorageError(errno.EINVAL, f"bug: I/O at {offset}+{length} outside the "
+                               f"{self.size()}-byte {self.kind} storage")
+
+
+def full_preadv(fd, iovs, offset):
+    """os.preadv until every buffer is full; a short read at end of file is an error."""
+    want = sum(len(b) for b in iovs)
+    n = os.preadv(fd, iovs, offset)
+    if n == want:
+        return
+    while n < want:
+        if n == 0:
+            raise StorageError(errno.EIO, f"unexpected end of file at {offset}")
+        # drop the bytes already read
+        while n and len(iovs[0]) <= n:
+            n -= len(iovs[0])
+            want -= len(iovs[0])
+            offset += len(iovs[0])
+            iovs = iovs[1:]
+        if n:
+            iovs = [iovs[0][n:]] + list(iovs[1:])
+            want -= n
+            offset += n
+        if not iovs:
+            return
+        n = os.preadv(fd, iovs, offset)
+        if n == want:
+            return
+
+
+def full_pwritev(fd, iovs, offset):
+    want = sum(len(b) for b in iovs)
+    n = os.pwritev(fd, iovs, offset)
+    while n < want:
+        if n == 0:
+            raise StorageError(errno.EIO, f"write made no progress at {offset}")
+        while n and len(iovs[0]) <= n:
+            n -= len(iovs[0])
+            want -= len(iovs[0])
+            offset += len(iovs[0])
+            iovs = iovs[1:]
+        if n:
+            iovs = [iovs[0][n:]] + list(iovs[1:])
+            want -= n
+            offset += n
+        if not iovs:
+            return
+        n = os.pwritev(fd, iovs, offset)
+
+
+KINDS = ("raw", "cow", "null", "block")
+
+
+def open_storage(kind, path=None, readonly=False, size=None, overlay_dir=None):
+    """Open a storage backend.
+
+    raw    a regular file (preadv/pwritev straight into the guest's pages)
+    block  a block device (BLKGETSIZE64, BLKDISCARD, fsync)
+    null   no I/O at all: reads leave the guest's buffers as they are, writes are dropped
+           (xen-disk's "discard" backend: measures the protocol alone); `size` bytes, or the
+           size of `path` if given
+    cow    copy-on-write over the gold image `path`, which is only ever opened read-only;
+           writes go to a sparse overlay file (in `overlay_dir`, default next to the image)
+           that is unlinked at once and so vanishes on close, even on a crash
+    """
+    if kind == "raw":
+        from .raw import RawFile
+        return RawFile(path, readonly=readonly)
+    if kind == "block":
+        from .block import BlockDevice
+        return BlockDevice(path, readonly=readonly)
+    if kind == "null":
+        from .null import Null
+        if size is None:
+            if path is None:
+                raise ValueError("the null backend needs a size or a path to take it from")
+            size = os.stat(path).st_size
+        return Null(size, readonly=readonly)
+    if kind == "cow":
+        from .cow import CopyOnWrite
+        return CopyOnWrite(path, readonly=readonly, overlay_dir=overlay_dir)
+    raise ValueError(f"unknown backend {kind!r}: expected one of {', '.join(KINDS)}")

@@ -1,0 +1,180 @@
+"""`xapi-storage blkback connect DOMAIN --path FILE`: serve a disk to a running domain.
+
+Like mirage's xen-disk: writes the frontend and backend XenStore nodes (one transaction,
+libxl's permissions, the first free xvd number, backend kind `pyvbd` so the kernel's blkback
+never grabs it), serves until Ctrl-C / SIGTERM or a toolstack unplug (online=0, state=5),
+then closes cleanly and removes every node it wrote. A second Ctrl-C stops at once.
+"""
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+HELP = "userspace Xen block backend: serve a file or device to a domain"
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="blkback_command", metavar="ACTION")
+    p = sub.add_parser("connect", help="plug a disk into a running domain and serve it",
+                       description="Plug a virtual disk into DOMAIN and serve it from --path "
+                       "until Ctrl-C, SIGTERM or a toolstack unplug; then remove every "
+                       "XenStore node written.")
+    p.add_argument("domain", help="domain name or numeric id")
+    p.add_argument("--path", help="the image file or block device (for --backend null: "
+                   "optional, only its size is used)")
+    p.add_argument("--backend", choices=("raw", "cow", "null", "block"), default="raw",
+                   help="raw: a regular file; block: a block device; null: no I/O at all; "
+                   "cow: copy-on-write over the gold image --path, writes thrown away on "
+                   "exit (default: raw)")
+    p.add_argument("--readonly", action="store_true", help="export the disk read-only")
+    p.add_argument("--size", type=int, help="size in bytes (null backend without --path)")
+    p.add_argument("--xen", default=None,
+                   help='which Xen: "real" or "sim:DIR" (default: $XAPI_STORAGE_XEN or real)')
+    p.add_argument("--kind", default="pyvbd",
+                   help="backend kind in XenStore (default pyvbd; never vbd, which the "
+                   "kernel's blkback would grab)")
+    p.add_argument("--max-queues", type=int, default=4)
+    p.add_argument("--max-ring-page-order", type=int, default=4, choices=range(0, 5))
+    p.add_argument("--max-indirect-segments", type=int, default=256,
+                   help="advertised indirect segments (0 disables indirect)")
+    p.add_argument("--no-persistent", action="store_true",
+                   help="do not offer persistent grants")
+    p.add_argument("--overlay-dir", help="cow: where the (unlinked) overlay file lives")
+    p.add_argument("--stats", metavar="FILE",
+                   help="write the device's statistics here as JSON, once a second")
+    p.add_argument("--quiet", action="store_true", help="no status line")
+    p.add_argument("-v", "--verbose", action="store_true", help="log the handshake")
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _status(dev, tty):
+    s = dev.stats_dict()
+    r = s["requests"]
+    b = s["bytes"]
+    line = (f"{dev.name} [{s['state']}] reads {r['read']} ({_human(b['read'])}) "
+            f"writes {r['write']} ({_human(b['write'])}) flushes {r['flush'] + r['barrier']} "
+            f"discards {r['discard']} errors {s['errors']} "
+            f"ring max {s['ring_occupancy']['max']} lat {s['latency_us']['mean']} us")
+    return line
+
+
+def run(args):
+    if args.blkback_command != "connect":
+        print("usage: xapi-storage blkback connect DOMAIN --path FILE [--backend ...]",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if args.kind == "vbd":
+        print("error: --kind vbd would be grabbed by the kernel's blkback", file=sys.stderr)
+        return 2
+    if args.backend != "null" and not args.path:
+        print(f"error: --backend {args.backend} needs --path", file=sys.stderr)
+        return 2
+
+    # Signals first: once nodes exist, Ctrl-C/SIGTERM must unplug, never kill us midway.
+    stop = {"count": 0, "server": None}
+
+    def on_signal(signum, frame):
+        stop["count"] += 1
+        if stop["server"] is not None:
+            stop["server"].stop(force=stop["count"] > 1)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    from ..xen import open_xen
+    from . import fence, toolstack
+    from .backends import open_storage
+    from .server import Server, XenStore
+
+    try:
+        xen = open_xen(args.xen)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot open Xen: {e}", file=sys.stderr)
+        return 1
+    try:
+        storage = open_storage(args.backend, args.path, readonly=args.readonly,
+                               size=args.size, overlay_dir=args.overlay_dir)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot open the storage: {e}", file=sys.stderr)
+        return 1
+    try:
+        server = Server(xen)
+    except OSError as e:
+        storage.close()
+        print(f"error: cannot reach Xen (XenStore/event channels/grants): {e}", file=sys.stderr)
+        return 1
+    xs = XenStore(xen.xenstore_path)
+    fe = be = None
+    rc = 0
+    try:
+        guest = toolstack.resolve_domain(xs, args.domain)
+        devid, name = toolstack.free_devid(xs, guest, xen.domid, args.kind)
+        params = f"{args.backend}:{os.path.abspath(args.path)}" if args.path else args.backend
+        fe, be = toolstack.create_vbd(xs, guest, devid, params, backend_domid=xen.domid,
+                                      kind=args.kind, readonly=args.readonly, dev_name=name)
+        dev = server.add_device(be, storage, max_queues=args.max_queues,
+                                max_ring_page_order=args.max_ring_page_order,
+                                max_indirect=args.max_indirect_segments,
+                                persistent=not args.no_persistent, stats_path=args.stats)
+        storage = None
+        tty = sys.stderr.isatty() and not args.quiet
+        print(f"serving {args.backend} {args.path or ''} as {name} (vbd {devid}) to domain "
+              f"{guest} at {be}; {_human(dev.limits.sectors * 512)}"
+              f"{', read-only' if dev.readonly else ''}; barrier: {fence.KIND}",
+              file=sys.stderr)
+        print("Ctrl-C to unplug (twice to force)", file=sys.stderr)
+
+        stop["server"] = server
+        if stop["count"]:
+            server.stop(force=stop["count"] > 1)
+        last = 0.0
+        last_state = None
+        while server.devices:
+            server.step()
+            now = time.monotonic()
+            if dev.stats.state != last_state and not tty and not args.quiet:
+                print(f"{name}: {dev.stats.state}", file=sys.stderr)
+                last_state = dev.stats.state
+            if tty and now - last >= 1.0:
+                last = now
+                print("\r\033[K" + _status(dev, tty), end="", file=sys.stderr, flush=True)
+        if tty:
+            print("\r\033[K" + _status(dev, tty), file=sys.stderr)
+        if args.stats:
+            dev.write_stats()
+        final = dev.stats_dict()
+        print(json.dumps({"device": name, "requests": final["requests"],
+                          "errors": final["errors"]}), file=sys.stderr)
+    except (OSError, ValueError, toolstack.ToolstackError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        rc = 1
+    finally:
+        if storage is not None:
+            storage.close()
+        try:
+            if fe is not None:
+                toolstack.remove_vbd(xs, fe, be)
+                print(f"removed {fe} and {be}", file=sys.stderr)
+        except OSError as e:
+            print(f"error: removing the XenStore nodes: {e}", file=sys.stderr)
+            rc = 1
+        xs.close()
+        server.close()
+    return rc
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    sys.exit(run(p.parse_args()))

@@ -1,0 +1,466 @@
+"""One ring of one device: consume requests, move data, respond. The hot loop.
+
+Per wake-up (`service`): read req_prod once, copy every published entry out of the shared
+ring in one slice (XSA-155: nothing is read from shared memory twice), parse and validate
+from that copy, run adjacent reads/writes as one preadv/pwritev straight into the guest's
+mapped pages, write all responses, push them with one barrier pair and at most one notify,
+then the final check. Everything is answered synchronously, so req_cons == rsp_prod_pvt
+between batches and a slot never owes a response when we read it.
+
+Grants: with persistent grants negotiated, each gref is mapped once (RW, as blkif.h says) and
+kept, up to `max_persistent` per ring (beyond that, mapped per request). Without, the grefs
+of a request are mapped in one call (read-only for writes to disk) and unmapped before its
+response is pushed (blkfront checks that). Indirect segment lists are copied out of their
+pages once; validated lists of persistent grants are cached by content (a frontend with a
+persistent pool sends the same lists again and again), which skips re-validating and
+re-slicing 256 segments per 1 MiB request.
+"""
+
+import errno
+import time
+
+from . import blkif, fence
+from .backends import StorageError
+from .blkif import (BadRequest, K_BARRIER, K_DISCARD, K_FLUSH, K_INDIRECT, K_READ, K_WRITE,
+                    RSP_ERROR, RSP_OKAY, SEGMENT)
+from .ring import M32, BackRing
+
+IOV_MAX = 1024
+DISCARD_CHUNK = 1 << 30
+PLAN_CACHE_MAX = 4096
+PARALLEL_MIN_IOVS = 64            # runs of >= 64 pages (256 KiB) may go to I/O threads
+
+
+class FatalRingError(Exception):
+    """The frontend broke the ring protocol; the device must be closed."""
+
+
+class Queue:
+    """A connected ring: its mapping, event channel port, persistent grants, stats."""
+
+    def __init__(self, index, dev, mapping, abi, port):
+        self.index = index
+        self.dev = dev
+        self.mapping = mapping
+        self.abi = abi
+        self.port = port
+        self.ring = BackRing(mapping.buffer, abi.entry_size)
+        self.persistent = {}            # gref -> memoryview of its page
+        self.pmaps = []                 # GrantMappings that back self.persistent
+        self.plans = {}                 # indirect segment bytes -> (nsect, iovs)
+        self.dead = False
+        self.inflight = []              # runs in the I/O threads: (future, op, start, end, ids)
+
+    # -- grants -----------------------------------------------------------------------------
+    def _pages(self, segs, writable, temps):
+        """Memoryviews of the pages of `segs`, in order. Maps what is missing; mappings that
+        must go before the response are appended to `temps`."""
+        dev = self.dev
+        if dev.use_persistent:
+            pc = self.persistent
+            missing = [g for g, _f, _l in segs if g not in pc]
+            if missing:
+                missing = list(dict.fromkeys(missing))
+                if len(pc) + len(missing) <= dev.max_persistent:
+                    m = dev.mapper.map(dev.fe_domid, missing, writable=True)
+                    dev.stats.grant_maps += 1
+                    self.pmaps.append(m)
+                    buf = m.buffer
+                    for i, g in enumerate(missing):
+                        pc[g] = buf[i * 4096:(i + 1) * 4096]
+                    dev.stats.persistent_grants = len(pc)
+                else:
+                    return self._map_temp(segs, True, temps)
+            return [pc[g] for g, _f, _l in segs]
+        return self._map_temp(segs, writable, temps)
+
+    def _map_temp(self, segs, writable, temps):
+        dev = self.dev
+        refs = [g for g, _f, _l in segs]
+        m = dev.mapper.map(dev.fe_domid, refs, writable=writable)
+        dev.stats.grant_maps += 1
+        temps.append(m)
+        buf = m.buffer
+        return [buf[i * 4096:(i + 1) * 4096] for i in range(len(refs))]
+
+    def _indirect(self, hdr):
+        """Copy the segment list of an indirect request out of its pages, once."""
+        dev = self.dev
+        grefs = hdr[6]
+        nbytes = hdr[4] * SEGMENT.size
+        pc = self.persistent
+        if dev.use_persistent:
+            # blkfront takes indirect pages from its persistent pool too
+            if all(g in pc for g in grefs):
+                return b"".join([pc[g] for g in grefs])[:nbytes]      # the one copy
+            tmp = []
+            try:
+                pages = self._pages([(g, 0, 7) for g in grefs], True, tmp)
+                return b"".join(pages)[:nbytes]                       # the one copy
+            except OSError as e:
+                raise BadRequest(hdr[1], hdr[2], RSP_ERROR,
+                                 f"indirect pages {list(grefs)} not mapped: {e}") from None
+            finally:
+                self._unmap(tmp)
+        try:
+            m = dev.mapper.map(dev.fe_domid, list(grefs), writable=False)
+        except OSError as e:
+            raise BadRequest(hdr[1], hdr[2], RSP_ERROR,
+                             f"indirect pages {list(grefs)} not mapped: {e}") from None
+        dev.stats.grant_maps += 1
+        try:
+            return bytes(m.buffer[:nbytes])                               # the one copy
+        finally:
+            m.unmap()
+
+    # -- the hot loop -----------------------------------------------------------------------
+    def service(self):
+        """Answer everything on the ring; return when it is empty and the frontend has been
+        asked to notify us. Raises FatalRingError if the frontend broke the protocol."""
+        ring = self.ring
+        hdr = ring.hdr
+        size = ring.size
+        mask = ring.mask
+        esz = self.abi.entry_size
+        dev = self.dev
+        evtchn = dev.server.evtchn
+        stats = dev.stats
+        while True:
+            rp = hdr[0]
+            fence.rmb()
+            cons = ring.req_cons
+            n = (rp - cons) & M32
+            if n == 0:
+                if not ring.final_check_for_requests():
+                    return
+                continue
+            if n > size - ((cons - ring.rsp_prod_pvt) & M32):
+                self.dead = True
+                raise FatalRingError(f"frontend error: bogus ring requests: req_prod {rp} is "
+                                     f"{n} ahead of req_cons {cons} (ring size {size})")
+            t0 = time.monotonic_ns()
+            first = cons & mask
+            buf = ring.buf
+            start = 64 + first * esz
+            if first + n <= size:
+                raw = bytes(buf[start:start + n * esz])
+            else:
+                k = size - first
+                raw = bytes(buf[start:start + k * esz]) + bytes(buf[64:64 + (n - k) * esz])
+            ring.req_cons = rp
+            self._batch(raw, n)
+            if ring.push_responses_and_check_notify():
+                evtchn.notify(self.port)
+                stats.notifies += 1
+            stats.batch(n, time.monotonic_ns() - t0)
+
+    def _batch(self, raw, n):
+        """Parse and execute `n` requests copied in `raw`, writing responses."""
+        dev = self.dev
+        abi = self.abi
+        esz = abi.entry_size
+        limits = dev.limits
+        parse = blkif.parse_request
+        storage = dev.storage
+        stats = dev.stats
+        reqs = stats.requests
+        sects = stats.sectors
+        ring = self.ring
+        buf = ring.buf
+        mask = ring.mask
+        rsp_pack = abi.rsp.pack_into
+        plans = self.plans
+        persistent = dev.use_persistent
+
+        run_op = -1                    # pending run of adjacent reads or writes
+        run_start = run_end = 0
+        run_iovs = []
+        run_reqs = []                  # (id, op) answered when the run completes
+        temps = []                     # non-persistent mappings to unmap before responding
+        rsp = ring.rsp_prod_pvt
+        errors = 0
+
+        pc = self.persistent if persistent else None
+        req_unpack = abi.req.unpack_from
+        ro = limits.readonly
+        nsectors = limits.sectors
+        amask = limits.logical_sectors - 1
+        for i in range(n):
+            # Fast path: a direct read/write whose pages are all persistent grants we hold.
+            # It checks exactly what parse_request checks; anything else (or any doubt)
+            # falls through to the general path below, which gives the error answers.
+            o = i * esz
+            op = raw[o]
+            if pc is not None and op <= 1 and (op == 0 or not ro):
+                f = req_unpack(raw, o)
+                nseg = f[1]
+                if nseg == 1:
+                    page = pc.get(f[5])
+                    fs = f[6]
+                    ls = f[7]
+                    ok = page is not None and fs <= ls <= 7
+                    if ok:
+                        nsect = ls - fs + 1
+                        fast = [page if nsect == 8 else page[fs * 512:(ls + 1) * 512]]
+                elif 1 < nseg <= 11:
+                    fast = []
+                    nsect = 0
+                    ok = True
+                    for k in range(5, 5 + 3 * nseg, 3):
+                        page = pc.get(f[k])
+                        fs = f[k + 1]
+                        ls = f[k + 2]
+                        if page is None or fs > ls or ls > 7:
+                            ok = False
+                            break
+                        nsect += ls - fs + 1
+                        fast.append(page if fs == 0 and ls == 7
+                                    else page[fs * 512:(ls + 1) * 512])
+                else:
+                    ok = False
+                if ok:
+                    sector = f[4]
+                    if sector + nsect <= nsectors and not (amask and (sector | nsect) & amask):
+                        off = sector * 512
+                        if op == run_op and off == run_end and len(run_iovs) < IOV_MAX - 11:
+                            run_iovs += fast
+                        else:
+                            if run_op >= 0:
+                                rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp,
+                                                temps)
+                            run_op = op
+                            run_start = off
+                            run_iovs = fast
+                            run_reqs = []
+                        run_end = off + nsect * 512
+                        run_reqs.append(f[3])
+                        reqs[op] += 1
+                        sects[op] += nsect
+                        continue
+            try:
+                req = parse(abi, raw, limits, i * esz)
+                kind = req[0]
+                rid = req[1]
+                iovs = None
+                if kind == K_INDIRECT:
+                    stats.indirect += 1
+                    segbytes = self._indirect(req)
+                    plan = plans.get(segbytes) if persistent else None
+                    if plan is None:
+                        full = blkif.parse_indirect_segments(req, segbytes, limits)
+                        kind = full[0]
+                        nsect = full[4]
+                        segs = full[5]
+                    else:
+                        nsect, iovs = plan
+                        kind = req[2]
+                        blkif.check_range(limits, req[3], nsect, rid, kind)
+                elif kind <= K_WRITE:
+                    segs = req[5]
+                    nsect = req[4]
+                else:
+                    # flush, barrier, discard: everything before them completes first
+                    if run_op >= 0:
+                        rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+                        run_op = -1
+                    if self.inflight:
+                        rsp = self._drain(rsp)
+                    status = self._special(req, temps)
+                    rsp_pack(buf, 64 + (rsp & mask) * esz, rid, req[2], status)
+                    rsp = (rsp + 1) & M32
+                    reqs[kind] += 1
+                    if status:
+                        errors += 1
+                    continue
+                # a read or a write: extend the pending run or start a new one
+                off = req[3] * 512
+                nseg = len(iovs) if iovs is not None else len(segs)
+                if kind != run_op or off != run_end or len(run_iovs) + nseg > IOV_MAX:
+                    if run_op >= 0:
+                        rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+                    run_op = -1
+                    run_iovs = []
+                    run_reqs = []
+                    run_start = run_end = off
+                if iovs is None:
+                    ntemps = len(temps)
+                    iovs = self._iovs(segs, kind == K_READ, temps)
+                    if req[0] == K_INDIRECT and persistent and len(temps) == ntemps:
+                        if len(plans) >= PLAN_CACHE_MAX:
+                            plans.clear()
+                        plans[segbytes] = (nsect, iovs)
+                run_op = kind
+                run_iovs += iovs
+                run_end = off + nsect * 512
+                run_reqs.append(rid)
+                reqs[kind] += 1
+                sects[kind] += nsect
+            except BadRequest as e:
+                if run_op >= 0:
+                    rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+                    run_op = -1
+                self._unmap(temps)
+                rsp_pack(buf, 64 + (rsp & mask) * esz, e.id, e.op, e.status)
+                rsp = (rsp + 1) & M32
+                if e.status == blkif.RSP_EOPNOTSUPP:
+                    stats.unsupported += 1
+                else:
+                    errors += 1
+                dev.log_bad(e)
+            except OSError as e:          # a grant we could not map
+                if run_op >= 0:
+                    rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+                    run_op = -1
+                self._unmap(temps)
+                rid = abi.disc.unpack_from(raw, i * esz)[3]
+                op = raw[i * esz]
+                if op == blkif.OP_INDIRECT:
+                    op = raw[i * esz + 1]
+                rsp_pack(buf, 64 + (rsp & mask) * esz, rid, op, RSP_ERROR)
+                rsp = (rsp + 1) & M32
+                errors += 1
+                dev.log_bad(BadRequest(rid, op, RSP_ERROR, f"grant mapping failed: {e}"))
+        if run_op >= 0:
+            rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+        if self.inflight:
+            rsp = self._drain(rsp)
+        self._unmap(temps)
+        ring.rsp_prod_pvt = rsp
+        if errors:
+            stats.errors += errors
+
+    def _iovs(self, segs, writable, temps):
+        pages = self._pages(segs, writable, temps)
+        return [p[f * 512:(l + 1) * 512] for p, (_g, f, l) in zip(pages, segs)]
+
+    def _run(self, op, start, iovs, ids, rsp, temps):
+        """Do one merged read or write and answer every request in it; returns the new rsp.
+
+        A large run (>= PARALLEL_MIN_IOVS pages) on persistent grants goes to the server's
+        I/O threads instead (preadv/pwritev release the GIL) and is answered by _drain();
+        a run that overlaps one still in flight, where either writes, waits for it first."""
+        storage = self.dev.storage
+        inflight = self.inflight
+        if inflight:
+            end = start + sum(map(len, iovs))
+            for _f, op2, s2, e2, _i in inflight:
+                if (op != K_READ or op2 != K_READ) and start < e2 and s2 < end:
+                    rsp = self._drain(rsp)
+                    break
+        pool = self.dev.io_pool
+        if pool is not None and not temps and len(iovs) >= PARALLEL_MIN_IOVS:
+            end = start + sum(map(len, iovs))
+            fn = storage.readv if op == K_READ else storage.writev
+            inflight.append((pool.submit(fn, start, iovs), op, start, end, ids))
+            return rsp
+        status = RSP_OKAY
+        try:
+            if op == K_READ:
+                storage.readv(start, iovs)
+            else:
+                storage.writev(start, iovs)
+        except OSError as e:
+            status = RSP_ERROR
+            self.dev.stats.errors += len(ids)
+            self.dev.log_io_error(op, start, e)
+        # grants must be unmapped before the response is visible
+        self._unmap(temps)
+        ring = self.ring
+        buf = ring.buf
+        mask = ring.mask
+        esz = self.abi.entry_size
+        pack = self.abi.rsp.pack_into
+        for rid in ids:
+            pack(buf, 64 + (rsp & mask) * esz, rid, op, status)
+            rsp = (rsp + 1) & M32
+        return rsp
+
+    def _drain(self, rsp):
+        """Wait for the runs in the I/O threads; answer their requests. Returns the new rsp."""
+        ring = self.ring
+        buf = ring.buf
+        mask = ring.mask
+        esz = self.abi.entry_size
+        pack = self.abi.rsp.pack_into
+        for fut, op, start, _end, ids in self.inflight:
+            status = RSP_OKAY
+            try:
+                fut.result()
+            except OSError as e:
+                status = RSP_ERROR
+                self.dev.stats.errors += len(ids)
+                self.dev.log_io_error(op, start, e)
+            for rid in ids:
+                pack(buf, 64 + (rsp & mask) * esz, rid, op, status)
+                rsp = (rsp + 1) & M32
+        self.inflight.clear()
+        return rsp
+
+    def _special(self, req, temps):
+        """Flush, barrier, discard. Returns the status."""
+        kind, rid, op, sector, nsect, segs, extra = req
+        storage = self.dev.storage
+        try:
+            if kind == K_DISCARD:
+                off = sector * 512
+                end = off + nsect * 512
+                while off < end:
+                    n = min(DISCARD_CHUNK, end - off)
+                    storage.discard(off, n)
+                    off += n
+                self.dev.stats.sectors[5] += nsect
+                return RSP_OKAY
+            # FLUSH_DISKCACHE: flush what has completed, then the optional write.
+            # WRITE_BARRIER: everything before has completed (we are synchronous):
+            # flush, then the optional write, then flush again (FUA semantics).
+            storage.flush()
+            if segs:
+                iovs = self._iovs(segs, False, temps)
+                storage.writev(sector * 512, iovs)
+                self._unmap(temps)
+                self.dev.stats.sectors[kind] += nsect
+                if kind == K_BARRIER:
+                    storage.flush()
+            return RSP_OKAY
+        except StorageError as e:
+            if e.errno == errno.EOPNOTSUPP and kind == K_DISCARD:
+                self.dev.stats.unsupported += 1
+                return blkif.RSP_EOPNOTSUPP
+            self._unmap(temps)
+            self.dev.log_io_error(kind, sector * 512, e)
+            if kind != K_DISCARD:
+                self.dev.flush_failed(e)
+            return RSP_ERROR
+        except OSError as e:
+            self._unmap(temps)
+            self.dev.log_io_error(kind, sector * 512, e)
+            if kind != K_DISCARD:
+                self.dev.flush_failed(e)
+            return RSP_ERROR
+
+    @staticmethod
+    def _unmap(temps):
+        while temps:
+            temps.pop().unmap()
+
+    # -- teardown ---------------------------------------------------------------------------
+    def close(self):
+        """Unmap persistent grants and the ring; unbind the port. Idempotent."""
+        self.plans.clear()
+        for v in self.persistent.values():
+            v.release()
+        self.persistent.clear()
+        for m in self.pmaps:
+            m.unmap()
+        self.pmaps = []
+        if self.ring is not None and self.ring.buf is not None:
+            self.ring.release()
+        if self.mapping is not None:
+            self.mapping.unmap()
+            self.mapping = None
+        if self.port is not None:
+            try:
+                self.dev.server.evtchn.unbind(self.port)
+            finally:
+                self.dev.server.ports.pop(self.port, None)
+                self.port = None

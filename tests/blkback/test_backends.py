@@ -1,0 +1,154 @@
+"""Storage backends against a model (bytearray), each on real files (and a loop device)."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+from xapi_storage.blkback.backends import StorageError, open_storage
+
+SIZE = 1 << 20
+ops = st.lists(st.tuples(st.sampled_from(["read", "write", "discard", "flush"]),
+                         st.integers(0, SIZE // 512 - 1), st.integers(1, 64)), max_size=30)
+
+
+def _iovs(data, pieces):
+    """Split `data` into memoryviews like guest segments would be."""
+    mv = memoryview(data)
+    out, pos = [], 0
+    for p in pieces:
+        out.append(mv[pos:pos + p])
+        pos += p
+    out.append(mv[pos:])
+    return [b for b in out if len(b)]
+
+
+def _run(store, model, script, seed):
+    import random
+    rnd = random.Random(seed)
+    for op, sec, n in script:
+        n = min(n, SIZE // 512 - sec)
+        off, length = sec * 512, n * 512
+        cut = sorted(rnd.randrange(0, length + 1, 512) for _ in range(3))
+        pieces = [b - a for a, b in zip([0] + cut, cut)]
+        if op == "write":
+            data = bytearray(rnd.randbytes(length))
+            store.writev(off, _iovs(data, pieces))
+            model[off:off + length] = data
+        elif op == "read":
+            buf = bytearray(length)
+            store.readv(off, _iovs(buf, pieces))
+            assert buf == model[off:off + length], f"read {off}+{length}"
+        elif op == "discard":
+            store.discard(off, length)
+            model[off:off + length] = bytes(length)
+        else:
+            store.flush()
+    buf = bytearray(SIZE)
+    store.readv(0, [memoryview(buf)])
+    assert buf == model
+
+
+@pytest.fixture
+def image(tmp_path):
+    p = tmp_path / "disk.img"
+    with open(p, "wb") as f:
+        f.write(os.urandom(SIZE))
+    return p
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(script=ops, seed=st.integers())
+def test_raw_matches_model(image, script, seed):
+    model = bytearray(image.read_bytes())
+    with open_storage("raw", str(image)) as s:
+        assert s.size() == SIZE
+        _run(s, model, script, seed)
+    assert image.read_bytes() == model
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(script=ops, seed=st.integers())
+def test_cow_matches_model_and_never_touches_the_gold_image(image, tmp_path, script, seed):
+    gold = hashlib.sha256(image.read_bytes()).hexdigest()
+    model = bytearray(image.read_bytes())
+    before = sorted(os.listdir(tmp_path))
+    s = open_storage("cow", str(image), overlay_dir=str(tmp_path))
+    _run(s, model, script, seed)
+    overlay = s.overlay
+    s.close()
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == gold
+    assert sorted(os.listdir(tmp_path)) == before          # the overlay never had a name
+    with pytest.raises(OSError):
+        os.fstat(overlay)                                   # and it is closed: gone
+
+
+def test_cow_overlay_is_sparse_not_ram(image, tmp_path):
+    s = open_storage("cow", str(image), overlay_dir=str(tmp_path))
+    s.writev(4096 * 10 + 512, [memoryview(b"x" * 512)])
+    assert s.overlay_blocks() == 1
+    st_ = os.fstat(s.overlay)
+    assert st_.st_size == SIZE and st_.st_blocks * 512 <= 64 * 1024
+    s.close()
+
+
+def test_readonly_raw_refuses_writes(image):
+    with open_storage("raw", str(image), readonly=True) as s:
+        with pytest.raises(StorageError):
+            s.writev(0, [memoryview(b"x" * 512)])
+        with pytest.raises(StorageError):
+            s.discard(0, 512)
+
+
+def test_raw_discard_punches_a_hole(image):
+    with open_storage("raw", str(image)) as s:
+        blocks = os.stat(image).st_blocks
+        s.discard(0, SIZE // 2)
+        assert os.stat(image).st_blocks < blocks
+        buf = bytearray(512)
+        s.readv(4096, [memoryview(buf)])
+        assert buf == bytes(512)
+
+
+def test_io_outside_the_disk_is_refused(image):
+    with open_storage("raw", str(image)) as s:
+        with pytest.raises(StorageError, match="outside"):
+            s.discard(SIZE - 512, 1024)
+    with open_storage("cow", str(image)) as s:
+        with pytest.raises(StorageError, match="outside"):
+            s.writev(SIZE, [memoryview(b"x" * 512)])
+
+
+def test_null_does_nothing():
+    s = open_storage("null", size=SIZE)
+    buf = bytearray(b"q" * 512)
+    s.readv(0, [memoryview(buf)])
+    assert buf == b"q" * 512 and s.size() == SIZE
+    s.writev(0, [memoryview(buf)])
+    s.flush()
+    s.discard(0, 512)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'qcow'"):
+        open_storage("qcow", "x")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("losetup"), reason="needs root + losetup")
+def test_block_device_on_a_loop_device(image):
+    try:
+        dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"no loop device: {e.stderr}")
+    try:
+        model = bytearray(image.read_bytes())
+        with open_storage("block", dev) as s:
+            assert s.size() == SIZE
+            _run(s, model, [("write", 3, 9), ("read", 0, 64), ("flush", 0, 1),
+                            ("discard", 8, 8), ("read", 0, 64)], 1)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)

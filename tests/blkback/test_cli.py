@@ -1,0 +1,122 @@
+"""`xapi-storage blkback connect` as a person runs it, against the simulated Xen."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from xapi_storage.blkback import toolstack
+from xapi_storage.blkback.frontend import Frontend
+from xapi_storage.blkback.server import XenStore
+
+from .test_server import wait_for
+
+
+def cli(*args):
+    return [sys.executable, "-m", "xapi_storage.cli", "blkback", "connect", *args]
+
+
+def start(sim, *args):
+    return subprocess.Popen(cli(*args, "--xen", f"sim:{sim.dir}"), stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(p, timeout=15):
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
+    return p.returncode, err
+
+
+def nodes(xs, g):
+    return (xs.list(f"/local/domain/{g}/device/vbd"), xs.list("/local/domain/0/backend"))
+
+
+@pytest.mark.parametrize("how", ["sigint", "toolstack-unplug", "sigterm-before-connect"])
+def test_connect_serve_and_clean_up(simxen_guest, disk, tmp_path, how):
+    sim, g = simxen_guest
+    xs = XenStore(sim.xenstore_path(0))
+    before = nodes(xs, g)
+    stats = tmp_path / "stats.json"
+    p = start(sim, "guest1", "--path", str(disk), "--stats", str(stats))
+    try:
+        wait_for(lambda: xs.list(f"/local/domain/{g}/device/vbd"), what="the vbd")
+        devid = int(xs.list(f"/local/domain/{g}/device/vbd")[0])
+        assert devid == toolstack.xvd_devid(1)                     # xvdb, the first free
+        fe_path, be_path = toolstack.paths(g, devid)
+        assert xs.read(f"{be_path}/frontend") == fe_path
+        assert xs.client.get_perms(fe_path.encode()) == [f"n{g}".encode(), b"r0"]
+        assert xs.client.get_perms(be_path.encode()) == [b"n0", f"r{g}".encode()]
+        if how == "sigterm-before-connect":
+            wait_for(lambda: xs.read(f"{be_path}/state") == "2", what="InitWait")
+            p.send_signal(signal.SIGTERM)
+        else:
+            fe = Frontend(sim.xen(g), devid)
+            fe.connect()
+            fe.write(0, b"c" * 8192)
+            assert fe.read(0, 16) == b"c" * 8192
+            wait_for(stats.exists, what="the stats file")
+            wait_for(lambda: json.loads(stats.read_text())["requests"]["write"] == 1,
+                     what="stats written while running")
+            if how == "sigint":
+                p.send_signal(signal.SIGINT)
+            else:
+                toolstack.unplug(xs, be_path)
+            wait_for(lambda: xs.read(f"{be_path}/state") == "5", what="backend Closing")
+            fe.close()                      # the guest lets go, as blkfront does on Closing
+        rc, err = finish(p)
+        assert rc == 0, err
+        assert "removed" in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert nodes(xs, g) == before
+    xs.close()
+    if how != "sigterm-before-connect":
+        assert disk.read_bytes()[:8192] == b"c" * 8192
+
+
+def test_two_disks_get_two_device_ids(simxen_guest, disk, tmp_path):
+    sim, g = simxen_guest
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(1 << 20))
+    xs = XenStore(sim.xenstore_path(0))
+    p1 = start(sim, str(g), "--path", str(disk))
+    try:
+        wait_for(lambda: len(xs.list(f"/local/domain/{g}/device/vbd")) == 1, what="vbd 1")
+        p2 = start(sim, "guest1", "--path", str(other), "--readonly", "--backend", "cow")
+        try:
+            wait_for(lambda: len(xs.list(f"/local/domain/{g}/device/vbd")) == 2, what="vbd 2")
+            ids = sorted(int(x) for x in xs.list(f"/local/domain/{g}/device/vbd"))
+            assert ids == [toolstack.xvd_devid(1), toolstack.xvd_devid(2)]
+        finally:
+            p2.send_signal(signal.SIGINT)
+            assert finish(p2)[0] == 0
+    finally:
+        p1.send_signal(signal.SIGINT)
+        assert finish(p1)[0] == 0
+    assert xs.list(f"/local/domain/{g}/device/vbd") == []
+    xs.close()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["nosuchguest", "--path", "{disk}"], "no domain named 'nosuchguest'"),
+    (["guest1", "--path", "/nonexistent.img"], "cannot open the storage"),
+    (["guest1"], "needs --path"),
+    (["guest1", "--path", "{disk}", "--kind", "vbd"], "kernel's blkback"),
+])
+def test_errors_are_clear_and_leave_nothing(simxen_guest, disk, args, msg):
+    sim, g = simxen_guest
+    xs = XenStore(sim.xenstore_path(0))
+    before = nodes(xs, g)
+    p = start(sim, *[a.replace("{disk}", str(disk)) for a in args])
+    rc, err = finish(p)
+    assert rc != 0 and msg in err, err
+    assert nodes(xs, g) == before
+    xs.close()

@@ -1,0 +1,185 @@
+"""A hostile frontend: the server answers with errors or closes that one device; it never
+crashes, hangs, or does I/O outside the disk."""
+
+import os
+import random
+import time
+
+import pytest
+
+from xapi_storage.blkback import blkif, serve
+from xapi_storage.blkback.backends.raw import RawFile
+from xapi_storage.blkback.blkif import ABI_X86_64, OP_INDIRECT, OP_READ, OP_WRITE, SEGMENT
+from xapi_storage.blkback.server import XenStore
+
+from .test_server import spec, wait_for
+
+
+class Bounded(RawFile):
+    """A real raw file that fails the test if asked for I/O outside the disk."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.calls = 0
+
+    def _guard(self, offset, iovs):
+        n = sum(len(b) for b in iovs)
+        assert 0 <= offset and offset + n <= self.size(), f"I/O outside the disk: {offset}+{n}"
+        self.calls += 1
+
+    def readv(self, offset, iovs):
+        self._guard(offset, iovs)
+        super().readv(offset, iovs)
+
+    def writev(self, offset, iovs):
+        self._guard(offset, iovs)
+        super().writev(offset, iovs)
+
+
+@pytest.fixture
+def served(simxen_guest, disk):
+    sim, g = simxen_guest
+    store = Bounded(str(disk))
+    with serve(spec(sim), g, None, backend=store) as s:
+        s.store = store
+        s.sim = sim
+        yield s
+        assert s.alive, "the server thread died"
+
+
+def entry(**kw):
+    buf = bytearray(112)
+    blkif.pack_request(ABI_X86_64, buf, 0, kw.get("op", OP_READ), kw.get("id", 1),
+                       kw.get("sector", 0), kw.get("segs", []))
+    if "nseg" in kw:
+        buf[1] = kw["nseg"]
+    return bytes(buf)
+
+
+def test_garbage_requests_get_error_responses(served):
+    with served.frontend() as fe:
+        rnd = random.Random(7)
+        before = served.store.calls
+        for batch in range(5):
+            n = rnd.randrange(1, 32)
+            for _ in range(n):
+                raw = bytearray(rnd.randbytes(112))
+                raw[0] = rnd.choice([0, 1, 2, 3, 4, 5, 6, 7, 255])
+                q = fe.queues[0]
+                off = q.ring.slot_offset(q.ring.req_prod_pvt)
+                q.ring.buf[off:off + 112] = raw
+                q.ring.req_prod_pvt = (q.ring.req_prod_pvt + 1) & 0xFFFFFFFF
+            fe.push()
+            rsps = fe.raw_responses(n)
+            assert len(rsps) == n
+            assert all(st in (0, -1, -2) for _id, _op, st in rsps)
+        assert served.store.calls == before            # nothing reached the disk
+        # and the device still works for honest requests
+        fe.write(0, b"ok" * 2048)
+        assert fe.read(0, 8) == b"ok" * 2048
+
+
+@pytest.mark.parametrize("raw,status", [
+    (entry(op=4, segs=[(1, 0, 7)]), -2),                  # reserved op
+    (entry(op=99, segs=[(1, 0, 7)]), -2),                 # unknown op
+    (entry(nseg=0), -1),                                  # read without segments
+    (entry(nseg=12, segs=[(1, 0, 7)] * 11), -1),          # too many segments
+    (entry(segs=[(1, 7, 0)]), -1),                        # first > last
+    (entry(segs=[(1, 0, 9)]), -1),                        # last beyond the page
+    (entry(sector=2**64 - 1, segs=[(1, 0, 7)]), -1),      # sector range wraps
+    (entry(sector=(16 << 20) // 512 - 4, segs=[(1, 0, 7)]), -1),  # past the end
+    (entry(segs=[(999999, 0, 7)]), -1),                   # a grant ref not granted
+    (entry(segs=[(2**32 - 1, 0, 7)]), -1),                # a grant ref out of the table
+])
+def test_bad_requests(served, raw, status):
+    with served.frontend() as fe:
+        fe.push_raw(raw)
+        (rid, op, st), = fe.raw_responses(1)
+        assert (rid, st) == (1, status) and op == raw[0]
+        fe.write(8, b"y" * 4096)                           # still fine
+    assert served.store.calls == 1
+
+
+def _indirect(fe, iop, nseg, segs_bytes=None, grefs=None):
+    """An indirect request whose segment page holds `segs_bytes`."""
+    ga = fe.alloc.grant(fe.be_domid, 1)
+    if segs_bytes is not None:
+        ga.buffer[:len(segs_bytes)] = segs_bytes
+    buf = bytearray(112)
+    blkif.pack_indirect(ABI_X86_64, buf, 0, iop, 5, 0, nseg, grefs or list(ga.refs))
+    return bytes(buf), ga
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["mapped", "persistent"])
+@pytest.mark.parametrize("case", ["bad-iop", "zero-segs", "too-many", "bad-page-gref",
+                                  "bad-segment", "bad-data-gref"])
+def test_bad_indirect_requests(served, case, persistent):
+    fe = served.frontend(persistent=persistent)
+    try:
+        good = fe.alloc.grant(fe.be_domid, 1)
+        seg_ok = SEGMENT.pack(good.refs[0], 0, 7)
+        raw, ga = {
+            "bad-iop": lambda: _indirect(fe, 3, 1, seg_ok),
+            "zero-segs": lambda: _indirect(fe, OP_READ, 0, seg_ok),
+            "too-many": lambda: _indirect(fe, OP_READ, 257, seg_ok * 257),
+            "bad-page-gref": lambda: _indirect(fe, OP_READ, 1, None, grefs=[888888]),
+            "bad-segment": lambda: _indirect(fe, OP_WRITE, 2, seg_ok + SEGMENT.pack(1, 6, 2)),
+            "bad-data-gref": lambda: _indirect(fe, OP_WRITE, 1, SEGMENT.pack(777777, 0, 7)),
+        }[case]()
+        fe.push_raw(raw)
+        (rid, op, st), = fe.raw_responses(1)
+        assert rid == 5 and st == -1
+        assert op == (OP_INDIRECT if case == "bad-iop" else raw[1])
+        if not persistent:
+            ga.revoke()                                   # the backend let go of the page
+            good.revoke()
+        assert fe.read(0, 8)                              # still serving
+    finally:
+        fe.close()            # with persistence the backend keeps the pages until here
+    assert served.store.calls == 1
+
+
+def test_producer_far_ahead_closes_only_that_device(served):
+    sim = served.sim
+    xs = XenStore(sim.xenstore_path(0))
+    try:
+        fe = served.frontend()
+        fe.write(0, b"a" * 4096)
+        q = fe.queues[0]
+        fe.set_req_prod(q.ring.req_prod_pvt + 100000)
+        wait_for(lambda: xs.read(f"{served.be_path}/state") == "5", what="backend Closing")
+        assert "bogus ring requests" in xs.read(
+            f"/local/domain/0/error{served.be_path}/error", "")
+        fe.close()
+        assert xs.read(f"{served.be_path}/state") == "6"
+        # a well-behaved frontend may come back and is served again
+        xsg = XenStore(sim.xenstore_path(served.guest))
+        xsg.write(f"{served.fe_path}/state", "1")
+        xsg.close()
+        wait_for(lambda: xs.read(f"{served.be_path}/state") == "2", what="InitWait")
+        with served.frontend() as fe2:
+            assert fe2.read(0, 8) == b"a" * 4096
+    finally:
+        xs.close()
+
+
+def test_ring_indices_across_the_u32_wrap(served):
+    with served.frontend(ring_start=2**32 - 20) as fe:
+        rnd = random.Random(3)
+        for i in range(30):
+            data = rnd.randbytes(4096 * rnd.randrange(1, 12))
+            fe.write(i * 96, data)
+            assert fe.read(i * 96, len(data) // 512) == data
+        assert fe.queues[0].ring.req_prod_pvt < 1000          # it did wrap
+
+
+def test_unknown_protocol_fails_the_connect(served):
+    sim = served.sim
+    fe = served.frontend(connect=False, protocol="sparc-abi")
+    with pytest.raises(Exception):
+        fe.connect()
+    xs = XenStore(sim.xenstore_path(0))
+    wait_for(lambda: xs.read(f"{served.be_path}/state") == "5", what="Closing")
+    assert "unknown protocol" in xs.read(f"/local/domain/0/error{served.be_path}/error", "")
+    xs.close()
+    fe.close()

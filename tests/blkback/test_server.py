@@ -1,0 +1,244 @@
+"""The whole server against the simulated Xen, through the blkfront-like test frontend."""
+
+import os
+import random
+import struct
+import time
+
+import pytest
+
+from xapi_storage.blkback import blkif, serve
+from xapi_storage.blkback.backends.raw import RawFile
+from xapi_storage.blkback.frontend import FrontendError, IOError_
+from xapi_storage.blkback.server import XenStore
+
+MiB = 1 << 20
+
+
+def spec(sim):
+    return f"sim:{sim.dir}"
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def random_io(fe, model, rnd, n, queues=1, max_sectors=2048):
+    total = len(model) // 512
+    for _ in range(n):
+        q = rnd.randrange(queues)
+        nsect = rnd.randrange(1, max_sectors)
+        sector = rnd.randrange(0, total - nsect)
+        if rnd.random() < 0.5:
+            data = rnd.randbytes(nsect * 512)
+            fe.write(sector, data, queue=q)
+            model[sector * 512:(sector + nsect) * 512] = data
+        else:
+            got = fe.read(sector, nsect, queue=q)
+            assert got == model[sector * 512:(sector + nsect) * 512], (sector, nsect)
+
+
+@pytest.mark.parametrize("fe_opts", [
+    dict(),                                                     # blkfront defaults
+    dict(persistent=False),                                     # map/unmap per request
+    dict(max_indirect=0),                                       # no indirect: 44 KiB max
+    dict(max_indirect=256, max_ring_page_order=2),              # 1 MiB requests, 4-page ring
+    dict(max_queues=4, max_ring_page_order=1),                  # multi-queue
+    dict(protocol="x86_32-abi"),                                # 108-byte entries
+], ids=["default", "no-persistent", "no-indirect", "indirect256-order2", "mq4", "x86_32"])
+def test_random_io_matches_a_model(simxen_guest, disk, fe_opts):
+    sim, g = simxen_guest
+    model = bytearray(disk.read_bytes())
+    rnd = random.Random(repr(fe_opts))
+    with serve(spec(sim), "guest1", str(disk)) as s:
+        with s.frontend(**fe_opts) as fe:
+            assert fe.sectors == len(model) // 512
+            nq = len(fe.queues)
+            random_io(fe, model, rnd, 40, queues=nq)
+            fe.flush()
+            st = s.stats()
+            assert st["errors"] == 0 and st["unsupported"] == 0
+            if fe_opts.get("max_queues"):
+                assert nq == 4 and st["queues"] == 4
+            if fe_opts.get("max_ring_page_order"):
+                assert st["ring_slots"] == 32 << fe_opts["max_ring_page_order"]
+            if fe_opts.get("max_indirect", 32):
+                assert st["indirect_requests"] > 0
+            else:
+                assert st["indirect_requests"] == 0
+            assert st["persistent_negotiated"] == fe_opts.get("persistent", True)
+    assert disk.read_bytes() == model
+
+
+def test_persistent_grants_are_mapped_once(simxen_guest, disk):
+    sim, g = simxen_guest
+    with serve(spec(sim), g, str(disk)) as s:
+        with s.frontend() as fe:
+            fe.write(0, b"a" * 64 * 1024)
+            maps = s.stats()["grant_map_calls"]
+            for _ in range(20):
+                fe.write(0, b"b" * 64 * 1024)
+                fe.read(0, 128)
+            st = s.stats()
+            assert st["persistent_grants"] > 0
+            assert st["grant_map_calls"] - maps <= 2      # the pool is reused LIFO
+
+
+def test_without_persistence_every_grant_is_unmapped_before_the_response(simxen_guest, disk):
+    """The frontend revokes each request's grants right after its response and fails
+    ("backed has not unmapped grant") if the backend still maps one."""
+    sim, g = simxen_guest
+    with serve(spec(sim), g, str(disk)) as s:
+        with s.frontend(persistent=False) as fe:
+            for i in range(10):
+                fe.write(i * 256, os.urandom(128 * 1024))
+                fe.read(i * 256, 256)
+            assert s.stats()["persistent_grants"] == 0
+
+
+class Recording(RawFile):
+    """A real raw file that also records the order of storage calls."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.log = []
+
+    def writev(self, offset, iovs):
+        super().writev(offset, iovs)
+        self.log.append(("write", offset))
+
+    def flush(self):
+        super().flush()
+        self.log.append(("flush", None))
+
+
+def test_flush_ordering(simxen_guest, disk):
+    """Writes before a flush complete before it, writes after it start after it, and the
+    flush response comes after the fdatasync."""
+    sim, g = simxen_guest
+    rec = Recording(str(disk))
+    with serve(spec(sim), g, None, backend=rec) as s:
+        with s.frontend() as fe:
+            assert fe.features["feature-flush-cache"] == 1
+            a = fe.submit(blkif.OP_WRITE, 0, b"A" * 4096)
+            f = fe.submit(blkif.OP_FLUSH_DISKCACHE, 0, b"")
+            b = fe.submit(blkif.OP_WRITE, 8, b"B" * 4096)
+            fe.push()
+            res = fe.wait([a, f, b])
+            assert all(st == 0 for st, _ in res.values())
+            assert rec.log == [("write", 0), ("flush", None), ("write", 4096)]
+            # a barrier with data: flush, write, flush
+            rec.log.clear()
+            fe.barrier(16, b"C" * 4096)
+            assert rec.log == [("flush", None), ("write", 16 * 512), ("flush", None)]
+    assert disk.read_bytes()[:4096] == b"A" * 4096
+
+
+def test_discard_punches_holes(simxen_guest, disk):
+    sim, g = simxen_guest
+    with serve(spec(sim), g, str(disk)) as s:
+        with s.frontend() as fe:
+            assert fe.features["feature-discard"] == 1
+            blocks = os.stat(disk).st_blocks
+            fe.discard(0, fe.sectors)                 # blkfront may discard the whole disk
+            assert fe.read(100, 8) == bytes(4096)
+            assert os.stat(disk).st_blocks < blocks
+            with pytest.raises(IOError_):
+                fe.discard(fe.sectors - 8, 16)        # beyond the end: ERROR, nothing done
+
+
+def test_readonly(simxen_guest, disk):
+    sim, g = simxen_guest
+    before = disk.read_bytes()
+    with serve(spec(sim), g, str(disk), readonly=True) as s:
+        with s.frontend() as fe:
+            assert fe.readonly
+            assert fe.read(0, 8) == before[:4096]
+            with pytest.raises(IOError_) as e:
+                fe.write(0, b"x" * 4096)
+            assert e.value.status == blkif.RSP_ERROR
+            with pytest.raises(IOError_):
+                fe.discard(0, 8)
+            assert fe.features["feature-discard"] == 0
+    assert disk.read_bytes() == before
+
+
+def test_online_resize(simxen_guest, disk):
+    sim, g = simxen_guest
+    with serve(spec(sim), g, str(disk)) as s:
+        with s.frontend() as fe:
+            old = fe.sectors
+            with pytest.raises(IOError_):
+                fe.read(old, 8)
+            os.truncate(disk, (16 + 4) * MiB)
+            wait_for(lambda: fe.refresh_size() == old + 8192, what="new sectors")
+            assert fe.read(old, 8) == bytes(4096)
+            fe.write(old + 8, b"z" * 4096)
+            assert fe.read(old + 8, 8) == b"z" * 4096
+
+
+def test_disconnect_and_reconnect(simxen_guest, disk):
+    sim, g = simxen_guest
+    with serve(spec(sim), g, str(disk)) as s:
+        fe = s.frontend()
+        fe.write(0, b"1" * 8192)
+        fe.close()                       # Closing -> Closed: the backend unmaps, stays online
+        xs0 = XenStore(sim.xenstore_path(0))
+        be_state = lambda: xs0.read(f"{s.be_path}/state")          # noqa: E731
+        assert be_state() == "6"
+        assert s.alive
+        # the frontend comes back (module reload): Initialising -> the backend re-offers
+        xs = XenStore(sim.xenstore_path(g))
+        xs.write(f"{s.fe_path}/state", "1")
+        xs.close()
+        wait_for(lambda: be_state() == "2", what="InitWait again")
+        with s.frontend() as fe2:
+            assert fe2.read(0, 16) == b"1" * 8192
+            fe2.write(16, b"2" * 4096)
+        assert s.stats()["requests"]["write"] == 2
+        xs0.close()
+
+
+def test_cow_keeps_the_gold_image(simxen_guest, disk, tmp_path):
+    sim, g = simxen_guest
+    gold = disk.read_bytes()
+    before = sorted(os.listdir(disk.parent))
+    with serve(spec(sim), g, str(disk), backend="cow") as s:
+        with s.frontend() as fe:
+            fe.write(3, b"w" * 8192)
+            assert fe.read(3, 16) == b"w" * 8192
+            assert fe.read(0, 3) == gold[:1536]
+            fe.discard(1024, 64)
+            assert fe.read(1024, 64) == bytes(64 * 512)
+            fe.flush()
+    assert disk.read_bytes() == gold
+    assert sorted(os.listdir(disk.parent)) == before
+
+
+def test_null_backend(simxen_guest):
+    sim, g = simxen_guest
+    with serve(spec(sim), g, None, backend="null", size=64 * MiB) as s:
+        with s.frontend() as fe:
+            assert fe.sectors == 64 * MiB // 512
+            fe.write(0, b"q" * 4096)
+            fe.read(0, 8)
+            fe.flush()
+            assert s.stats()["requests"]["read"] == 1
+
+
+def test_toolstack_unplug_removes_everything(simxen_guest, disk):
+    sim, g = simxen_guest
+    xs = XenStore(sim.xenstore_path(0))
+    with serve(spec(sim), g, str(disk)) as s:
+        fe = s.frontend()
+        fe.write(0, b"x" * 512)
+        fe_path, be_path = s.fe_path, s.be_path
+    # serve() unplugged as libxl does; the frontend saw Closing, and closes on its own side
+    fe._free()
+    assert xs.read(f"{be_path}/state") is None and xs.read(f"{fe_path}/state") is None
+    assert xs.list(f"/local/domain/0/backend/pyvbd") == []
+    xs.close()
