@@ -306,6 +306,12 @@ def precompile(modules):
     return ok
 
 
+def default_interpreter():
+    """The interpreter running the installer, as an absolute normalised path. Symlinks are
+    kept: a virtualenv's python is a symlink, and resolving it would leave the virtualenv."""
+    return os.path.abspath(sys.executable)
+
+
 def add_arguments(parser):
     parser.add_argument("--root", default=DEFAULT_ROOT,
                         help=f"where the daemon looks for plugins (default {DEFAULT_ROOT})")
@@ -314,9 +320,9 @@ def add_arguments(parser):
     parser.add_argument("--plugin", action="append", metavar="KIND:NAME=MODULE", default=[],
                         help="install this plugin instead of the registered ones (repeatable), "
                              "e.g. volume:org.xen.xapi.storage.toy=mypkg.toy")
-    parser.add_argument("--python", default=sys.executable, metavar="PATH",
+    parser.add_argument("--python", default=default_interpreter(), metavar="PATH",
                         help="interpreter for the executables' shebang (default: this one, "
-                             f"{sys.executable})")
+                             f"{default_interpreter()})")
     parser.add_argument("--prune", action="store_true",
                         help="also uninstall plugins this installer laid earlier that are no longer "
                              "among those being installed (e.g. their package was removed)")

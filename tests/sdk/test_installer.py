@@ -41,8 +41,8 @@ def test_layout(root):
         if p.name != installer.MANIFEST:
             assert os.access(p, os.X_OK) and p.stat().st_mode & 0o777 == 0o755
             text = p.read_text()
-            assert text.splitlines()[0] == "#!" + sys.executable
-            assert text == installer.shim_source("sdk_toy", sys.executable)
+            assert text.splitlines()[0] == "#!" + os.path.abspath(sys.executable)
+            assert text == installer.shim_source("sdk_toy", os.path.abspath(sys.executable))
             compile(text, str(p), "exec")  # Python 3 source
     manifest = json.loads((toy / installer.MANIFEST).read_text())
     assert manifest["module"] == "sdk_toy" and set(manifest["files"]) == EXPECTED_TOY
@@ -68,7 +68,7 @@ def test_converges_after_changes(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "write SR.ls, write Volume.create, write Volume.stat" in r.stdout
     assert {p.name for p in toy.iterdir()} == EXPECTED_TOY | {installer.MANIFEST}
-    assert (toy / "Volume.stat").read_text() == installer.shim_source("sdk_toy", sys.executable)
+    assert (toy / "Volume.stat").read_text() == installer.shim_source("sdk_toy", os.path.abspath(sys.executable))
     assert (toy / "SR.ls").stat().st_mode & 0o7777 == 0o755
     assert snapshot(tmp_path / "datapath") == other
     # a release that implements fewer methods: the others' executables go
