@@ -481,7 +481,8 @@ class SR(base.SR):
                 raise SR_does_not_exist(sr)
             with store.lock(SR_LOCK) as lock:
                 rec = _read_sr_record(store)
-                if rec is None:
+                if rec is None:         # a concurrent SR.destroy finished first
+                    store.unlink(SR_LOCK)       # which this call may have just re-made
                     raise SR_does_not_exist(sr)
                 if rec.get("state") != "destroying":
                     store.write(SR_RECORD, dict(rec, state="destroying"), owner=SR_META)
