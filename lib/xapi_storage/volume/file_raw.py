@@ -14,6 +14,7 @@ crash behaviour). In short:
 The SR key is "file://" + the percent-encoded absolute path; a volume key is a lower-case uuid.
 """
 
+import errno
 import os
 
 from ..sdk import base, log
@@ -658,7 +659,7 @@ class Volume(base.Volume):
                     faultpoint("create:ready")
                 except BaseException as e:
                     _remove_volume_files(store, key)
-                    if isinstance(e, OSError) and e.errno == 27:      # EFBIG
+                    if isinstance(e, OSError) and e.errno == errno.EFBIG:
                         raise _size_error(f"size {size} is too large for this filesystem") \
                             from None
                     if is_enospc(e):
@@ -735,7 +736,7 @@ class Volume(base.Volume):
                         try:
                             os.ftruncate(fd, size)
                         except OSError as e:
-                            if e.errno == 27:
+                            if e.errno == errno.EFBIG:
                                 raise _size_error(
                                     f"size {size} is too large for this filesystem") from None
                             raise
