@@ -19,7 +19,8 @@ was laid, so that:
   * running the installer again converges: it rewrites only files that differ, and removes
     executables of methods the plugin no longer implements;
   * --uninstall removes exactly what was laid (files changed since are kept, with a
-    warning), then the plugin directory if it is empty. ROOT/volume and ROOT/datapath
+    warning), then the plugin directory if it is empty; --prune does the same for plugins
+    laid earlier that are no longer being installed (their package was removed). ROOT/volume and ROOT/datapath
     themselves are never removed (the daemon watches them).
 
 A new plugin directory is assembled beside ROOT/volume (in ROOT) and renamed into place, so
@@ -305,6 +306,12 @@ def precompile(modules):
     return ok
 
 
+def default_interpreter():
+    """The interpreter running the installer, as an absolute normalised path. Symlinks are
+    kept: a virtualenv's python is a symlink, and resolving it would leave the virtualenv."""
+    return os.path.abspath(sys.executable)
+
+
 def add_arguments(parser):
     parser.add_argument("--root", default=DEFAULT_ROOT,
                         help=f"where the daemon looks for plugins (default {DEFAULT_ROOT})")
@@ -313,13 +320,38 @@ def add_arguments(parser):
     parser.add_argument("--plugin", action="append", metavar="KIND:NAME=MODULE", default=[],
                         help="install this plugin instead of the registered ones (repeatable), "
                              "e.g. volume:org.xen.xapi.storage.toy=mypkg.toy")
-    parser.add_argument("--python", default=sys.executable, metavar="PATH",
+    parser.add_argument("--python", default=default_interpreter(), metavar="PATH",
                         help="interpreter for the executables' shebang (default: this one, "
-                             f"{sys.executable})")
+                             f"{default_interpreter()})")
+    parser.add_argument("--prune", action="store_true",
+                        help="also uninstall plugins this installer laid earlier that are no longer "
+                             "among those being installed (e.g. their package was removed)")
     parser.add_argument("--list", action="store_true",
                         help="list the registered plugins and exit")
     parser.add_argument("--no-compile", action="store_true",
                         help="do not byte-compile the SDK and the plugins")
+
+
+def laid_plugins(root):
+    """Plugins whose directory under root holds this installer's manifest."""
+    out = []
+    for kind in GROUPS:
+        kind_dir = os.path.join(root, kind)
+        try:
+            names = sorted(os.listdir(kind_dir))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            d = os.path.join(kind_dir, name)
+            if os.path.islink(d) or not os.path.isdir(d):
+                continue
+            try:
+                m = read_manifest(d)
+            except InstallError:
+                continue
+            if m is not None:
+                out.append(Plugin(kind, name, str(m.get("module", "?"))))
+    return out
 
 
 def parse_plugin(spec):
@@ -364,6 +396,21 @@ def run(args):
             continue
         where = os.path.join(root, p.kind, p.name)
         print(f"{where}: " + (", ".join(changes) if changes else "unchanged"))
+    wanted = {(p.kind, p.name) for p in plugins}
+    stale = [] if args.uninstall else [p for p in laid_plugins(root) if (p.kind, p.name) not in wanted]
+    for p in stale:
+        where = os.path.join(root, p.kind, p.name)
+        if not args.prune:
+            report(f"note: {where} was laid by this installer for {p.module}, which is not being "
+                   "installed now; --prune removes it")
+            continue
+        try:
+            changes = uninstall(root, p, report)
+        except (InstallError, OSError) as e:
+            report(f"xapi-storage install: error: {e}")
+            status = 1
+            continue
+        print(f"{where}: pruned: " + ", ".join(changes))
     if installed and not args.no_compile and not precompile(installed):
         report("xapi-storage install: warning: byte-compiling failed (calls will be slower)")
     if not plugins:

@@ -13,7 +13,7 @@ from referencing import Registry, Resource
 
 from xapi_storage.sdk import schema
 
-import strategies
+from . import strategies
 
 _type_checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
     "integer", lambda checker, v: type(v) is int)

@@ -7,7 +7,7 @@ import sys
 
 from xapi_storage.sdk import docgen, wire
 
-from conftest import REPO, plugin_env, run_exe
+from .helpers import REPO, plugin_env, run_exe
 
 
 def test_generated_interface_pages_are_up_to_date():

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import TOY, assert_error_record, plugin_env, run_exe
+from .helpers import TOY, assert_error_record, plugin_env, run_exe
 
 VOL = {"dbg": "OpaqueRef:1\n{\"trace\": 1}", "name": "disk0", "description": "", "size": 10737418240,
        "sharable": False}
@@ -307,3 +307,31 @@ def test_plugin_that_closes_its_stdout_still_answers(tmp_path):
     exe.chmod(0o755)
     r = run_exe(exe, {"dbg": "d"}, env=env)
     assert (r.rc, r.value) == (0, "still here"), r
+
+
+def test_cli_mode_values_after_double_dash_are_positional(toy_dir, sr):
+    r = cli(toy_dir / "Volume.create", "static-vdis", sr, "--", "-h", "--json", "1", "false")
+    assert r.rc == 0, r
+    assert (r.value["name"], r.value["description"]) == ("-h", "--json")
+
+
+def test_stdlib_logging_of_a_plugin_is_forwarded(tmp_path):
+    (tmp_path / "usinglogging.py").write_text(
+        "import logging\nfrom xapi_storage.sdk import base\n"
+        "LOG = logging.getLogger('vendor.plugin')\n"
+        "class P(base.Plugin):\n"
+        "    def diagnostics(self, dbg):\n"
+        "        LOG.debug('debug via logging')\n"
+        "        LOG.warning('warned via logging')\n"
+        "        return 'ok'\n"
+        "IMPLEMENTATIONS = {'Plugin': P}\n")
+    from xapi_storage import installer
+    exe = tmp_path / "Plugin.diagnostics"
+    exe.write_text(installer.shim_source("usinglogging", sys.executable))
+    exe.chmod(0o755)
+    env = plugin_env(XAPI_STORAGE_LOG_STDERR="1",
+                     PYTHONPATH=f"{tmp_path}{os.pathsep}{plugin_env()['PYTHONPATH']}")
+    r = run_exe(exe, {"dbg": "req-9"}, env=env)
+    assert (r.rc, r.value) == (0, "ok"), r
+    assert " - WARNING - req-9 - Plugin.diagnostics: vendor.plugin: warned via logging" in r.stderr
+    assert " - DEBUG - req-9 - Plugin.diagnostics: vendor.plugin: debug via logging" in r.stderr

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from xapi_storage.sdk import schema
 
-import strategies
-from conftest import assert_error_record, run_exe
-from test_differential import reference
+from . import strategies
+from .helpers import assert_error_record, run_exe
+from .test_differential import reference
 
 TARGETS = ["Volume.create", "Volume.stat", "SR.attach", "Volume.list_changed_blocks", "Plugin.Query"]
 

@@ -10,7 +10,7 @@ import pytest
 
 from xapi_storage import installer
 
-from conftest import REPO, TOY, TOY_PLUGINS, install, plugin_env, run_exe
+from .helpers import REPO, TOY, TOY_PLUGINS, install, plugin_env, run_exe
 
 
 def snapshot(root):
@@ -41,8 +41,8 @@ def test_layout(root):
         if p.name != installer.MANIFEST:
             assert os.access(p, os.X_OK) and p.stat().st_mode & 0o777 == 0o755
             text = p.read_text()
-            assert text.splitlines()[0] == "#!" + sys.executable
-            assert text == installer.shim_source("sdk_toy", sys.executable)
+            assert text.splitlines()[0] == "#!" + os.path.abspath(sys.executable)
+            assert text == installer.shim_source("sdk_toy", os.path.abspath(sys.executable))
             compile(text, str(p), "exec")  # Python 3 source
     manifest = json.loads((toy / installer.MANIFEST).read_text())
     assert manifest["module"] == "sdk_toy" and set(manifest["files"]) == EXPECTED_TOY
@@ -68,7 +68,7 @@ def test_converges_after_changes(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "write SR.ls, write Volume.create, write Volume.stat" in r.stdout
     assert {p.name for p in toy.iterdir()} == EXPECTED_TOY | {installer.MANIFEST}
-    assert (toy / "Volume.stat").read_text() == installer.shim_source("sdk_toy", sys.executable)
+    assert (toy / "Volume.stat").read_text() == installer.shim_source("sdk_toy", os.path.abspath(sys.executable))
     assert (toy / "SR.ls").stat().st_mode & 0o7777 == 0o755
     assert snapshot(tmp_path / "datapath") == other
     # a release that implements fewer methods: the others' executables go
@@ -206,3 +206,15 @@ def test_help_mentions_the_default_root():
     r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "install", "--help"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "/usr/libexec/xapi-storage-script" in r.stdout
+
+
+def test_prune_removes_plugins_no_longer_registered(tmp_path):
+    assert install(tmp_path, *TOY_PLUGINS).returncode == 0
+    r = install(tmp_path, f"volume:{TOY}=sdk_toy")          # toydp no longer among the plugins
+    assert r.returncode == 0
+    assert "datapath/toydp was laid by this installer for sdk_toy_dp" in r.stderr and "--prune" in r.stderr
+    assert (tmp_path / "datapath" / "toydp").is_dir()        # only a note without --prune
+    r = install(tmp_path, f"volume:{TOY}=sdk_toy", extra=["--prune"])
+    assert r.returncode == 0 and "pruned" in r.stdout
+    assert not (tmp_path / "datapath" / "toydp").exists() and (tmp_path / "datapath").is_dir()
+    assert (tmp_path / "volume" / TOY / "Plugin.Query").exists()

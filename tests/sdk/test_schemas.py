@@ -10,7 +10,7 @@ import pytest
 
 from xapi_storage.sdk import base, schema
 
-from conftest import REPO
+from .helpers import REPO
 
 ALL = sorted(glob.glob(os.path.join(REPO, "schemas", "*.json")))
 

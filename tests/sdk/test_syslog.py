@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import plugin_env
+from .helpers import plugin_env
 
 LISTENER = r"""
 import json, os, socket, subprocess, sys

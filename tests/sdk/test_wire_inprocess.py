@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-import sdk_toy
 from xapi_storage.sdk import errors, jsonio, wire
 
-from conftest import assert_error_record
+from .helpers import assert_error_record  # also puts tests/sdk/toyplugins on sys.path
+
+import sdk_toy  # noqa: E402  (a toy plugin module)
 
 VOL_ARGS = {"dbg": "d", "name": "n", "description": "", "size": 1024, "sharable": False}
 

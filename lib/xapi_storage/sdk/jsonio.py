@@ -102,11 +102,14 @@ def loads(text):
 
 def _loads_fallback(text, start, end):  # pragma: no cover
     import json
-    dec = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_no_constant)
+    dec = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_no_constant,
+                           parse_float=_finite_float)
     try:
         value, stop = dec.raw_decode(text, start)
     except json.JSONDecodeError as e:
         raise JSONError(f"not JSON: {e.msg}", e.pos) from None
+    except RecursionError:
+        raise JSONError("JSON nested too deeply") from None
     if stop != end:
         raise JSONError("junk after the JSON value", stop)
     return value

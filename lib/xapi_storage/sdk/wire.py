@@ -310,6 +310,7 @@ class _Output:
     """The real stdout, set aside; file descriptor 1 then points at stderr."""
 
     def __init__(self, stdout=None):
+        self.written = False
         self.stream = stdout
         self.fd = None
         if stdout is None:
@@ -368,26 +369,28 @@ def run(module_name, argv=None, stdin=None, stdout=None):
     status = 1
     table = None
     method = None
+    options = args[:args.index("--")] if "--" in args else args
+    wants_help = "--help" in options or "-h" in options
     try:
         log.set_context(method=name)
         try:
             table = load_implementations(module_name)
             method = resolve(table, name)
         except errors.UnknownMethod:
-            if "--help" in args or "-h" in args:
+            if wants_help:
                 out.write(usage_text(name, module_name, table).rstrip("\n"))
                 return USAGE_EXIT
             raise
         except errors.PluginLoadError:
-            if ("--help" in args or "-h" in args) and schema.lookup(name):
+            if wants_help and schema.lookup(name):
                 out.write(help_text(schema.lookup(name), module_name, None, argv[0]).rstrip("\n"))
                 return USAGE_EXIT
             raise
         log.set_context(method=method.wire_name)
-        if "--help" in args or "-h" in args:
+        if wants_help:
             out.write(help_text(method, module_name, table, argv[0]).rstrip("\n"))
             return USAGE_EXIT
-        if "--json" in args or "-j" in args:
+        if "--json" in options or "-j" in options:
             try:
                 request = jsonio.loads(_read_all(stdin))
             except (jsonio.JSONError, UnicodeDecodeError) as e:
@@ -402,10 +405,13 @@ def run(module_name, argv=None, stdin=None, stdout=None):
         log.bridge_stdlib_logging()
         result = invoke(table, method, kwargs)
         text = check_result(method, result)
+        log.debug("ok in %.1f ms", (time.monotonic() - t0) * 1000)
+        out.written = True  # from here on, never a second JSON value
         out.write(text)
         status = 0
-        log.debug("ok in %.1f ms", (time.monotonic() - t0) * 1000)
     except BaseException as e:  # noqa: B902 - every failure becomes an error record
+        if out.written:
+            raise
         rec = error_record(e)
         try:
             log.error("failed in %.1f ms: %s %s", (time.monotonic() - t0) * 1000,
@@ -416,7 +422,7 @@ def run(module_name, argv=None, stdin=None, stdout=None):
             pass
         out.write(jsonio.dumps(rec))
         status = 1
-        if "--json" not in args and "-j" not in args:
+        if "--json" not in options and "-j" not in options:
             # command-line mode is for people and boot scripts: say it on stderr too
             try:
                 sys.stderr.write(f"{name}: {rec['code']} {jsonio.dumps(rec['params'])}\n")
