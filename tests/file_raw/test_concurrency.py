@@ -78,3 +78,15 @@ def test_concurrent_sr_destroy_and_creates(SR, sr, sr_dir):
         if rc:
             assert json.loads(out)["error"][1][0] == "SR_does_not_exist", err
     assert os.listdir(sr_dir) == []
+
+
+def test_concurrent_sr_destroys(SR, V, sr, sr_dir):
+    import os
+    for _ in range(3):
+        V.create(dbg=DBG, sr=sr, name="n", description="", size=0, sharable=False)
+    results = run_all([child_argv("SR", "destroy", sr=sr) for _ in range(6)])
+    assert sum(rc == 0 for rc, _, _ in results) >= 1
+    for rc, out, err in results:
+        if rc:
+            assert json.loads(out)["error"][1][0] == "SR_does_not_exist", err
+    assert os.listdir(sr_dir) == []

@@ -154,3 +154,19 @@ def test_plugin_snapshot_on_xfs(xfs_dir, monkeypatch, no_reflink, method):
         with open(os.path.join(path, new["key"] + ".img"), "rb") as f:
             assert f.read(4) == b"data"
     SR.destroy(dbg=DBG, sr=sr)
+
+
+def test_copy_without_copy_file_range(tmp_path, monkeypatch):
+    """Kernels or filesystem pairs without copy_file_range: the read/write fallback."""
+    import errno
+
+    def unsupported(*args):
+        raise OSError(errno.ENOSYS, "copy_file_range unsupported")
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    monkeypatch.setenv("XAPI_STORAGE_NO_REFLINK", "1")
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    sparse_file(src, 8 << 20, [(4096, os.urandom(3 << 20)), (7 << 20, b"end")])
+    assert copy(src, dst) == "copy"
+    assert extents(dst) == extents(src)
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        assert a.read() == b.read()

@@ -14,6 +14,7 @@ crash behaviour). In short:
 The SR key is "file://" + the percent-encoded absolute path; a volume key is a lower-case uuid.
 """
 
+import errno
 import os
 
 from ..sdk import base, log
@@ -481,7 +482,8 @@ class SR(base.SR):
                 raise SR_does_not_exist(sr)
             with store.lock(SR_LOCK) as lock:
                 rec = _read_sr_record(store)
-                if rec is None:
+                if rec is None:         # a concurrent SR.destroy finished first
+                    store.unlink(SR_LOCK)       # which this call may have just re-made
                     raise SR_does_not_exist(sr)
                 if rec.get("state") != "destroying":
                     store.write(SR_RECORD, dict(rec, state="destroying"), owner=SR_META)
@@ -657,7 +659,7 @@ class Volume(base.Volume):
                     faultpoint("create:ready")
                 except BaseException as e:
                     _remove_volume_files(store, key)
-                    if isinstance(e, OSError) and e.errno == 27:      # EFBIG
+                    if isinstance(e, OSError) and e.errno == errno.EFBIG:
                         raise _size_error(f"size {size} is too large for this filesystem") \
                             from None
                     if is_enospc(e):
@@ -734,7 +736,7 @@ class Volume(base.Volume):
                         try:
                             os.ftruncate(fd, size)
                         except OSError as e:
-                            if e.errno == 27:
+                            if e.errno == errno.EFBIG:
                                 raise _size_error(
                                     f"size {size} is too large for this filesystem") from None
                             raise
