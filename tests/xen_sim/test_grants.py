@@ -246,3 +246,19 @@ def test_one_mapper_shared_by_threads(simxen_guest):
         ga.revoke()
     m.close()
     a.close()
+
+
+def test_revoke_with_views_still_held(simxen_guest):
+    sim, g = simxen_guest
+    a = sim.xen(g).grant_allocator()
+    ga = a.grant(0, 2)
+    view = ga.buffer[4096:4100]                         # a slice kept past revoke()
+    view[:] = b"old!"
+    ga.revoke()                                         # no BufferError
+    again = a.grant(0, 2)                               # very likely the same frames
+    again.buffer[4096:4100] = b"new!"
+    assert bytes(view) == bytes(4)                      # the stale view sees zeros
+    view[:] = b"evil"                                   # and writes nowhere
+    assert bytes(again.buffer[4096:4100]) == b"new!"
+    again.revoke()
+    a.close()

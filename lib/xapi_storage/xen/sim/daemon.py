@@ -19,7 +19,7 @@ import sys
 
 from .. import xs_wire as W
 from . import layout as L
-from .xenstore import Server, DOM0, XsError
+from .xenstore import Server, XsError
 
 log = logging.getLogger("simxen")
 

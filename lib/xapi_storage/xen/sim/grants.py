@@ -220,10 +220,10 @@ class SimGrantMapper(GrantMapper):
 
 
 class SimGrantAllocation(GrantAllocation):
-    def __init__(self, allocator, domid, frame, refs, buf, writable):
+    def __init__(self, allocator, domid, frame, refs, region, writable):
         self._a, self.domid, self.frame = allocator, domid, frame
-        self.refs, self._mm, self.writable = refs, buf, writable
-        self.buffer = memoryview(buf)
+        self.refs, self._region, self.writable = refs, region, writable
+        self.buffer = region.buffer
 
     def busy(self):
         """The refs some mapper still maps (simulation only: real gntalloc cannot tell)."""
@@ -239,7 +239,7 @@ class SimGrantAllocation(GrantAllocation):
     def revoke(self):
         """End access. Raises XenError(EBUSY) naming the refs a peer still maps; those
         stay granted (call again after the peer unmapped), the others are revoked."""
-        if self._mm is None:
+        if self._region is None:
             return
         a = self._a
         busy = []
@@ -254,9 +254,10 @@ class SimGrantAllocation(GrantAllocation):
         if busy:
             raise XenError(errno.EBUSY, f"grant refs {busy} of domain {a.domid} are still "
                            f"mapped by domain {self.domid}")
-        self.buffer.release()
-        self._mm.close()
-        self._mm = None
+        # views kept past revoke() read zeros from now on: the frames go back to the pool
+        self._region.release()
+        self._region = None
+        self.buffer = None
         a._free(self.frame, len(self.refs), self.refs)
 
 
@@ -312,8 +313,9 @@ class SimGrantAllocator(GrantAllocator):
             self._reserve(0, max(npages, self.CHUNK))
         refs = tuple(self._refs[:npages])
         del self._refs[:npages]
-        mm = mmap.mmap(self._mem_fd, npages * PAGE_SIZE, offset=frame * PAGE_SIZE)
-        mm[:] = bytes(npages * PAGE_SIZE)          # pages come zeroed, as from gntalloc
+        size = npages * PAGE_SIZE
+        region = _mem.Region(size, True, [(self._mem_fd, frame * PAGE_SIZE, size)])
+        region.buffer[:] = bytes(size)             # pages come zeroed, as from gntalloc
         flags = L.GTF_permit_access | (0 if writable else L.GTF_readonly)
         gt = self._gt
         for i, r in enumerate(refs):
@@ -321,7 +323,7 @@ class SimGrantAllocator(GrantAllocator):
             struct.pack_into("<HI", gt, r * 8 + 2, domid, frame + i)
             struct.pack_into("<H", gt, r * 8, flags)
             self._granted.add(r)
-        return SimGrantAllocation(self, domid, frame, refs, mm, writable)
+        return SimGrantAllocation(self, domid, frame, refs, region, writable)
 
     def close(self):
         self._gt.close()
