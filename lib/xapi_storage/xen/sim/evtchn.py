@@ -23,10 +23,18 @@ from .control import JsonConn
 
 
 class _Peer:
-    __slots__ = ("port", "sock", "page")
+    """Where notifications of one local port go. Each peer gets its own socket, connected
+    to the peer handle's: queued wake-ups are charged to the sender's socket buffer, so a
+    peer that never reads can only fill its own, never block wake-ups to the others."""
+
+    __slots__ = ("port", "sock", "page", "msg")
 
     def __init__(self, port, sock, page):
         self.port, self.sock, self.page = port, sock, page
+        self.msg = port.to_bytes(4, "little")
+
+    def close(self):
+        self.sock.close()
 
 
 class SimEventChannels(EventChannels):
@@ -50,8 +58,6 @@ class SimEventChannels(EventChannels):
             raise
         self._bound = {}                 # local port -> _Peer or None (peer not looked up yet)
         self._pages = {}                 # peer pending path -> mmap
-        self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._send.setblocking(False)
         self._closed = False
 
     # -- broker operations
@@ -70,7 +76,9 @@ class SimEventChannels(EventChannels):
     def unbind(self, port):
         if port not in self._bound:
             return
-        del self._bound[port]
+        peer = self._bound.pop(port)
+        if peer is not None:
+            peer.close()
         self._page[port] = 0
         try:
             self._broker.call(op="unbind", port=port)
@@ -92,7 +100,14 @@ class SimEventChannels(EventChannels):
                 page = self._pages[path] = mmap.mmap(fd, L.MAX_PORTS)
             finally:
                 os.close(fd)
-        return _Peer(info["peer_port"], info["peer_socket"], page)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect(info["peer_socket"])
+        except OSError:
+            sock.close()
+            return None                # the peer handle is gone
+        sock.setblocking(False)
+        return _Peer(info["peer_port"], sock, page)
 
     # -- hot path
     def notify(self, port):
@@ -107,11 +122,12 @@ class SimEventChannels(EventChannels):
                 return               # unbound peer: dropped, as Xen does
         peer.page[peer.port] = 1
         try:
-            self._send.sendto(peer.port.to_bytes(4, "little"), peer.sock)
+            peer.sock.send(peer.msg)
         except BlockingIOError:
             pass                     # the peer has wake-ups queued already
-        except (FileNotFoundError, ConnectionRefusedError):
-            self._bound[port] = None  # peer handle gone; look it up again next time
+        except OSError:              # peer handle gone: look it up again next time
+            peer.close()
+            self._bound[port] = None
 
     def fileno(self):
         return self._sock.fileno()
@@ -137,7 +153,9 @@ class SimEventChannels(EventChannels):
         self._closed = True
         self._broker.close()          # the broker closes our ports and removes our files
         self._sock.close()
-        self._send.close()
+        for peer in self._bound.values():
+            if peer is not None:
+                peer.close()
         self._page.close()
         for p in self._pages.values():
             p.close()
