@@ -262,3 +262,24 @@ def test_revoke_with_views_still_held(simxen_guest):
     assert bytes(again.buffer[4096:4100]) == b"new!"
     again.revoke()
     a.close()
+
+
+def test_grants_of_a_destroyed_domain_end(simxen):
+    sim = simxen
+    g = sim.create_domain("doomed")
+    a = sim.xen(g).grant_allocator()
+    ga = a.grant(0, 2)
+    m = sim.xen(0).grant_mapper()
+    live = m.map(g, ga.refs[:1], writable=True)          # mapped across the destruction
+    m.map(g, ga.refs[1:], writable=True).unmap()         # the mapper now has its files open
+    sim.destroy_domain(g)
+    with pytest.raises(XenError) as e:
+        m.map(g, ga.refs[1:], writable=True)
+    assert e.value.errno == errno.ESRCH
+    with pytest.raises(XenError) as e:
+        m.map(g, ga.refs[1:], writable=True)             # and stays so
+    assert e.value.errno == errno.ESRCH
+    live.buffer[0] = 1                                   # an existing mapping stays usable
+    live.unmap()
+    m.close()
+    a.close()

@@ -176,6 +176,16 @@ class Daemon:
         dom = self.domains.pop(domid)
         for p in list(dom.ports.values()):
             self._close_port(p)
+        # end every grant of the dead domain: mappers holding the (unlinked) grant table
+        # open must not map from it any more, as Xen refuses grants of a dead domain
+        try:
+            fd = L.open_regular(L.gnttab_file(self.dir, domid))
+            try:
+                os.pwrite(fd, bytes(dom.grant_entries * 8), 0)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
         for path in (L.mem_file(self.dir, domid), L.gnttab_file(self.dir, domid)):
             _unlink(path)
 

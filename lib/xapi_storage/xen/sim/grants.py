@@ -115,6 +115,7 @@ class SimGrantMapper(GrantMapper):
     def __init__(self, d, domid):
         self.dir, self.domid = d, domid
         self._granters = {}
+        self._dead = []
         self._live = set()
         self._cache = {}            # (granter domid, writable, frames) -> detached Region
         self._cache_bytes = 0
@@ -183,6 +184,10 @@ class SimGrantMapper(GrantMapper):
                 taken.append(ref)
                 flags, gdomid, frame = unpack(g.gt, ref * 8)
                 if flags & L.GTF_type_mask != need or gdomid != self.domid:
+                    if not os.path.exists(L.gnttab_file(self.dir, domid)):
+                        # forget its files (closed at close(): live maps still use them)
+                        self._dead.append(self._granters.pop(domid))
+                        raise XenError(errno.ESRCH, f"domain {domid} is gone")
                     raise XenError(errno.EPERM, f"grant ref {ref} of domain {domid} is not "
                                    f"granted to domain {self.domid}")
                 if writable and flags & L.GTF_readonly:
@@ -214,9 +219,10 @@ class SimGrantMapper(GrantMapper):
             r.close()
         self._cache = {}
         self._cache_bytes = 0
-        for g in self._granters.values():
+        for g in list(self._granters.values()) + self._dead:
             g.close()
         self._granters = {}
+        self._dead = []
 
 
 class SimGrantAllocation(GrantAllocation):
