@@ -54,7 +54,7 @@ def main():
 
         fe, be = sim.xen(g).event_channels(), sim.xen(0).event_channels()
         fp = fe.alloc_unbound(0)
-        bp = be.bind_interdomain(g, fp)
+        be.bind_interdomain(g, fp)
         be.pending()
         rows.append({"op": "notify (no receiver draining)", "refs": 0,
                      "per_s": rate(lambda: fe.notify(fp), args.seconds)})

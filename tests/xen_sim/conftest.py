@@ -2,7 +2,6 @@
 plus raw wire helpers."""
 
 import socket
-import struct
 
 import pytest
 

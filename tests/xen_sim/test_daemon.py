@@ -11,7 +11,7 @@ import time
 import pytest
 
 from xapi_storage.xen import XenError
-from xapi_storage.xen.sim import running, layout, Sim
+from xapi_storage.xen.sim import running, layout
 
 
 def _children(pid):

@@ -61,7 +61,7 @@ def test_guest_from_the_docs(simxen_guest):
     wake.bind(hello["socket"])
     wake.setblocking(False)
     pfd = os.open(hello["pending"], os.O_RDWR)
-    mypending = mmap.mmap(pfd, 4096)
+    mycounters = mmap.mmap(pfd, 4 * 4096)
     port = ev.call(op="alloc_unbound", remote_domid=0)["port"]
     # §3: publish through XenStore, as the guest
     xs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -81,8 +81,10 @@ def test_guest_from_the_docs(simxen_guest):
     peer = ev.call(op="peer", port=port)
     assert peer["state"] == "interdomain" and peer["peer_port"] == lport
     ppfd = os.open(peer["peer_pending"], os.O_RDWR)
-    ppage = mmap.mmap(ppfd, 4096)
-    ppage[peer["peer_port"]] = 1
+    ppage = mmap.mmap(ppfd, 4 * 4096)
+    view = memoryview(ppage).cast("I")
+    view[peer["peer_port"]] += 1                               # one 32-bit store
+    view.release()
     socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(
         struct.pack("<I", peer["peer_port"]), peer["peer_socket"])
     select.select([be], [], [], 5)
@@ -96,8 +98,7 @@ def test_guest_from_the_docs(simxen_guest):
             wake.recv(64)
         except BlockingIOError:
             break
-    assert mypending[port] == 1
-    mypending[port] = 0
+    assert struct.unpack_from("<I", mycounters, 4 * port)[0] == 1   # 0 when allocated
     assert mem[100:104] == b"resp"
 
     # §5.2 revoke: the write lock is refused while the backend maps the page
@@ -113,7 +114,7 @@ def test_guest_from_the_docs(simxen_guest):
     struct.pack_into("<HHI", gt, refs[0] * 8, 0, 0, 0)
     lock(fcntl.F_UNLCK, refs[0])
     be.close()
-    for f in (mem, gt, mypending, ppage):
+    for f in (mem, gt, mycounters, ppage):
         f.close()
     for fd in (memfd, gtfd, pfd, ppfd):
         os.close(fd)

@@ -169,3 +169,25 @@ def test_many_ports_on_one_handle(simxen_guest):
     assert sorted(got) == sorted(bp for _, bp in pairs[::2])
     f.close()
     b.close()
+
+
+def test_peers_that_never_drain_cannot_starve_the_others(simxen_guest):
+    sim, g = simxen_guest
+    back = sim.xen(0).event_channels()
+    stuck = []
+    for _ in range(40):                          # 40 guest handles that never read
+        h = sim.xen(g).event_channels()
+        p = h.alloc_unbound(0)
+        stuck.append((h, back.bind_interdomain(g, p)))
+    honest = sim.xen(g).event_channels()
+    hp = honest.alloc_unbound(0)
+    lp = back.bind_interdomain(g, hp)
+    for _ in range(50):
+        for _, port in stuck:
+            back.notify(port)
+    back.notify(lp)
+    assert wait(honest) == [hp]
+    for h, _ in stuck:
+        h.close()
+    honest.close()
+    back.close()

@@ -246,3 +246,40 @@ def test_one_mapper_shared_by_threads(simxen_guest):
         ga.revoke()
     m.close()
     a.close()
+
+
+def test_revoke_with_views_still_held(simxen_guest):
+    sim, g = simxen_guest
+    a = sim.xen(g).grant_allocator()
+    ga = a.grant(0, 2)
+    view = ga.buffer[4096:4100]                         # a slice kept past revoke()
+    view[:] = b"old!"
+    ga.revoke()                                         # no BufferError
+    again = a.grant(0, 2)                               # very likely the same frames
+    again.buffer[4096:4100] = b"new!"
+    assert bytes(view) == bytes(4)                      # the stale view sees zeros
+    view[:] = b"evil"                                   # and writes nowhere
+    assert bytes(again.buffer[4096:4100]) == b"new!"
+    again.revoke()
+    a.close()
+
+
+def test_grants_of_a_destroyed_domain_end(simxen):
+    sim = simxen
+    g = sim.create_domain("doomed")
+    a = sim.xen(g).grant_allocator()
+    ga = a.grant(0, 2)
+    m = sim.xen(0).grant_mapper()
+    live = m.map(g, ga.refs[:1], writable=True)          # mapped across the destruction
+    m.map(g, ga.refs[1:], writable=True).unmap()         # the mapper now has its files open
+    sim.destroy_domain(g)
+    with pytest.raises(XenError) as e:
+        m.map(g, ga.refs[1:], writable=True)
+    assert e.value.errno == errno.ESRCH
+    with pytest.raises(XenError) as e:
+        m.map(g, ga.refs[1:], writable=True)             # and stays so
+    assert e.value.errno == errno.ESRCH
+    live.buffer[0] = 1                                   # an existing mapping stays usable
+    live.unmap()
+    m.close()
+    a.close()

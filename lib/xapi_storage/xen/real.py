@@ -12,7 +12,6 @@ Xen does the same).
 """
 
 import errno
-import mmap
 import os
 import struct
 import time
@@ -170,16 +169,16 @@ class RealGrantMapper(GrantMapper):
 
 
 class RealGrantAllocation(GrantAllocation):
-    def __init__(self, allocator, index, refs, mm):
-        self._a, self._index, self.refs, self._mm = allocator, index, refs, mm
-        self.buffer = memoryview(mm)
+    def __init__(self, allocator, index, refs, region):
+        self._a, self._index, self.refs, self._region = allocator, index, refs, region
+        self.buffer = region.buffer
 
     def revoke(self):
-        if self._mm is None:
+        if self._region is None:
             return
-        self.buffer.release()
-        self._mm.close()
-        self._mm = None
+        self._region.release()          # views kept past revoke() read zeros from now on
+        self._region = None
+        self.buffer = None
         _ioctl(self._a.fd, IOCTL_GNTALLOC_DEALLOC_GREF,
                bytearray(GNTALLOC_DEALLOC.pack(self._index, len(self.refs))), "gntalloc dealloc")
 
@@ -197,14 +196,14 @@ class RealGrantAllocator(GrantAllocator):
         _ioctl(self.fd, IOCTL_GNTALLOC_ALLOC_GREF, buf, f"gntalloc of {npages} pages for domain {domid}")
         index = GNTALLOC_ALLOC_HDR.unpack_from(buf)[3]
         refs = struct.unpack_from(f"<{npages}I", buf, GNTALLOC_ALLOC_HDR.size)
+        size = npages * PAGE_SIZE
         try:
-            mm = mmap.mmap(self.fd, npages * PAGE_SIZE, mmap.MAP_SHARED,
-                           mmap.PROT_READ | mmap.PROT_WRITE, offset=index)
+            region = _mem.Region(size, True, [(self.fd, index, size)])
         except OSError as e:
             _ioctl(self.fd, IOCTL_GNTALLOC_DEALLOC_GREF,
                    bytearray(GNTALLOC_DEALLOC.pack(index, npages)), "gntalloc dealloc")
             raise XenError(e.errno, f"gntalloc mmap: {e.strerror}") from None
-        return RealGrantAllocation(self, index, refs, mm)
+        return RealGrantAllocation(self, index, refs, region)
 
     def close(self):
         if self.fd >= 0:

@@ -19,7 +19,7 @@ import sys
 
 from .. import xs_wire as W
 from . import layout as L
-from .xenstore import Server, DOM0, XsError
+from .xenstore import Server, XsError
 
 log = logging.getLogger("simxen")
 
@@ -176,6 +176,16 @@ class Daemon:
         dom = self.domains.pop(domid)
         for p in list(dom.ports.values()):
             self._close_port(p)
+        # end every grant of the dead domain: mappers holding the (unlinked) grant table
+        # open must not map from it any more, as Xen refuses grants of a dead domain
+        try:
+            fd = L.open_regular(L.gnttab_file(self.dir, domid))
+            try:
+                os.pwrite(fd, bytes(dom.grant_entries * 8), 0)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
         for path in (L.mem_file(self.dir, domid), L.gnttab_file(self.dir, domid)):
             _unlink(path)
 
@@ -210,8 +220,10 @@ class Daemon:
 
     # ------------------------------------------------------------ event channels
     def _wake(self, handle, port):
+        """Count one event on `port` of `handle` and wake it up."""
         try:
-            os.pwrite(handle.pending_fd, b"\1", port)
+            old = int.from_bytes(os.pread(handle.pending_fd, 4, 4 * port), "little")
+            os.pwrite(handle.pending_fd, ((old + 1) & 0xFFFFFFFF).to_bytes(4, "little"), 4 * port)
             self.wake.sendto(port.to_bytes(4, "little"), handle.sock)
         except OSError:
             pass
@@ -221,6 +233,7 @@ class Daemon:
             p = dom.next_port
             dom.next_port = p + 1 if p + 1 < L.MAX_PORTS else 1
             if p not in dom.ports:
+                os.pwrite(handle.pending_fd, bytes(4), 4 * p)     # a fresh port: counter 0
                 port = Port(dom.domid, p, handle, remote_domid)
                 dom.ports[p] = port
                 handle.ports[p] = port
@@ -304,7 +317,7 @@ class Daemon:
             self.next_handle += 1
             _unlink(h.pending)
             fd = os.open(h.pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.ftruncate(fd, L.MAX_PORTS)
+            os.ftruncate(fd, L.PENDING_SIZE)
             h.pending_fd = fd
             self.handles[h.id] = h
             client.handle = h

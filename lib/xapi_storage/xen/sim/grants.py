@@ -115,6 +115,7 @@ class SimGrantMapper(GrantMapper):
     def __init__(self, d, domid):
         self.dir, self.domid = d, domid
         self._granters = {}
+        self._dead = []
         self._live = set()
         self._cache = {}            # (granter domid, writable, frames) -> detached Region
         self._cache_bytes = 0
@@ -183,6 +184,10 @@ class SimGrantMapper(GrantMapper):
                 taken.append(ref)
                 flags, gdomid, frame = unpack(g.gt, ref * 8)
                 if flags & L.GTF_type_mask != need or gdomid != self.domid:
+                    if not os.path.exists(L.gnttab_file(self.dir, domid)):
+                        # forget its files (closed at close(): live maps still use them)
+                        self._dead.append(self._granters.pop(domid))
+                        raise XenError(errno.ESRCH, f"domain {domid} is gone")
                     raise XenError(errno.EPERM, f"grant ref {ref} of domain {domid} is not "
                                    f"granted to domain {self.domid}")
                 if writable and flags & L.GTF_readonly:
@@ -214,16 +219,17 @@ class SimGrantMapper(GrantMapper):
             r.close()
         self._cache = {}
         self._cache_bytes = 0
-        for g in self._granters.values():
+        for g in list(self._granters.values()) + self._dead:
             g.close()
         self._granters = {}
+        self._dead = []
 
 
 class SimGrantAllocation(GrantAllocation):
-    def __init__(self, allocator, domid, frame, refs, buf, writable):
+    def __init__(self, allocator, domid, frame, refs, region, writable):
         self._a, self.domid, self.frame = allocator, domid, frame
-        self.refs, self._mm, self.writable = refs, buf, writable
-        self.buffer = memoryview(buf)
+        self.refs, self._region, self.writable = refs, region, writable
+        self.buffer = region.buffer
 
     def busy(self):
         """The refs some mapper still maps (simulation only: real gntalloc cannot tell)."""
@@ -239,7 +245,7 @@ class SimGrantAllocation(GrantAllocation):
     def revoke(self):
         """End access. Raises XenError(EBUSY) naming the refs a peer still maps; those
         stay granted (call again after the peer unmapped), the others are revoked."""
-        if self._mm is None:
+        if self._region is None:
             return
         a = self._a
         busy = []
@@ -254,9 +260,10 @@ class SimGrantAllocation(GrantAllocation):
         if busy:
             raise XenError(errno.EBUSY, f"grant refs {busy} of domain {a.domid} are still "
                            f"mapped by domain {self.domid}")
-        self.buffer.release()
-        self._mm.close()
-        self._mm = None
+        # views kept past revoke() read zeros from now on: the frames go back to the pool
+        self._region.release()
+        self._region = None
+        self.buffer = None
         a._free(self.frame, len(self.refs), self.refs)
 
 
@@ -312,8 +319,9 @@ class SimGrantAllocator(GrantAllocator):
             self._reserve(0, max(npages, self.CHUNK))
         refs = tuple(self._refs[:npages])
         del self._refs[:npages]
-        mm = mmap.mmap(self._mem_fd, npages * PAGE_SIZE, offset=frame * PAGE_SIZE)
-        mm[:] = bytes(npages * PAGE_SIZE)          # pages come zeroed, as from gntalloc
+        size = npages * PAGE_SIZE
+        region = _mem.Region(size, True, [(self._mem_fd, frame * PAGE_SIZE, size)])
+        region.buffer[:] = bytes(size)             # pages come zeroed, as from gntalloc
         flags = L.GTF_permit_access | (0 if writable else L.GTF_readonly)
         gt = self._gt
         for i, r in enumerate(refs):
@@ -321,7 +329,7 @@ class SimGrantAllocator(GrantAllocator):
             struct.pack_into("<HI", gt, r * 8 + 2, domid, frame + i)
             struct.pack_into("<H", gt, r * 8, flags)
             self._granted.add(r)
-        return SimGrantAllocation(self, domid, frame, refs, mm, writable)
+        return SimGrantAllocation(self, domid, frame, refs, region, writable)
 
     def close(self):
         self._gt.close()

@@ -7,7 +7,8 @@
     DIR/mem/d<N>              domain N's memory: frame f = bytes [f*4096, (f+1)*4096)
     DIR/gnttab/d<N>           domain N's grant table v1: entry r = bytes [r*8, r*8+8)
     DIR/evtchn/h<H>.sock      event-channel handle H's wake-up datagram socket
-    DIR/evtchn/h<H>.pending   handle H's pending bytes: byte p != 0 <=> local port p pending
+    DIR/evtchn/h<H>.pending   handle H's event counters: u32 p counts notifications of local
+                              port p (it is pending while it differs from the last value seen)
 
 See docs/simxen.md for the protocols.
 """
@@ -33,6 +34,7 @@ NR_RESERVED_ENTRIES = 8       # GNTTAB_NR_RESERVED_ENTRIES: refs 0..7 are never 
 DEFAULT_MEM_MB = 1024
 DEFAULT_GRANT_ENTRIES = 65536
 MAX_PORTS = 4096              # local ports 1..4095 per domain (port 0 is never valid)
+PENDING_SIZE = MAX_PORTS * 4  # one u32 event counter per port
 
 
 def pid_file(d):
