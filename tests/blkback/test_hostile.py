@@ -27,13 +27,13 @@ class Bounded(RawFile):
         assert 0 <= offset and offset + n <= self.size(), f"I/O outside the disk: {offset}+{n}"
         self.calls += 1
 
-    def readv(self, offset, iovs):
+    def readv(self, offset, iovs, length=None):
         self._guard(offset, iovs)
-        super().readv(offset, iovs)
+        super().readv(offset, iovs, length)
 
-    def writev(self, offset, iovs):
+    def writev(self, offset, iovs, length=None):
         self._guard(offset, iovs)
-        super().writev(offset, iovs)
+        super().writev(offset, iovs, length)
 
 
 @pytest.fixture
@@ -183,3 +183,32 @@ def test_unknown_protocol_fails_the_connect(served):
     assert "unknown protocol" in xs.read(f"/local/domain/0/error{served.be_path}/error", "")
     xs.close()
     fe.close()
+
+
+class Failing(RawFile):
+    """A real raw file whose reads past 1 MiB fail (EIO) and whose flush fails."""
+
+    def readv(self, offset, iovs, length=None):
+        if offset >= 1 << 20:
+            raise OSError(5, "injected EIO")
+        super().readv(offset, iovs, length)
+
+    def flush(self):
+        raise RuntimeError("injected flush failure")
+
+
+def test_storage_errors_are_answered_and_a_failed_flush_closes_the_device(simxen_guest, disk):
+    sim, g = simxen_guest
+    with serve(spec(sim), g, None, backend=Failing(str(disk))) as s:
+        fe = s.frontend()
+        with pytest.raises(Exception, match="status -1"):
+            fe.read(4096, 8)
+        assert fe.read(0, 8)                                # the device still works
+        with pytest.raises(Exception, match="status -1"):
+            fe.flush()                                      # never a silent success
+        xs = XenStore(sim.xenstore_path(0))
+        wait_for(lambda: xs.read(f"{s.be_path}/state") == "5", what="backend Closing")
+        assert "flush failed" in xs.read(f"/local/domain/0/error{s.be_path}/error", "")
+        xs.close()
+        fe.close()
+        assert s.alive

@@ -107,8 +107,8 @@ class Recording(RawFile):
         super().__init__(path)
         self.log = []
 
-    def writev(self, offset, iovs):
-        super().writev(offset, iovs)
+    def writev(self, offset, iovs, length=None):
+        super().writev(offset, iovs, length)
         self.log.append(("write", offset))
 
     def flush(self):

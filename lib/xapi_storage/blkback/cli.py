@@ -41,6 +41,9 @@ def add_arguments(parser):
     p.add_argument("--max-ring-page-order", type=int, default=4, choices=range(0, 5))
     p.add_argument("--max-indirect-segments", type=int, default=256,
                    help="advertised indirect segments (0 disables indirect)")
+    p.add_argument("--io-threads", type=int, default=2,
+                   help="threads for large reads/writes (>= 256 KiB) of raw and block "
+                   "backends; 0: everything in the service thread (default 2)")
     p.add_argument("--no-persistent", action="store_true",
                    help="do not offer persistent grants")
     p.add_argument("--overlay-dir", help="cow: where the (unlinked) overlay file lives")
@@ -126,7 +129,8 @@ def run(args):
         dev = server.add_device(be, storage, max_queues=args.max_queues,
                                 max_ring_page_order=args.max_ring_page_order,
                                 max_indirect=args.max_indirect_segments,
-                                persistent=not args.no_persistent, stats_path=args.stats)
+                                persistent=not args.no_persistent, stats_path=args.stats,
+                                io_threads=args.io_threads)
         storage = None
         tty = sys.stderr.isatty() and not args.quiet
         print(f"serving {args.backend} {args.path or ''} as {name} (vbd {devid}) to domain "

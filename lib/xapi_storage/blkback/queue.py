@@ -226,8 +226,8 @@ class Queue:
                             run_iovs += fast
                         else:
                             if run_op >= 0:
-                                rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp,
-                                                temps)
+                                rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs,
+                                                rsp, temps)
                             run_op = op
                             run_start = off
                             run_iovs = fast
@@ -261,7 +261,7 @@ class Queue:
                 else:
                     # flush, barrier, discard: everything before them completes first
                     if run_op >= 0:
-                        rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+                        rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
                         run_op = -1
                     if self.inflight:
                         rsp = self._drain(rsp)
@@ -277,7 +277,7 @@ class Queue:
                 nseg = len(iovs) if iovs is not None else len(segs)
                 if kind != run_op or off != run_end or len(run_iovs) + nseg > IOV_MAX:
                     if run_op >= 0:
-                        rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+                        rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
                     run_op = -1
                     run_iovs = []
                     run_reqs = []
@@ -297,7 +297,7 @@ class Queue:
                 sects[kind] += nsect
             except BadRequest as e:
                 if run_op >= 0:
-                    rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+                    rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
                     run_op = -1
                 self._unmap(temps)
                 rsp_pack(buf, 64 + (rsp & mask) * esz, e.id, e.op, e.status)
@@ -309,7 +309,7 @@ class Queue:
                 dev.log_bad(e)
             except OSError as e:          # a grant we could not map
                 if run_op >= 0:
-                    rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+                    rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
                     run_op = -1
                 self._unmap(temps)
                 rid = abi.disc.unpack_from(raw, i * esz)[3]
@@ -321,7 +321,7 @@ class Queue:
                 errors += 1
                 dev.log_bad(BadRequest(rid, op, RSP_ERROR, f"grant mapping failed: {e}"))
         if run_op >= 0:
-            rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+            rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
         if self.inflight:
             rsp = self._drain(rsp)
         self._unmap(temps)
@@ -333,7 +333,7 @@ class Queue:
         pages = self._pages(segs, writable, temps)
         return [p[f * 512:(l + 1) * 512] for p, (_g, f, l) in zip(pages, segs)]
 
-    def _run(self, op, start, iovs, ids, rsp, temps):
+    def _run(self, op, start, end, iovs, ids, rsp, temps):
         """Do one merged read or write and answer every request in it; returns the new rsp.
 
         A large run (>= PARALLEL_MIN_IOVS pages) on persistent grants goes to the server's
@@ -342,24 +342,22 @@ class Queue:
         storage = self.dev.storage
         inflight = self.inflight
         if inflight:
-            end = start + sum(map(len, iovs))
             for _f, op2, s2, e2, _i in inflight:
                 if (op != K_READ or op2 != K_READ) and start < e2 and s2 < end:
                     rsp = self._drain(rsp)
                     break
         pool = self.dev.io_pool
         if pool is not None and not temps and len(iovs) >= PARALLEL_MIN_IOVS:
-            end = start + sum(map(len, iovs))
             fn = storage.readv if op == K_READ else storage.writev
-            inflight.append((pool.submit(fn, start, iovs), op, start, end, ids))
+            inflight.append((pool.submit(fn, start, iovs, end - start), op, start, end, ids))
             return rsp
         status = RSP_OKAY
         try:
             if op == K_READ:
-                storage.readv(start, iovs)
+                storage.readv(start, iovs, end - start)
             else:
-                storage.writev(start, iovs)
-        except OSError as e:
+                storage.writev(start, iovs, end - start)
+        except Exception as e:                 # noqa: BLE001 - answered as an I/O error
             status = RSP_ERROR
             self.dev.stats.errors += len(ids)
             self.dev.log_io_error(op, start, e)
@@ -386,7 +384,7 @@ class Queue:
             status = RSP_OKAY
             try:
                 fut.result()
-            except OSError as e:
+            except Exception as e:             # noqa: BLE001 - answered as an I/O error
                 status = RSP_ERROR
                 self.dev.stats.errors += len(ids)
                 self.dev.log_io_error(op, start, e)
@@ -431,7 +429,7 @@ class Queue:
             if kind != K_DISCARD:
                 self.dev.flush_failed(e)
             return RSP_ERROR
-        except OSError as e:
+        except Exception as e:                 # noqa: BLE001 - answered as an I/O error
             self._unmap(temps)
             self.dev.log_io_error(kind, sector * 512, e)
             if kind != K_DISCARD:

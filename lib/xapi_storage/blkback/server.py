@@ -570,6 +570,10 @@ class Server:
             q.service()
         except FatalRingError as e:
             q.dev.fatal(str(e))
+        except Exception as e:                     # noqa: BLE001 - one device, not the server
+            log.exception("%s: internal error serving queue %d", q.dev.name, q.index)
+            q.dead = True
+            q.dev.fatal(f"internal error: {e!r}")
 
     def run(self, until=None):
         """Serve until every device is destroyed (or `until()` is true)."""

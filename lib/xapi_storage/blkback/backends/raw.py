@@ -44,13 +44,13 @@ class RawFile(Storage):
         n = os.fstat(self.fd).st_size
         return n - n % 512
 
-    def readv(self, offset, iovs):
-        full_preadv(self.fd, iovs, offset)
+    def readv(self, offset, iovs, length=None):
+        full_preadv(self.fd, iovs, offset, length)
 
-    def writev(self, offset, iovs):
+    def writev(self, offset, iovs, length=None):
         if self.readonly:
             raise StorageError(errno.EROFS, "read-only")
-        full_pwritev(self.fd, iovs, offset)
+        full_pwritev(self.fd, iovs, offset, length)
 
     def flush(self):
         os.fdatasync(self.fd)
