@@ -1,11 +1,9 @@
 """`xapi-storage blkback connect` as a person runs it, against the simulated Xen."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 

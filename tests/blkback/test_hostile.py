@@ -1,9 +1,7 @@
 """A hostile frontend: the server answers with errors or closes that one device; it never
 crashes, hangs, or does I/O outside the disk."""
 
-import os
 import random
-import time
 
 import pytest
 

@@ -2,14 +2,13 @@
 
 import os
 import random
-import struct
 import time
 
 import pytest
 
 from xapi_storage.blkback import blkif, serve
 from xapi_storage.blkback.backends.raw import RawFile
-from xapi_storage.blkback.frontend import FrontendError, IOError_
+from xapi_storage.blkback.frontend import IOError_
 from xapi_storage.blkback.server import XenStore
 
 MiB = 1 << 20
@@ -240,5 +239,5 @@ def test_toolstack_unplug_removes_everything(simxen_guest, disk):
     # serve() unplugged as libxl does; the frontend saw Closing, and closes on its own side
     fe._free()
     assert xs.read(f"{be_path}/state") is None and xs.read(f"{fe_path}/state") is None
-    assert xs.list(f"/local/domain/0/backend/pyvbd") == []
+    assert xs.list("/local/domain/0/backend/pyvbd") == []
     xs.close()

@@ -28,7 +28,7 @@ import struct
 import time
 
 from . import blkif
-from .blkif import (ABI_X86_32, ABI_X86_64, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_INDIRECT,
+from .blkif import (ABI_X86_32, ABI_X86_64, OP_DISCARD, OP_FLUSH_DISKCACHE,
                     OP_READ, OP_WRITE, OP_WRITE_BARRIER, SEGMENT)
 from .ring import M32, FrontRing
 from .server import XenStore

@@ -21,7 +21,7 @@ import time
 
 from . import blkif, fence
 from .backends import StorageError
-from .blkif import (BadRequest, K_BARRIER, K_DISCARD, K_FLUSH, K_INDIRECT, K_READ, K_WRITE,
+from .blkif import (BadRequest, K_BARRIER, K_DISCARD, K_INDIRECT, K_READ, K_WRITE,
                     RSP_ERROR, RSP_OKAY, SEGMENT)
 from .ring import M32, BackRing
 
@@ -161,7 +161,6 @@ class Queue:
         esz = abi.entry_size
         limits = dev.limits
         parse = blkif.parse_request
-        storage = dev.storage
         stats = dev.stats
         reqs = stats.requests
         sects = stats.sectors
@@ -362,12 +361,15 @@ class Queue:
             self.dev.stats.errors += len(ids)
             self.dev.log_io_error(op, start, e)
         # grants must be unmapped before the response is visible
-        self._unmap(temps)
-        ring = self.ring
-        buf = ring.buf
-        mask = ring.mask
+        if temps:
+            self._unmap(temps)
+        buf = self.ring.buf
+        mask = self.ring.mask
         esz = self.abi.entry_size
         pack = self.abi.rsp.pack_into
+        if len(ids) == 1:
+            pack(buf, 64 + (rsp & mask) * esz, ids[0], op, status)
+            return (rsp + 1) & M32
         for rid in ids:
             pack(buf, 64 + (rsp & mask) * esz, rid, op, status)
             rsp = (rsp + 1) & M32
