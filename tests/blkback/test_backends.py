@@ -40,7 +40,7 @@ def _run(store, model, script, seed):
             model[off:off + length] = data
         elif op == "read":
             buf = bytearray(length)
-            store.readv(off, _iovs(buf, pieces))
+            store.readv(off, _iovs(buf, pieces), length)
             assert buf == model[off:off + length], f"read {off}+{length}"
         elif op == "discard":
             store.discard(off, length)
@@ -69,6 +69,16 @@ def test_raw_matches_model(image, script, seed):
     model = bytearray(image.read_bytes())
     with open_storage("raw", str(image)) as s:
         assert s.size() == SIZE
+        _run(s, model, script, seed)
+    assert image.read_bytes() == model
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=NOFIX)
+@given(script=ops, seed=st.integers())
+def test_raw_mmap_reads_match_model(image, script, seed):
+    model = bytearray(image.read_bytes())
+    with open_storage("raw", str(image), read_mode="mmap") as s:
+        s.MMAP_MIN = 512                       # every read through the mapping
         _run(s, model, script, seed)
     assert image.read_bytes() == model
 

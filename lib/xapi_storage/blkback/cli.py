@@ -46,6 +46,10 @@ def add_arguments(parser):
                    "backends; 0: everything in the service thread (default 2)")
     p.add_argument("--no-persistent", action="store_true",
                    help="do not offer persistent grants")
+    p.add_argument("--raw-read", choices=("preadv", "mmap"), default="preadv",
+                   help="raw: how reads of 64 KiB and more are done; mmap copies from a "
+                   "mapping of the file (faster; the process dies of SIGBUS if someone else "
+                   "truncates the file while it runs) (default preadv)")
     p.add_argument("--overlay-dir", help="cow: where the (unlinked) overlay file lives")
     p.add_argument("--stats", metavar="FILE",
                    help="write the device's statistics here as JSON, once a second")
@@ -107,7 +111,8 @@ def run(args):
         return 1
     try:
         storage = open_storage(args.backend, args.path, readonly=args.readonly,
-                               size=args.size, overlay_dir=args.overlay_dir)
+                               size=args.size, overlay_dir=args.overlay_dir,
+                               read_mode=args.raw_read)
     except (OSError, ValueError) as e:
         print(f"error: cannot open the storage: {e}", file=sys.stderr)
         return 1

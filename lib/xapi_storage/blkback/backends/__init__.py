@@ -121,10 +121,12 @@ def full_pwritev(fd, iovs, offset, want=None):
 KINDS = ("raw", "cow", "null", "block")
 
 
-def open_storage(kind, path=None, readonly=False, size=None, overlay_dir=None):
+def open_storage(kind, path=None, readonly=False, size=None, overlay_dir=None,
+                 read_mode="preadv"):
     """Open a storage backend.
 
-    raw    a regular file (preadv/pwritev straight into the guest's pages)
+    raw    a regular file (preadv/pwritev straight into the guest's pages; read_mode="mmap"
+           copies large reads from a mapping of the file instead, see raw.py)
     block  a block device (BLKGETSIZE64, BLKDISCARD, fsync)
     null   no I/O at all: reads leave the guest's buffers as they are, writes are dropped
            (xen-disk's "discard" backend: measures the protocol alone); `size` bytes, or the
@@ -135,7 +137,7 @@ def open_storage(kind, path=None, readonly=False, size=None, overlay_dir=None):
     """
     if kind == "raw":
         from .raw import RawFile
-        return RawFile(path, readonly=readonly)
+        return RawFile(path, readonly=readonly, read_mode=read_mode)
     if kind == "block":
         from .block import BlockDevice
         return BlockDevice(path, readonly=readonly)
