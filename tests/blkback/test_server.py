@@ -241,3 +241,20 @@ def test_toolstack_unplug_removes_everything(simxen_guest, disk):
     assert xs.read(f"{be_path}/state") is None and xs.read(f"{fe_path}/state") is None
     assert xs.list("/local/domain/0/backend/pyvbd") == []
     xs.close()
+
+
+def test_raw_mmap_read_mode_with_1mib_requests(simxen_guest, disk):
+    sim, g = simxen_guest
+    model = bytearray(disk.read_bytes())
+    rnd = random.Random(5)
+    store = RawFile(str(disk), read_mode="mmap")
+    with serve(spec(sim), g, None, backend=store) as s:
+        with s.frontend(max_indirect=256) as fe:
+            random_io(fe, model, rnd, 30, max_sectors=4096)
+            for _ in range(5):                       # the same lists again: cached plans
+                assert fe.read(0, 2048) == model[:MiB]
+            os.truncate(disk, 20 * MiB)              # grow: the mapping follows
+            model += bytes(4 * MiB)
+            wait_for(lambda: fe.refresh_size() == 20 * MiB // 512, what="resize")
+            assert fe.read(18 * MiB // 512, 2048) == bytes(MiB)
+    assert disk.read_bytes() == model
