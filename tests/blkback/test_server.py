@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from xapi_storage.blkback import blkif, serve
+from xapi_storage.blkback import blkif, serve, toolstack
 from xapi_storage.blkback.backends.raw import RawFile
 from xapi_storage.blkback.frontend import IOError_
 from xapi_storage.blkback.server import XenStore
@@ -236,8 +236,11 @@ def test_toolstack_unplug_removes_everything(simxen_guest, disk):
         fe = s.frontend()
         fe.write(0, b"x" * 512)
         fe_path, be_path = s.fe_path, s.be_path
-    # serve() unplugged as libxl does; the frontend saw Closing, and closes on its own side
-    fe._free()
+        toolstack.unplug(xs, be_path)                 # xl block-detach: online=0, state=5
+        wait_for(lambda: xs.read(f"{be_path}/state") == "5", what="backend Closing")
+        fe.close()                                    # blkfront >= 5.14 closes at once
+        s.thread.join(10)
+        assert not s.alive                            # the device is gone, the server done
     assert xs.read(f"{be_path}/state") is None and xs.read(f"{fe_path}/state") is None
     assert xs.list("/local/domain/0/backend/pyvbd") == []
     xs.close()
