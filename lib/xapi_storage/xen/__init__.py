@@ -73,7 +73,11 @@ class GrantAllocation(abc.ABC):
 
     @abc.abstractmethod
     def revoke(self) -> None:
-        """End access to the pages. Idempotent."""
+        """End access to the pages. Idempotent.
+
+        The simulated Xen raises XenError(EBUSY) while the peer still maps some of the
+        pages (as a guest's gnttab_end_foreign_access fails); those stay granted, call
+        again once the peer has unmapped them."""
 
 
 class GrantAllocator(abc.ABC):
@@ -115,7 +119,9 @@ class EventChannels(abc.ABC):
 
     @abc.abstractmethod
     def pending(self) -> list:
-        """Consume and return the ports that fired since the last call (never blocks)."""
+        """Consume and return the ports that fired since the last call (never blocks).
+
+        May return [] even when fileno() polled readable (a spurious wake-up)."""
 
     def close(self) -> None:
         pass

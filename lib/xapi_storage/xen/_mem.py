@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import mmap as _mmap
 import os
+import sys
 import weakref
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -54,7 +55,7 @@ def _finalize(addr, size):
 class Region:
     """`size` bytes of address space built from file ranges; see the module docstring."""
 
-    __slots__ = ("addr", "size", "writable", "buffer", "_arr", "__weakref__")
+    __slots__ = ("addr", "size", "writable", "buffer", "_arr", "_fin", "__weakref__")
 
     def __init__(self, size, writable, runs=None, fd=-1):
         """runs: [(fd, file_offset, length), ...] laid out back to back from offset 0."""
@@ -75,20 +76,45 @@ class Region:
                 _munmap(self.addr, size)
                 raise
         arr = (ctypes.c_char * size).from_address(self.addr)
-        weakref.finalize(arr, _finalize, self.addr, size)
+        self._fin = weakref.finalize(arr, _finalize, self.addr, size)
         self._arr = arr
-        mv = memoryview(arr).cast("B")
-        self.buffer = mv if writable else mv.toreadonly()
+        self.buffer = None
+        self.attach()
 
-    def release(self):
-        """Drop the file pages now; the region reads as zeros until it is collected."""
-        if self._arr is None:
-            return
-        mmap_raw(self.addr, self.size, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE)
+    def attach(self):
+        """Make `buffer` a fresh view of the (still mapped) region."""
+        mv = memoryview(self._arr).cast("B")
+        self.buffer = mv if self.writable else mv.toreadonly()
+
+    def detach(self):
+        """Give up `buffer`. True if no view of the region is left anywhere: the region may
+        then be attached again or closed. False if someone still holds a view: the file
+        pages are dropped at once (the views read zeros from now on) and the address range
+        is freed when the last view goes."""
         try:
             self.buffer.release()
+            exported = False
         except BufferError:
-            pass          # someone holds a view of it: it now shows zeros
+            exported = True
         self.buffer = None
+        # no view left <=> only self._arr and getrefcount's argument refer to the array
+        if not exported and sys.getrefcount(self._arr) == 2:
+            return True
+        mmap_raw(self.addr, self.size, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE)
         self._arr = None
+        return False
+
+    def close(self):
+        """Unmap a detached region that has no views left."""
+        if self._arr is not None:
+            self._arr = None
+            self._fin.detach()
+            _munmap(self.addr, self.size)
+
+    def release(self):
+        """Drop the file pages now (detach, then close if nothing holds a view)."""
+        if self._arr is None:
+            return
+        if self.detach():
+            self.close()

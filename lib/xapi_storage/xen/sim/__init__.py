@@ -96,13 +96,16 @@ class Sim:
 def start(d, timeout=20, log=None):
     """Start a daemon on directory `d` and wait until it is ready; return a Sim."""
     d = os.path.abspath(d)
-    if os.path.exists(layout.pid_file(d)):
-        raise XenError(17, f"{d} already has a simulated Xen (or a stale {layout.pid_file(d)})")
+    pid = _pid(d)
+    if pid is not None and _alive(pid):
+        raise XenError(17, f"{d} is already served by a simulated Xen (pid {pid})")
+    if pid is not None:
+        os.unlink(layout.pid_file(d))          # stale: its daemon died without cleaning up
     proc = subprocess.Popen([sys.executable, "-m", "xapi_storage.xen.sim.daemon_main", d],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=log if log is not None else None)
     deadline = time.monotonic() + timeout
-    while not os.path.exists(layout.pid_file(d)):
+    while _pid(d) != proc.pid:
         if proc.poll() is not None:
             raise XenError(5, f"simxen daemon for {d} exited with status {proc.returncode} "
                            "before it was ready")
@@ -114,11 +117,40 @@ def start(d, timeout=20, log=None):
     return Sim(d, proc)
 
 
+def _pid(d):
+    try:
+        with open(layout.pid_file(d)) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def leftovers(d):
+    """What of the daemon's is still in `d` (empty once it has stopped cleanly)."""
+    names = [os.path.basename(layout.pid_file(d)), os.path.basename(layout.control_sock(d)),
+             os.path.basename(layout.evtchn_sock(d))] + list(layout.SUBDIRS)
+    return [n for n in names if os.path.lexists(os.path.join(d, n))]
+
+
 @contextlib.contextmanager
 def running(d, timeout=20, log=None):
-    """Run a simulated Xen in `d` for the duration of the block (see module docstring)."""
+    """Run a simulated Xen in `d` for the duration of the block (see module docstring).
+    On exit the daemon is stopped, and XenError is raised if it left anything behind."""
     sim = start(d, timeout, log)
     try:
         yield sim
     finally:
         sim.stop()
+    left = leftovers(sim.dir) if os.path.isdir(sim.dir) else []
+    if left:
+        raise XenError(17, f"simxen daemon left {left} behind in {sim.dir}")

@@ -3,6 +3,7 @@
 import errno
 import json
 import socket
+import threading
 
 from .. import XenError
 
@@ -19,11 +20,13 @@ class JsonConn:
             raise XenError(e.errno, f"simulated Xen not reachable at {path}: {e.strerror} "
                            "(is `xapi-storage simxen run DIR` running?)") from None
         self.rfile = self.sock.makefile("rb")
+        self._lock = threading.Lock()
 
     def call(self, **req):
         try:
-            self.sock.sendall(json.dumps(req).encode() + b"\n")
-            line = self.rfile.readline()
+            with self._lock:                 # one request/reply at a time per connection
+                self.sock.sendall(json.dumps(req).encode() + b"\n")
+                line = self.rfile.readline()
         except OSError as e:
             raise XenError(e.errno or errno.EIO, f"simulated Xen at {self.path}: {e}") from None
         if not line:

@@ -15,10 +15,11 @@ import os
 import shutil
 import signal
 import socket
+import sys
 
 from .. import xs_wire as W
 from . import layout as L
-from .xenstore import Server, DOM0, XsError
+from .xenstore import Server, XsError
 
 log = logging.getLogger("simxen")
 
@@ -97,6 +98,7 @@ class Handle:
         self.id, self.domid = hid, domid
         self.sock = L.handle_sock(d, hid)
         self.pending = L.handle_pending(d, hid)
+        self.pending_fd = -1
         self.ports = {}
 
 
@@ -125,7 +127,8 @@ class Daemon:
         dom = Domain(domid, name, mem_mb * 256, grant_entries)
         for path, size in ((L.mem_file(self.dir, domid), dom.mem_pages * L.PAGE),
                            (L.gnttab_file(self.dir, domid), grant_entries * 8)):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            _unlink(path)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 os.ftruncate(fd, size)
             finally:
@@ -173,6 +176,16 @@ class Daemon:
         dom = self.domains.pop(domid)
         for p in list(dom.ports.values()):
             self._close_port(p)
+        # end every grant of the dead domain: mappers holding the (unlinked) grant table
+        # open must not map from it any more, as Xen refuses grants of a dead domain
+        try:
+            fd = L.open_regular(L.gnttab_file(self.dir, domid))
+            try:
+                os.pwrite(fd, bytes(dom.grant_entries * 8), 0)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
         for path in (L.mem_file(self.dir, domid), L.gnttab_file(self.dir, domid)):
             _unlink(path)
 
@@ -207,10 +220,10 @@ class Daemon:
 
     # ------------------------------------------------------------ event channels
     def _wake(self, handle, port):
+        """Count one event on `port` of `handle` and wake it up."""
         try:
-            with open(handle.pending, "r+b", buffering=0) as f:
-                f.seek(port)
-                f.write(b"\1")
+            old = int.from_bytes(os.pread(handle.pending_fd, 4, 4 * port), "little")
+            os.pwrite(handle.pending_fd, ((old + 1) & 0xFFFFFFFF).to_bytes(4, "little"), 4 * port)
             self.wake.sendto(port.to_bytes(4, "little"), handle.sock)
         except OSError:
             pass
@@ -220,6 +233,7 @@ class Daemon:
             p = dom.next_port
             dom.next_port = p + 1 if p + 1 < L.MAX_PORTS else 1
             if p not in dom.ports:
+                os.pwrite(handle.pending_fd, bytes(4), 4 * p)     # a fresh port: counter 0
                 port = Port(dom.domid, p, handle, remote_domid)
                 dom.ports[p] = port
                 handle.ports[p] = port
@@ -245,6 +259,9 @@ class Daemon:
         for p in list(h.ports.values()):
             self._close_port(p)
         self.handles.pop(h.id, None)
+        if h.pending_fd >= 0:
+            os.close(h.pending_fd)
+            h.pending_fd = -1
         _unlink(h.sock)
         _unlink(h.pending)
 
@@ -298,11 +315,10 @@ class Daemon:
             self._domain(domid)
             h = Handle(self.next_handle, domid, self.dir)
             self.next_handle += 1
-            fd = os.open(h.pending, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.ftruncate(fd, L.MAX_PORTS)
-            finally:
-                os.close(fd)
+            _unlink(h.pending)
+            fd = os.open(h.pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, L.PENDING_SIZE)
+            h.pending_fd = fd
             self.handles[h.id] = h
             client.handle = h
             return {"handle": h.id, "socket": h.sock, "pending": h.pending}
@@ -357,7 +373,7 @@ class Daemon:
                 continue
             # the dead client's grants end with it
             try:
-                fd = os.open(L.gnttab_file(self.dir, domid), os.O_RDWR | os.O_CLOEXEC)
+                fd = L.open_regular(L.gnttab_file(self.dir, domid))
             except OSError:
                 fd = None
             if fd is not None:
@@ -373,6 +389,10 @@ class Daemon:
     # ------------------------------------------------------------ lifecycle
     async def serve(self):
         d = self.dir
+        longest = L.handle_sock(d, 9999999)
+        if len(os.fsencode(longest)) > 107:
+            raise SystemExit(f"simxen: {d} is too long a path: unix socket paths such as "
+                             f"{longest} must stay under 108 bytes; use a shorter DIR")
         if not os.path.isdir(d):
             os.makedirs(d)
             self.created_dir = True
@@ -574,6 +594,8 @@ def _alive(pid):
 
 def run(d):
     logging.basicConfig(level=logging.INFO, format="simxen: %(message)s")
+    # the tree is walked recursively: a path may be ~1500 components deep
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
     daemon = Daemon(d)
     try:
         asyncio.run(daemon.serve())

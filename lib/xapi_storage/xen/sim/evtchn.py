@@ -1,15 +1,16 @@
 """Event channels of the simulated Xen, client side.
 
 A handle talks to the broker (DIR/evtchn.sock) to allocate, bind and unbind ports. The
-broker gives it a pending page (DIR/evtchn/h<H>.pending: byte p != 0 means local port p is
-pending) and a socket path to bind (DIR/evtchn/h<H>.sock) for wake-ups.
+broker gives it an event-counter file (DIR/evtchn/h<H>.pending: one u32 per local port) and
+a socket path to bind (DIR/evtchn/h<H>.sock) for wake-ups.
 
-notify(port) does not involve the broker once the peer is known: it writes 1 into the
-peer handle's pending page at the peer's port, then sends a 4-byte datagram (the peer
-port, u32 little-endian) to the peer handle's socket; a full socket queue (EAGAIN) is fine,
-the peer has wake-ups queued already. pending() first drains the socket, then scans the
-pending bytes of its bound ports and clears those set: nothing can be lost, and any number
-of notifications before a drain count once.
+notify(port) does not involve the broker once the peer is known: it increments the peer
+port's counter in the peer handle's file, then sends a 4-byte datagram (the peer port, u32
+little-endian) to the peer handle's socket; a full socket queue (EAGAIN) is fine, the peer
+has wake-ups queued already. pending() first drains its socket, then reports each bound
+port whose counter differs from the value it saw last. Only the notifier writes a counter
+(the receiver never does), so no notification can be overwritten and lost; any number of
+notifications before a drain count once.
 """
 
 import errno
@@ -23,10 +24,18 @@ from .control import JsonConn
 
 
 class _Peer:
-    __slots__ = ("port", "sock", "page")
+    """Where notifications of one local port go. Each peer gets its own socket, connected
+    to the peer handle's: queued wake-ups are charged to the sender's socket buffer, so a
+    peer that never reads can only fill its own, never block wake-ups to the others."""
 
-    def __init__(self, port, sock, page):
-        self.port, self.sock, self.page = port, sock, page
+    __slots__ = ("port", "sock", "counters", "msg")
+
+    def __init__(self, port, sock, counters):
+        self.port, self.sock, self.counters = port, sock, counters
+        self.msg = port.to_bytes(4, "little")
+
+    def close(self):
+        self.sock.close()
 
 
 class SimEventChannels(EventChannels):
@@ -40,23 +49,24 @@ class SimEventChannels(EventChannels):
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._sock.bind(self._sock_path)
             self._sock.setblocking(False)
-            fd = os.open(hello["pending"], os.O_RDWR | os.O_CLOEXEC)
+            fd = L.open_regular(hello["pending"], L.PENDING_SIZE)
             try:
-                self._page = mmap.mmap(fd, L.MAX_PORTS)
+                self._page = mmap.mmap(fd, L.PENDING_SIZE)
             finally:
                 os.close(fd)
+            self._counters = memoryview(self._page).cast("I")   # u32, one 4-byte load each
         except BaseException:
             self._broker.close()
             raise
         self._bound = {}                 # local port -> _Peer or None (peer not looked up yet)
-        self._pages = {}                 # peer pending path -> mmap
-        self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._send.setblocking(False)
+        self._seen = [0] * L.MAX_PORTS   # counter value last reported, per local port
+        self._pages = {}                 # peer counter file path -> (mmap, u32 view)
         self._closed = False
 
     # -- broker operations
     def alloc_unbound(self, remote_domid):
         port = self._broker.call(op="alloc_unbound", remote_domid=remote_domid)["port"]
+        self._seen[port] = 0             # the broker starts a fresh port's counter at 0
         self._bound[port] = None
         return port
 
@@ -64,14 +74,16 @@ class SimEventChannels(EventChannels):
         res = self._broker.call(op="bind_interdomain", remote_domid=domid,
                                 remote_port=remote_port)
         port = res["port"]
+        self._seen[port] = 0             # (already 1: Xen's spurious event after a bind)
         self._bound[port] = self._peer_from(res)
         return port
 
     def unbind(self, port):
         if port not in self._bound:
             return
-        del self._bound[port]
-        self._page[port] = 0
+        peer = self._bound.pop(port)
+        if peer is not None:
+            peer.close()
         try:
             self._broker.call(op="unbind", port=port)
         except XenError as e:
@@ -82,17 +94,25 @@ class SimEventChannels(EventChannels):
         if info.get("state") != "interdomain":
             return None
         path = info["peer_pending"]
-        page = self._pages.get(path)
-        if page is None:
+        entry = self._pages.get(path)
+        if entry is None:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return None
+                fd = L.open_regular(path, L.PENDING_SIZE)
+            except OSError:
+                return None            # gone (or not a counter file): nobody to notify
             try:
-                page = self._pages[path] = mmap.mmap(fd, L.MAX_PORTS)
+                mm = mmap.mmap(fd, L.PENDING_SIZE)
             finally:
                 os.close(fd)
-        return _Peer(info["peer_port"], info["peer_socket"], page)
+            entry = self._pages[path] = (mm, memoryview(mm).cast("I"))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect(info["peer_socket"])
+        except OSError:
+            sock.close()
+            return None                # the peer handle is gone
+        sock.setblocking(False)
+        return _Peer(info["peer_port"], sock, entry[1])
 
     # -- hot path
     def notify(self, port):
@@ -105,13 +125,15 @@ class SimEventChannels(EventChannels):
                 self._broker.call(op="peer", port=port))
             if peer is None:
                 return               # unbound peer: dropped, as Xen does
-        peer.page[peer.port] = 1
+        c = peer.counters
+        c[peer.port] = (c[peer.port] + 1) & 0xFFFFFFFF
         try:
-            self._send.sendto(peer.port.to_bytes(4, "little"), peer.sock)
+            peer.sock.send(peer.msg)
         except BlockingIOError:
             pass                     # the peer has wake-ups queued already
-        except (FileNotFoundError, ConnectionRefusedError):
-            self._bound[port] = None  # peer handle gone; look it up again next time
+        except OSError:              # peer handle gone: look it up again next time
+            peer.close()
+            self._bound[port] = None
 
     def fileno(self):
         return self._sock.fileno()
@@ -123,11 +145,12 @@ class SimEventChannels(EventChannels):
                 sock.recv(64)
         except BlockingIOError:
             pass
-        page = self._page
+        counters, seen = self._counters, self._seen
         out = []
         for p in self._bound:
-            if page[p]:
-                page[p] = 0
+            v = counters[p]
+            if v != seen[p]:
+                seen[p] = v
                 out.append(p)
         return out
 
@@ -137,10 +160,14 @@ class SimEventChannels(EventChannels):
         self._closed = True
         self._broker.close()          # the broker closes our ports and removes our files
         self._sock.close()
-        self._send.close()
+        for peer in self._bound.values():
+            if peer is not None:
+                peer.close()
+        self._counters.release()
         self._page.close()
-        for p in self._pages.values():
-            p.close()
+        for mm, view in self._pages.values():
+            view.release()
+            mm.close()
         try:
             os.unlink(self._sock_path)
         except FileNotFoundError:

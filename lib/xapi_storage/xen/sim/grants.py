@@ -20,6 +20,7 @@ import fcntl
 import mmap
 import os
 import struct
+import threading
 
 from .. import (GrantAllocation, GrantAllocator, GrantMapper, GrantMapping, XenError,
                 PAGE_SIZE)
@@ -60,11 +61,13 @@ class _Granter:
     def __init__(self, d, domid):
         self.domid = domid
         try:
-            self.gt_fd = os.open(L.gnttab_file(d, domid), os.O_RDWR | os.O_CLOEXEC)
+            self.gt_fd = L.open_regular(L.gnttab_file(d, domid))
         except FileNotFoundError:
             raise XenError(errno.ESRCH, f"simulated Xen {d}: no domain {domid}") from None
+        except OSError as e:
+            raise XenError(e.errno, f"simulated Xen {d}: grant table of domain {domid}: {e}") from None
         try:
-            self.mem_fd = os.open(L.mem_file(d, domid), os.O_RDWR | os.O_CLOEXEC)
+            self.mem_fd = L.open_regular(L.mem_file(d, domid))
         except OSError:
             os.close(self.gt_fd)
             raise XenError(errno.ESRCH, f"simulated Xen {d}: no memory for domain {domid}") from None
@@ -80,26 +83,56 @@ class _Granter:
 
 
 class SimGrantMapping(GrantMapping):
-    def __init__(self, mapper, granter, refs, region):
+    def __init__(self, mapper, granter, refs, region, key):
         self._mapper, self._granter, self.refs = mapper, granter, refs
-        self._region = region
+        self._region, self._key = region, key
         self.buffer = region.buffer
 
     def unmap(self):
         if self._region is None:
             return
-        self._region.release()
-        self._region = None
-        self.buffer = None
-        self._mapper._unlock(self._granter, self.refs)
-        self._mapper._live.discard(self)
+        m = self._mapper
+        with m._mutex:
+            region, self._region = self._region, None
+            if region is None:
+                return
+            self.buffer = None
+            if region.detach():
+                m._keep(self._key, region)
+            m._unlock(self._granter, self.refs)
+            m._live.discard(self)
 
 
 class SimGrantMapper(GrantMapper):
+    """Maps are checked afresh every time (locks, flags, domid, readonly, frame). What is
+    cached is only the mmap of a frame run once nothing in Python can reach it any more:
+    the next map of the same frames (after its own checks) reuses it instead of paying
+    one mmap per run, which is most of the cost of a map."""
+
+    CACHE_ENTRIES = 1024
+    CACHE_BYTES = 64 << 20
+
     def __init__(self, d, domid):
         self.dir, self.domid = d, domid
         self._granters = {}
+        self._dead = []
         self._live = set()
+        self._cache = {}            # (granter domid, writable, frames) -> detached Region
+        self._cache_bytes = 0
+        self._mutex = threading.Lock()   # map/unmap may come from several threads
+
+    def _keep(self, key, region):
+        cache = self._cache
+        old = cache.pop(key, None)
+        if old is not None:
+            self._cache_bytes -= old.size
+            old.close()
+        cache[key] = region
+        self._cache_bytes += region.size
+        while len(cache) > self.CACHE_ENTRIES or self._cache_bytes > self.CACHE_BYTES:
+            r = cache.pop(next(iter(cache)))
+            self._cache_bytes -= r.size
+            r.close()
 
     def _granter(self, domid):
         g = self._granters.get(domid)
@@ -121,6 +154,10 @@ class SimGrantMapper(GrantMapper):
             _lock(g.gt_fd, F_UNLCK, start, count)
 
     def map(self, domid, refs, writable):
+        with self._mutex:
+            return self._map(domid, refs, writable)
+
+    def _map(self, domid, refs, writable):
         refs = tuple(refs)
         n = len(refs)
         if not n:
@@ -147,6 +184,10 @@ class SimGrantMapper(GrantMapper):
                 taken.append(ref)
                 flags, gdomid, frame = unpack(g.gt, ref * 8)
                 if flags & L.GTF_type_mask != need or gdomid != self.domid:
+                    if not os.path.exists(L.gnttab_file(self.dir, domid)):
+                        # forget its files (closed at close(): live maps still use them)
+                        self._dead.append(self._granters.pop(domid))
+                        raise XenError(errno.ESRCH, f"domain {domid} is gone")
                     raise XenError(errno.EPERM, f"grant ref {ref} of domain {domid} is not "
                                    f"granted to domain {self.domid}")
                 if writable and flags & L.GTF_readonly:
@@ -156,28 +197,39 @@ class SimGrantMapper(GrantMapper):
                     raise XenError(errno.EFAULT, f"grant ref {ref} of domain {domid} names "
                                    f"frame {frame}, outside its memory")
                 frames.append(frame)
-            runs = [(g.mem_fd, s * PAGE_SIZE, c * PAGE_SIZE) for s, c in _runs(frames)]
-            region = _mem.Region(n * PAGE_SIZE, writable, runs)
+            key = (domid, writable, tuple(frames))
+            region = self._cache.pop(key, None)
+            if region is not None:
+                self._cache_bytes -= region.size
+                region.attach()
+            else:
+                runs = [(g.mem_fd, s * PAGE_SIZE, c * PAGE_SIZE) for s, c in _runs(frames)]
+                region = _mem.Region(n * PAGE_SIZE, writable, runs)
         except BaseException:
             self._unlock(g, taken)
             raise
-        m = SimGrantMapping(self, g, refs, region)
+        m = SimGrantMapping(self, g, refs, region, key)
         self._live.add(m)
         return m
 
     def close(self):
         for m in list(self._live):
             m.unmap()
-        for g in self._granters.values():
+        for r in self._cache.values():
+            r.close()
+        self._cache = {}
+        self._cache_bytes = 0
+        for g in list(self._granters.values()) + self._dead:
             g.close()
         self._granters = {}
+        self._dead = []
 
 
 class SimGrantAllocation(GrantAllocation):
-    def __init__(self, allocator, domid, frame, refs, buf, writable):
+    def __init__(self, allocator, domid, frame, refs, region, writable):
         self._a, self.domid, self.frame = allocator, domid, frame
-        self.refs, self._mm, self.writable = refs, buf, writable
-        self.buffer = memoryview(buf)
+        self.refs, self._region, self.writable = refs, region, writable
+        self.buffer = region.buffer
 
     def busy(self):
         """The refs some mapper still maps (simulation only: real gntalloc cannot tell)."""
@@ -193,7 +245,7 @@ class SimGrantAllocation(GrantAllocation):
     def revoke(self):
         """End access. Raises XenError(EBUSY) naming the refs a peer still maps; those
         stay granted (call again after the peer unmapped), the others are revoked."""
-        if self._mm is None:
+        if self._region is None:
             return
         a = self._a
         busy = []
@@ -208,9 +260,10 @@ class SimGrantAllocation(GrantAllocation):
         if busy:
             raise XenError(errno.EBUSY, f"grant refs {busy} of domain {a.domid} are still "
                            f"mapped by domain {self.domid}")
-        self.buffer.release()
-        self._mm.close()
-        self._mm = None
+        # views kept past revoke() read zeros from now on: the frames go back to the pool
+        self._region.release()
+        self._region = None
+        self.buffer = None
         a._free(self.frame, len(self.refs), self.refs)
 
 
@@ -221,8 +274,8 @@ class SimGrantAllocator(GrantAllocator):
         self.dir, self.domid = d, domid
         self._ctl = JsonConn(L.control_sock(d))
         try:
-            self._gt_fd = os.open(L.gnttab_file(d, domid), os.O_RDWR | os.O_CLOEXEC)
-            self._mem_fd = os.open(L.mem_file(d, domid), os.O_RDWR | os.O_CLOEXEC)
+            self._gt_fd = L.open_regular(L.gnttab_file(d, domid))
+            self._mem_fd = L.open_regular(L.mem_file(d, domid))
         except FileNotFoundError:
             self._ctl.close()
             raise XenError(errno.ESRCH, f"simulated Xen {d}: no domain {domid}") from None
@@ -266,8 +319,9 @@ class SimGrantAllocator(GrantAllocator):
             self._reserve(0, max(npages, self.CHUNK))
         refs = tuple(self._refs[:npages])
         del self._refs[:npages]
-        mm = mmap.mmap(self._mem_fd, npages * PAGE_SIZE, offset=frame * PAGE_SIZE)
-        mm[:] = bytes(npages * PAGE_SIZE)          # pages come zeroed, as from gntalloc
+        size = npages * PAGE_SIZE
+        region = _mem.Region(size, True, [(self._mem_fd, frame * PAGE_SIZE, size)])
+        region.buffer[:] = bytes(size)             # pages come zeroed, as from gntalloc
         flags = L.GTF_permit_access | (0 if writable else L.GTF_readonly)
         gt = self._gt
         for i, r in enumerate(refs):
@@ -275,7 +329,7 @@ class SimGrantAllocator(GrantAllocator):
             struct.pack_into("<HI", gt, r * 8 + 2, domid, frame + i)
             struct.pack_into("<H", gt, r * 8, flags)
             self._granted.add(r)
-        return SimGrantAllocation(self, domid, frame, refs, mm, writable)
+        return SimGrantAllocation(self, domid, frame, refs, region, writable)
 
     def close(self):
         self._gt.close()

@@ -7,12 +7,15 @@
     DIR/mem/d<N>              domain N's memory: frame f = bytes [f*4096, (f+1)*4096)
     DIR/gnttab/d<N>           domain N's grant table v1: entry r = bytes [r*8, r*8+8)
     DIR/evtchn/h<H>.sock      event-channel handle H's wake-up datagram socket
-    DIR/evtchn/h<H>.pending   handle H's pending bytes: byte p != 0 <=> local port p pending
+    DIR/evtchn/h<H>.pending   handle H's event counters: u32 p counts notifications of local
+                              port p (it is pending while it differs from the last value seen)
 
 See docs/simxen.md for the protocols.
 """
 
+import errno
 import os
+import stat
 import struct
 
 PAGE = 4096
@@ -31,6 +34,7 @@ NR_RESERVED_ENTRIES = 8       # GNTTAB_NR_RESERVED_ENTRIES: refs 0..7 are never 
 DEFAULT_MEM_MB = 1024
 DEFAULT_GRANT_ENTRIES = 65536
 MAX_PORTS = 4096              # local ports 1..4095 per domain (port 0 is never valid)
+PENDING_SIZE = MAX_PORTS * 4  # one u32 event counter per port
 
 
 def pid_file(d):
@@ -66,3 +70,18 @@ def handle_pending(d, handle):
 
 
 SUBDIRS = ("xenstore", "mem", "gnttab", "evtchn")
+
+
+def open_regular(path, min_size=0):
+    """Open a file of the simulated Xen read-write, never blocking (a FIFO put in its place
+    cannot hang the caller) and only if it is a regular file of at least `min_size` bytes."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < min_size:
+            raise OSError(errno.EINVAL, f"{path} is not a simxen file (regular, "
+                          f">= {min_size} bytes)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

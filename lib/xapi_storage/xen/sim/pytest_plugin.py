@@ -1,6 +1,7 @@
 """pytest fixtures for code that runs on the simulated Xen.
 
-Use from a conftest.py:  `pytest_plugins = ["xapi_storage.xen.sim.pytest_plugin"]`
+Registered as a pytest plugin (entry point `pytest11: simxen` in setup.cfg): once the
+package is installed, every test can ask for these fixtures, nothing to import.
 
     simxen        a running simulated Xen (xapi_storage.xen.sim.Sim) in a fresh directory
                   under /dev/shm; stopped at the end of the test, and the test fails if

@@ -63,21 +63,22 @@ def parse_perm(s):
 
 
 class Node:
-    __slots__ = ("value", "perms", "children", "gen")
+    """A node. Nodes are shared between the committed tree and transaction snapshots;
+    a tree only changes nodes stamped with its own version, copying the others first."""
 
-    def __init__(self, value=b"", perms=((PERM_NONE, 0),), gen=0):
+    __slots__ = ("value", "perms", "children", "gen", "ver")
+
+    def __init__(self, value=b"", perms=((PERM_NONE, 0),), gen=0, ver=None):
         self.value = value
         self.perms = tuple(perms)
         self.children = {}
         self.gen = gen
+        self.ver = ver
 
-    def copy(self):
-        n = Node(self.value, self.perms, self.gen)
-        n.children = {k: c.copy() for k, c in self.children.items()}
+    def shallow(self, ver):
+        n = Node(self.value, self.perms, self.gen, ver)
+        n.children = dict(self.children)
         return n
-
-    def count(self):
-        return 1 + sum(c.count() for c in self.children.values())
 
 
 def split(path):
@@ -105,10 +106,31 @@ class Tree:
     """The node tree with xenstored's access rules; one per store and per transaction."""
 
     def __init__(self, root=None):
-        self.root = root or Node(perms=((PERM_NONE, 0),))
+        self.ver = object()
+        self.root = root or Node(perms=((PERM_NONE, 0),), ver=self.ver)
         # paths this tree was asked about -> generation seen (None = absent); used by
         # transactions for conflict detection
         self.accessed = None
+
+    def snapshot(self):
+        """An independent copy in O(1): from now on both trees copy a node before they
+        change it (path copying)."""
+        self.ver = object()
+        return Tree(self.root)
+
+    def _writable(self, path):
+        """The node at `path` (which exists), made private to this tree along with its
+        ancestors."""
+        ver = self.ver
+        node = self.root
+        if node.ver is not ver:
+            node = self.root = node.shallow(ver)
+        for name in split(path):
+            child = node.children[name]
+            if child.ver is not ver:
+                child = node.children[name] = child.shallow(ver)
+            node = child
+        return node
 
     def _lookup(self, path):
         node = self.root
@@ -158,7 +180,8 @@ class Tree:
         perms = parent.perms
         if not ctx.privileged:
             perms = ((perms[0][0], ctx.domid),) + tuple(perms[1:])
-        node = Node(b"", perms, gen)
+        node = Node(b"", perms, gen, self.ver)
+        parent = self._writable(parent_path)
         parent.children[path.rsplit("/", 1)[1]] = node
         parent.gen = gen
         store.owned_add(perms[0][1], 1)
@@ -173,6 +196,7 @@ class Tree:
             if e.name != "ENOENT":
                 raise
             node = self._create(ctx, path, gen, store)
+        node = self._writable(path)
         node.value = value
         node.gen = gen
         return [(path, (node.perms,), False)]
@@ -198,7 +222,8 @@ class Tree:
             raise
         if path == "/":
             raise XsError("EINVAL")
-        parent = self.lookup(parent_of(path))
+        self.lookup(parent_of(path))
+        parent = self._writable(parent_of(path))
         del parent.children[path.rsplit("/", 1)[1]]
         parent.gen = gen
 
@@ -219,6 +244,7 @@ class Tree:
         store.owned_add(node.perms[0][1], -1)
         store.owned_add(perms[0][1], 1)
         old = node.perms
+        node = self._writable(path)
         node.perms = tuple(perms)
         node.gen = gen
         # watchers that could read before or can read now hear about it
@@ -255,7 +281,7 @@ class _NullCounter:
 class Transaction:
     def __init__(self, txid, store):
         self.id = txid
-        self.tree = Tree(store.tree.root.copy())
+        self.tree = store.tree.snapshot()
         self.tree.accessed = {}
         self.ops = []      # (method name, args) replayed at commit
 
@@ -315,7 +341,7 @@ class Connection:
         try:
             fn = _HANDLERS.get(type_)
             if fn is None:
-                raise XsError("EINVAL")
+                raise XsError("ENOSYS")
             fn(self, req_id, tx_id, payload)
         except XsError as e:
             self.error(req_id, tx_id, e.name)
@@ -351,7 +377,7 @@ class Connection:
     def do_directory(self, req_id, tx_id, payload):
         _, tree = self._tree(tx_id)
         node = tree.get(self, self.canonical(self._onearg(payload)), PERM_READ)
-        body = b"".join(k.encode() + b"\0" for k in node.children)
+        body = b"".join(k.encode() + b"\0" for k in sorted(node.children))
         if len(body) > W.PAYLOAD_MAX:
             raise XsError("E2BIG")
         self.reply(W.DIRECTORY, req_id, tx_id, body)
@@ -362,7 +388,7 @@ class Connection:
             raise XsError("EINVAL")
         _, tree = self._tree(tx_id)
         node = tree.get(self, self.canonical(parts[0]), PERM_READ)
-        children = b"".join(k.encode() + b"\0" for k in node.children)
+        children = b"".join(k.encode() + b"\0" for k in sorted(node.children))
         off = int(parts[1])
         gen = str(node.gen).encode() + b"\0"
         if off >= len(children):
@@ -595,7 +621,7 @@ class Server:
         if not tx.ops:
             return
         # replay on a copy; swap it in only if every op succeeds
-        scratch = Tree(store.tree.root.copy())
+        scratch = store.tree.snapshot()
         owned = dict(store._owned)
         gen = store.next_gen()
         events = []
