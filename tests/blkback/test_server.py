@@ -261,3 +261,25 @@ def test_raw_mmap_read_mode_with_1mib_requests(simxen_guest, disk):
             wait_for(lambda: fe.refresh_size() == 20 * MiB // 512, what="resize")
             assert fe.read(18 * MiB // 512, 2048) == bytes(MiB)
     assert disk.read_bytes() == model
+
+
+# the dead guest's own XenStore connection (the frontend's) is reset under pyxs's thread
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_guest_destroyed_while_connected(simxen_guest, disk):
+    """The guest dies with its rings mapped: the device goes away, the server survives."""
+    sim, g = simxen_guest
+    xs = XenStore(sim.xenstore_path(0))
+    with serve(spec(sim), g, str(disk)) as s:
+        fe = s.frontend()
+        fe.write(0, b"d" * 4096)
+        be_path = s.be_path
+        sim.destroy_domain(g)
+        s.thread.join(10)
+        assert not s.alive and s.error is None
+        try:
+            fe._free()
+        except Exception:                               # noqa: BLE001 - its domain is gone
+            pass
+    assert xs.read(f"{be_path}/state") is None
+    assert xs.list("/local/domain/0/backend/pyvbd") == []
+    xs.close()
