@@ -210,3 +210,47 @@ def test_storage_errors_are_answered_and_a_failed_flush_closes_the_device(simxen
         xs.close()
         fe.close()
         assert s.alive
+
+
+def test_one_hostile_device_does_not_disturb_another(simxen_guest, disk, tmp_path):
+    """Two devices on one server: the one whose frontend breaks the ring is closed, the
+    other keeps serving."""
+    import threading
+    from xapi_storage.blkback import toolstack
+    from xapi_storage.blkback.backends import open_storage
+    from xapi_storage.blkback.frontend import Frontend
+    from xapi_storage.blkback.server import Server
+    sim, g = simxen_guest
+    other = tmp_path / "b.img"
+    other.write_bytes(bytes(1 << 20))
+    xs = XenStore(sim.xenstore_path(0))
+    server = Server(sim.xen(0))
+    paths = []
+    for i, img in enumerate((disk, other)):
+        devid = toolstack.xvd_devid(1 + i)
+        paths.append(toolstack.create_vbd(xs, g, devid, str(img)))
+        server.add_device(paths[-1][1], open_storage("raw", str(img)))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        bad = Frontend(sim.xen(g), toolstack.xvd_devid(1)).connect()
+        good = Frontend(sim.xen(g), toolstack.xvd_devid(2)).connect()
+        bad.set_req_prod(bad.queues[0].ring.req_prod_pvt + 50)
+        wait_for(lambda: xs.read(f"{paths[0][1]}/state") == "5", what="bad device Closing")
+        good.write(0, b"g" * 65536)
+        assert good.read(0, 128) == b"g" * 65536
+        assert xs.read(f"{paths[1][1]}/state") == "4"
+        bad.close()
+        good.close()
+        for fe, be in paths:
+            toolstack.unplug(xs, be)
+        t.join(10)
+        assert not t.is_alive()
+    finally:
+        server.stop(force=True)
+        t.join(10)
+        server.close()
+        for fe, be in paths:
+            toolstack.remove_vbd(xs, fe, be)
+        xs.close()
+    assert other.read_bytes()[:65536] == b"g" * 65536
