@@ -37,8 +37,10 @@ def add_arguments(parser):
     p.add_argument("--kind", default="pyvbd",
                    help="backend kind in XenStore (default pyvbd; never vbd, which the "
                    "kernel's blkback would grab)")
-    p.add_argument("--max-queues", type=int, default=4)
-    p.add_argument("--max-ring-page-order", type=int, default=4, choices=range(0, 5))
+    p.add_argument("--max-queues", type=int, default=4,
+                   help="most rings (queues) a frontend may use, 1..64 (default 4)")
+    p.add_argument("--max-ring-page-order", type=int, default=4, choices=range(0, 5),
+                   help="most pages per ring as a power of 2 (default 4: 16 pages)")
     p.add_argument("--max-indirect-segments", type=int, default=256,
                    help="advertised indirect segments (0 disables indirect)")
     p.add_argument("--io-threads", type=int, default=2,
@@ -84,6 +86,16 @@ def run(args):
                         format="%(asctime)s %(levelname)s %(message)s")
     if args.kind == "vbd":
         print("error: --kind vbd would be grabbed by the kernel's blkback", file=sys.stderr)
+        return 2
+    if not 1 <= args.max_queues <= 64:
+        print("error: --max-queues must be 1..64", file=sys.stderr)
+        return 2
+    if not 0 <= args.max_indirect_segments <= 4096:
+        print("error: --max-indirect-segments must be 0..4096 (8 pages of 512)",
+              file=sys.stderr)
+        return 2
+    if args.io_threads < 0:
+        print("error: --io-threads must be 0 or more", file=sys.stderr)
         return 2
     if args.backend != "null" and not args.path:
         print(f"error: --backend {args.backend} needs --path", file=sys.stderr)
