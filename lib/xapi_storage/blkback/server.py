@@ -222,6 +222,10 @@ class Device:
         if "w" not in mode:
             self.readonly = True
             self.limits.readonly = True
+        # the toolstack may turn discard off (libxl: discard-enable, default on if writable)
+        self.discard = storage.can_discard and not self.readonly and \
+            xs.read(f"{self.be_path}/discard-enable", "1").strip() != "0"
+        self.limits.discard = self.discard
         self.name = f"{self.fe_domid}/{self.be_path.rsplit('/', 1)[-1]}"
         self.stats.sectors_size = self.limits.sectors
 
@@ -319,7 +323,7 @@ class Device:
         info = blkif.VDISK_READONLY if self.readonly else 0
         keys = {"feature-flush-cache": int(st.write_cache),
                 "feature-barrier": int(st.write_cache),
-                "feature-discard": int(st.can_discard and not self.readonly),
+                "feature-discard": int(self.discard),
                 "discard-granularity": 4096, "discard-alignment": 0, "discard-secure": 0,
                 "feature-persistent": int(self.persistent),
                 "sectors": self.limits.sectors, "info": info,
