@@ -207,6 +207,7 @@ class Device:
         self.written_state = None
         self.error_path = None
         self.bad_logged = 0
+        self.next_resize = 0.0
         self.last_size = storage.size()
         self.limits = Limits(self.last_size // 512, readonly=self.readonly,
                              max_indirect=max_indirect, sector_size=sector_size,
@@ -439,7 +440,7 @@ class Device:
     def flush_failed(self, e):
         # blkfront treats a failed empty flush as success and stops flushing: never let
         # that pass silently. Answer ERROR and close the device.
-        self.server.later.append(lambda: self.fatal(f"flush failed: {e}"))
+        self.server.later.append((self, lambda: self.fatal(f"flush failed: {e}")))
 
     def log_bad(self, e):
         if self.bad_logged < 20:
@@ -546,26 +547,40 @@ class Server:
             self._stop = False
             ev = xenbus.FORCE if self._force else xenbus.SHUTDOWN
             for dev in list(self.devices.values()):
-                dev.feed(ev)
+                self._guarded(dev, lambda d=dev: d.feed(ev))
         events = self.xs.events()
         if events:
             tokens = {t.decode() if isinstance(t, bytes) else t for _p, t in events}
             for tok in tokens:
                 dev = self.devices.get(tok)
                 if dev is not None:
-                    dev.refresh()
+                    self._guarded(dev, dev.refresh)
         while self.later:
-            self.later.pop(0)()
+            dev, fn = self.later.pop(0)
+            self._guarded(dev, fn)
         now = time.monotonic()
         if now - self._last_slow >= TICK:
             self._last_slow = now
             for dev in list(self.devices.values()):
                 for q in list(dev.queues):
                     self._service(q)
-                if not hasattr(dev, "_next_resize") or now >= dev._next_resize:
-                    dev._next_resize = now + RESIZE_CHECK
-                    dev.check_resize()
+                if now >= dev.next_resize:
+                    dev.next_resize = now + RESIZE_CHECK
+                    self._guarded(dev, dev.check_resize)
                     dev.write_stats()
+
+    def _guarded(self, dev, fn):
+        """Run fn() for one device; an unexpected error closes that device, not the server."""
+        try:
+            fn()
+        except Exception as e:                     # noqa: BLE001 - one device, not the server
+            log.exception("%s: internal error", dev.name)
+            try:
+                dev.fatal(f"internal error: {e!r}")
+            except Exception:                      # noqa: BLE001
+                log.exception("%s: cannot close it; forgetting it", dev.name)
+                dev._disconnect()
+                self._forget(dev)
 
     def _service(self, q):
         if q.dead:
@@ -573,11 +588,11 @@ class Server:
         try:
             q.service()
         except FatalRingError as e:
-            q.dev.fatal(str(e))
+            self._guarded(q.dev, lambda: q.dev.fatal(str(e)))
         except Exception as e:                     # noqa: BLE001 - one device, not the server
             log.exception("%s: internal error serving queue %d", q.dev.name, q.index)
             q.dead = True
-            q.dev.fatal(f"internal error: {e!r}")
+            self._guarded(q.dev, lambda: q.dev.fatal(f"internal error: {e!r}"))
 
     def run(self, until=None):
         """Serve until every device is destroyed (or `until()` is true)."""
