@@ -588,11 +588,13 @@ class Server:
         try:
             q.service()
         except FatalRingError as e:
-            self._guarded(q.dev, lambda: q.dev.fatal(str(e)))
+            why = str(e)
+            self._guarded(q.dev, lambda: q.dev.fatal(why))
         except Exception as e:                     # noqa: BLE001 - one device, not the server
             log.exception("%s: internal error serving queue %d", q.dev.name, q.index)
             q.dead = True
-            self._guarded(q.dev, lambda: q.dev.fatal(f"internal error: {e!r}"))
+            why = f"internal error: {e!r}"
+            self._guarded(q.dev, lambda: q.dev.fatal(why))
 
     def run(self, until=None):
         """Serve until every device is destroyed (or `until()` is true)."""
