@@ -254,3 +254,18 @@ def test_one_hostile_device_does_not_disturb_another(simxen_guest, disk, tmp_pat
             toolstack.remove_vbd(xs, fe, be)
         xs.close()
     assert other.read_bytes()[:65536] == b"g" * 65536
+
+
+def test_response_padding_is_zeroed_in_the_ring(served):
+    """XSA-216: the padding of a response never carries old bytes."""
+    with served.frontend() as fe:
+        raw = bytearray(b"\xff" * 112)
+        raw[0] = 4                                        # reserved op: EOPNOTSUPP
+        raw[8:16] = (77).to_bytes(8, "little")
+        fe.push_raw(bytes(raw))
+        q = fe.queues[0]
+        off = q.ring.slot_offset(q.ring.rsp_cons)
+        (rid, op, st), = fe.raw_responses(1)
+        slot = bytes(q.ring.buf[off:off + 16])
+        assert (rid, op, st) == (77, 4, -2)
+        assert slot[9] == 0 and slot[12:16] == bytes(4)

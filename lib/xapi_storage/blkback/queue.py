@@ -27,7 +27,8 @@ from .ring import M32, BackRing
 
 IOV_MAX = 1024
 DISCARD_CHUNK = 1 << 30
-PLAN_CACHE_MAX = 4096
+MAX_BATCHES = 16                  # per service() call, then let other rings run
+PLAN_CACHE_MAX = 512              # cached indirect plans per ring (bounded memory)
 PARALLEL_MIN = 256 * 1024        # runs of >= 256 KiB may go to the I/O threads
 
 
@@ -119,8 +120,10 @@ class Queue:
 
     # -- the hot loop -----------------------------------------------------------------------
     def service(self):
-        """Answer everything on the ring; return when it is empty and the frontend has been
-        asked to notify us. Raises FatalRingError if the frontend broke the protocol."""
+        """Answer what is on the ring. Returns False when it is empty and the frontend has
+        been asked to notify us; True after MAX_BATCHES batches with more still there (so a
+        busy ring cannot starve the others: the server comes back to it). Raises
+        FatalRingError if the frontend broke the protocol."""
         ring = self.ring
         hdr = ring.hdr
         size = ring.size
@@ -129,6 +132,7 @@ class Queue:
         dev = self.dev
         evtchn = dev.server.evtchn
         stats = dev.stats
+        batches = 0
         while True:
             rp = hdr[0]
             fence.rmb()
@@ -136,8 +140,11 @@ class Queue:
             n = (rp - cons) & M32
             if n == 0:
                 if not ring.final_check_for_requests():
-                    return
+                    return False
                 continue
+            if batches >= MAX_BATCHES:
+                return True
+            batches += 1
             if n > size - ((cons - ring.rsp_prod_pvt) & M32):
                 self.dead = True
                 raise FatalRingError(f"frontend error: bogus ring requests: req_prod {rp} is "
@@ -473,6 +480,7 @@ class Queue:
     # -- teardown ---------------------------------------------------------------------------
     def close(self):
         """Unmap persistent grants and the ring; unbind the port. Idempotent."""
+        self.dead = True
         self.plans.clear()
         for v in self.persistent.values():
             v.release()

@@ -499,6 +499,7 @@ class Server:
         self.devices = {}
         self.ports = {}
         self.later = []
+        self.ready = []
         self._stop = False
         self._force = False
         self._lock = threading.Lock()
@@ -532,6 +533,8 @@ class Server:
 
     def step(self, timeout=TICK):
         """Wait up to `timeout` for something to do, then do it."""
+        if self.ready:
+            timeout = 0
         for key, _ in self.sel.select(timeout):
             if key.data == "evtchn":
                 for port in self.evtchn.pending():
@@ -558,6 +561,10 @@ class Server:
         while self.later:
             dev, fn = self.later.pop(0)
             self._guarded(dev, fn)
+        if self.ready:                             # rings left with work by a busy turn
+            ready, self.ready = self.ready, []
+            for q in ready:
+                self._service(q)
         now = time.monotonic()
         if now - self._last_slow >= TICK:
             self._last_slow = now
@@ -586,7 +593,8 @@ class Server:
         if q.dead:
             return
         try:
-            q.service()
+            if q.service() and q not in self.ready:
+                self.ready.append(q)
         except FatalRingError as e:
             why = str(e)
             self._guarded(q.dev, lambda: q.dev.fatal(why))
