@@ -19,10 +19,13 @@ class Bounded(RawFile):
     def __init__(self, path):
         super().__init__(path)
         self.calls = 0
+        self.violations = []         # the server turns exceptions into error responses
 
     def _guard(self, offset, iovs):
         n = sum(len(b) for b in iovs)
-        assert 0 <= offset and offset + n <= self.size(), f"I/O outside the disk: {offset}+{n}"
+        if not (0 <= offset and offset + n <= self.size()):
+            self.violations.append((offset, n))
+            raise AssertionError(f"I/O outside the disk: {offset}+{n}")
         self.calls += 1
 
     def readv(self, offset, iovs, length=None):
@@ -43,6 +46,7 @@ def served(simxen_guest, disk):
         s.sim = sim
         yield s
         assert s.alive, "the server thread died"
+        assert not store.violations, f"I/O outside the disk: {store.violations}"
 
 
 def entry(**kw):
