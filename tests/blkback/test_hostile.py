@@ -49,6 +49,9 @@ def served(simxen_guest, disk):
         assert not store.violations, f"I/O outside the disk: {store.violations}"
 
 
+GOOD = -1          # placeholder: replaced by a page the frontend really granted
+
+
 def entry(**kw):
     buf = bytearray(112)
     blkif.pack_request(ABI_X86_64, buf, 0, kw.get("op", OP_READ), kw.get("id", 1),
@@ -88,16 +91,23 @@ def test_garbage_requests_get_error_responses(served):
     (entry(nseg=12, segs=[(1, 0, 7)] * 11), -1),          # too many segments
     (entry(segs=[(1, 7, 0)]), -1),                        # first > last
     (entry(segs=[(1, 0, 9)]), -1),                        # last beyond the page
-    (entry(sector=2**64 - 1, segs=[(1, 0, 7)]), -1),      # sector range wraps
-    (entry(sector=(16 << 20) // 512 - 4, segs=[(1, 0, 7)]), -1),  # past the end
+    (dict(sector=2**64 - 1, segs=[(GOOD, 0, 7)]), -1),    # sector range wraps
+    (dict(sector=(16 << 20) // 512 - 4, segs=[(GOOD, 0, 7)]), -1),  # past the end
+    (dict(op=OP_WRITE, sector=(16 << 20) // 512 - 1, segs=[(GOOD, 0, 1)]), -1),
+    (dict(op=OP_WRITE, sector=(16 << 20) // 512 - 2, segs=[(GOOD, 0, 0)] * 3), -1),
     (entry(segs=[(999999, 0, 7)]), -1),                   # a grant ref not granted
     (entry(segs=[(2**32 - 1, 0, 7)]), -1),                # a grant ref out of the table
 ])
 def test_bad_requests(served, raw, status):
-    with served.frontend() as fe:
+    with served.frontend(persistent=False) as fe:
+        ga = fe.alloc.grant(fe.be_domid, 1)
+        if isinstance(raw, dict):                          # needs a real grant: only the
+            raw = entry(**dict(raw, segs=[(ga.refs[0] if g == GOOD else g, f, l)
+                                          for g, f, l in raw["segs"]]))  # range is wrong
         fe.push_raw(raw)
         (rid, op, st), = fe.raw_responses(1)
         assert (rid, st) == (1, status) and op == raw[0]
+        ga.revoke()
         fe.write(8, b"y" * 4096)                           # still fine
     assert served.store.calls == 1
 
@@ -273,3 +283,29 @@ def test_response_padding_is_zeroed_in_the_ring(served):
         slot = bytes(q.ring.buf[off:off + 16])
         assert (rid, op, st) == (77, 4, -2)
         assert slot[9] == 0 and slot[12:16] == bytes(4)
+
+
+def test_bad_ranges_on_the_persistent_fast_path(served):
+    """Requests whose pages are already persistent take the fast path: it must refuse
+    the same things as the general parser."""
+    end = (16 << 20) // 512
+    with served.frontend() as fe:
+        assert fe.persistent
+        (ref, _page), = fe.pool.get(1)
+        fe.push_raw(entry(op=OP_WRITE, sector=0, segs=[(ref, 0, 7)]))   # now persistent
+        assert fe.raw_responses(1)[0][2] == 0
+        bad = [entry(op=OP_WRITE, sector=end - 1, segs=[(ref, 0, 1)]),
+               entry(op=OP_READ, sector=2**64 - 4, segs=[(ref, 0, 7)]),
+               entry(op=OP_WRITE, sector=end - 2, segs=[(ref, 0, 0)] * 3),
+               entry(op=OP_READ, sector=0, segs=[(ref, 3, 2)]),
+               entry(op=OP_READ, sector=0, segs=[(ref, 0, 8)]),
+               entry(op=OP_READ, sector=0, nseg=12, segs=[(ref, 0, 7)] * 11)]
+        q = fe.queues[0]
+        for raw in bad:                                   # all in one batch
+            off = q.ring.slot_offset(q.ring.req_prod_pvt)
+            q.ring.buf[off:off + 112] = raw
+            q.ring.req_prod_pvt = (q.ring.req_prod_pvt + 1) & 0xFFFFFFFF
+        fe.push()
+        assert [st for _i, _o, st in fe.raw_responses(len(bad))] == [-1] * len(bad)
+        fe.pool.put([(ref, _page)])
+    assert served.store.calls == 1
