@@ -33,7 +33,17 @@ def finish(p, timeout=15):
 
 
 def nodes(xs, g):
-    return (xs.list(f"/local/domain/{g}/device/vbd"), xs.list("/local/domain/0/backend"))
+    """Every node under dom0's and the guest's home, with its value: nothing we wrote may
+    be left when the command ends."""
+    out = {}
+
+    def walk(p):
+        out[p] = xs.read(p)
+        for c in xs.list(p):
+            walk(f"{p}/{c}")
+    walk("/local/domain/0")
+    walk(f"/local/domain/{g}")
+    return out
 
 
 @pytest.mark.parametrize("how", ["sigint", "toolstack-unplug", "sigterm-before-connect"])

@@ -256,7 +256,7 @@ def test_one_hostile_device_does_not_disturb_another(simxen_guest, disk, tmp_pat
         assert xs.read(f"{paths[1][1]}/state") == "4"
         bad.close()
         good.close()
-        for fe, be in paths:
+        for fe, be, _c in paths:
             toolstack.unplug(xs, be)
         t.join(10)
         assert not t.is_alive()
@@ -264,8 +264,8 @@ def test_one_hostile_device_does_not_disturb_another(simxen_guest, disk, tmp_pat
         server.stop(force=True)
         t.join(10)
         server.close()
-        for fe, be in paths:
-            toolstack.remove_vbd(xs, fe, be)
+        for fe, be, created in paths:
+            toolstack.remove_vbd(xs, fe, be, created)
         xs.close()
     assert other.read_bytes()[:65536] == b"g" * 65536
 
@@ -309,3 +309,16 @@ def test_bad_ranges_on_the_persistent_fast_path(served):
         assert [st for _i, _o, st in fe.raw_responses(len(bad))] == [-1] * len(bad)
         fe.pool.put([(ref, _page)])
     assert served.store.calls == 1
+
+
+def test_error_nodes_go_with_the_device(simxen_guest, disk):
+    sim, g = simxen_guest
+    xs = XenStore(sim.xenstore_path(0))
+    with serve(spec(sim), g, str(disk)) as s:
+        fe = s.frontend()
+        fe.set_req_prod(fe.queues[0].ring.req_prod_pvt + 1000)
+        wait_for(lambda: xs.read(f"/local/domain/0/error{s.be_path}/error") is not None,
+                 what="the error node")
+        fe.close()
+    assert xs.read("/local/domain/0/error") is None
+    xs.close()

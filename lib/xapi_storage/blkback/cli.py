@@ -141,7 +141,7 @@ def run(args):
         guest = toolstack.resolve_domain(xs, args.domain)
         devid, name = toolstack.free_devid(xs, guest, xen.domid, args.kind)
         params = f"{args.backend}:{os.path.abspath(args.path)}" if args.path else args.backend
-        fe, be = toolstack.create_vbd(xs, guest, devid, params, backend_domid=xen.domid,
+        fe, be, created = toolstack.create_vbd(xs, guest, devid, params, backend_domid=xen.domid,
                                       kind=args.kind, readonly=args.readonly, dev_name=name)
         dev = server.add_device(be, storage, max_queues=args.max_queues,
                                 max_ring_page_order=args.max_ring_page_order,
@@ -185,7 +185,7 @@ def run(args):
             storage.close()
         try:
             if fe is not None:
-                toolstack.remove_vbd(xs, fe, be)
+                toolstack.remove_vbd(xs, fe, be, created)
                 print(f"removed {fe} and {be}", file=sys.stderr)
         except OSError as e:
             print(f"error: removing the XenStore nodes: {e}", file=sys.stderr)

@@ -419,8 +419,16 @@ class Device:
         self.stats.state = "Destroyed"
         self.server._forget(self)
         if self.error_path:
+            # remove our error node and the parents it needed, up to <home>/error if empty
+            home = f"/local/domain/{self.server.xen.domid}"
+            p = self.error_path
             try:
-                self.server.xs.rm(self.error_path)
+                self.server.xs.rm(p)
+                while len(p) > len(home) + len("/error"):
+                    p = p.rsplit("/", 1)[0]
+                    if self.server.xs.list(p):
+                        break
+                    self.server.xs.rm(p)
             except OSError:
                 pass
         if self.io_pool is not None:
