@@ -66,11 +66,11 @@ def _human(n):
         n /= 1024
 
 
-def _status(dev, tty):
+def _status(dev, label):
     s = dev.stats_dict()
     r = s["requests"]
     b = s["bytes"]
-    line = (f"{dev.name} [{s['state']}] reads {r['read']} ({_human(b['read'])}) "
+    line = (f"{label} [{s['state']}] reads {r['read']} ({_human(b['read'])}) "
             f"writes {r['write']} ({_human(b['write'])}) flushes {r['flush'] + r['barrier']} "
             f"discards {r['discard']} errors {s['errors']} "
             f"ring max {s['ring_occupancy']['max']} lat {s['latency_us']['mean']} us")
@@ -150,6 +150,7 @@ def run(args):
                                 io_threads=args.io_threads)
         storage = None
         tty = sys.stderr.isatty() and not args.quiet
+        label = f"{name} of domain {guest}"
         print(f"serving {args.backend} {args.path or ''} as {name} (vbd {devid}) to domain "
               f"{guest} at {be}; {_human(dev.limits.sectors * 512)}"
               f"{', read-only' if dev.readonly else ''}; barrier: {fence.KIND}",
@@ -169,9 +170,9 @@ def run(args):
                 last_state = dev.stats.state
             if tty and now - last >= 1.0:
                 last = now
-                print("\r\033[K" + _status(dev, tty), end="", file=sys.stderr, flush=True)
+                print("\r\033[K" + _status(dev, label), end="", file=sys.stderr, flush=True)
         if tty:
-            print("\r\033[K" + _status(dev, tty), file=sys.stderr)
+            print("\r\033[K" + _status(dev, label), file=sys.stderr)
         if args.stats:
             dev.write_stats()
         final = dev.stats_dict()
