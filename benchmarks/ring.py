@@ -251,7 +251,8 @@ def main(argv=None):
         with running(os.path.join(parent, "xen")) as sim:
             guest = sim.create_domain("bench")
             load = os.getloadavg()[0]
-            plan = [("null", None, 256 * MiB, OP_READ, 4 * KiB, 4),
+            plan = [("null", None, 256 * MiB, OP_READ, 4 * KiB, 0),     # blkfront default ring
+                    ("null", None, 256 * MiB, OP_READ, 4 * KiB, 4),
                     ("null", None, 256 * MiB, OP_READ, MiB, 0),
                     ("raw", img, None, OP_READ, 4 * KiB, 4),
                     ("raw", img, None, OP_READ, MiB, 0),
