@@ -194,11 +194,7 @@ class Device:
         self.on_destroy = on_destroy
         self.sector_size = sector_size
         self.mapper = server.mapper
-        # large reads/writes of a batch run in parallel in these threads (GIL released)
         self.io_pool = None
-        if io_threads and getattr(storage, "parallel_io", False):
-            from concurrent.futures import ThreadPoolExecutor
-            self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="blkback-io")
         self.machine = xenbus.Machine()
         self.stats = Stats()
         self.queues = []
@@ -229,17 +225,12 @@ class Device:
         self.limits.discard = self.discard
         self.name = f"{self.fe_domid}/{self.be_path.rsplit('/', 1)[-1]}"
         self.stats.sectors_size = self.limits.sectors
+        # large reads/writes of a batch run in parallel in these threads (GIL released)
+        if io_threads and getattr(storage, "parallel_io", False):
+            from concurrent.futures import ThreadPoolExecutor
+            self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="blkback-io")
 
     # -- XenStore ---------------------------------------------------------------------------
-    def _set_state_tx(self, state):
-        """Write BE/state only if the node is still there (Linux __xenbus_switch_state)."""
-        xs = self.server.xs
-        p = f"{self.be_path}/state"
-        if xs.read(p) is None:
-            return False
-        xs.write(p, str(state))
-        return True
-
     def switch_state(self, state, extra=None):
         """In one transaction: the `extra` keys, then BE/state (if the node still exists)."""
         xs = self.server.xs
@@ -413,7 +404,7 @@ class Device:
     def _destroy(self):
         self._disconnect()
         try:
-            self._set_state_tx(xenbus.CLOSED)
+            self.switch_state(xenbus.CLOSED)         # only if our node is still there
         except OSError:
             pass
         self.stats.state = "Destroyed"
