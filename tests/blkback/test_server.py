@@ -1,6 +1,8 @@
 """The whole server against the simulated Xen, through the blkfront-like test frontend."""
 
 import os
+import shutil
+import subprocess
 import random
 import time
 
@@ -283,3 +285,28 @@ def test_guest_destroyed_while_connected(simxen_guest, disk):
     assert xs.read(f"{be_path}/state") is None
     assert xs.list("/local/domain/0/backend/pyvbd") == []
     xs.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("losetup"),
+                    reason="needs root and losetup")
+def test_block_backend_on_a_loop_device(simxen_guest, disk):
+    sim, g = simxen_guest
+    try:
+        dev = subprocess.run(["losetup", "--find", "--show", str(disk)], check=True,
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"no loop device: {e.stderr}")
+    try:
+        model = bytearray(disk.read_bytes())
+        with serve(spec(sim), g, dev, backend="block") as s:
+            with s.frontend(max_indirect=256) as fe:
+                assert fe.sectors == len(model) // 512
+                random_io(fe, model, random.Random(9), 20, max_sectors=2048)
+                fe.flush()
+                fe.discard(0, 64)
+                model[:64 * 512] = bytes(64 * 512)       # loop over a file: punched, zeros
+                assert fe.read(0, 64) == bytes(64 * 512)
+                assert s.stats()["storage"] == "block"
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False, timeout=30)
+    assert disk.read_bytes() == model
