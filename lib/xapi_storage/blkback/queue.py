@@ -31,6 +31,8 @@ try:                                     # batched positional I/O in C (see _pio
     from ._pio import ffi as _pio_ffi, lib as _pio_lib
 except ImportError:                      # pragma: no cover - depends on the install
     _pio_ffi = _pio_lib = None
+if os.environ.get("PYBLKBACK_NO_C_BATCH"):  # for comparisons (benchmarks/ring.py --no-c-batch)
+    _pio_ffi = _pio_lib = None
 
 PIO_JOB = struct.Struct("<QIIqq")        # addr, len, op, offset, result
 # header + first segment only: op, nseg, handle, id, sector, gref, first, last
