@@ -14,7 +14,14 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 stamp="$VENV/.installed"
-if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# Reinstall when the packaging or a C extension's source changed (the extensions are built by
+# cffi at install time, in place, for the editable install).
+stale=0
+[ -f "$stamp" ] || stale=1
+for f in setup.cfg pyproject.toml setup.py lib/xapi_storage/blkback/_*_build.py; do
+    [ "$stale" = 1 ] || [ ! "$f" -nt "$stamp" ] || stale=1
+done
+if [ "$stale" = 1 ]; then
     "$VENV/bin/pip" install --quiet --upgrade pip
     "$VENV/bin/pip" install --quiet -e '.[test]'
     touch "$stamp"

@@ -2,8 +2,9 @@
 
 Installs the plugins into a temporary root, then drives the `file-raw` volume plugin through its
 executables exactly as xapi-storage-script would (argv [path, "--json"], JSON on stdin): create
-an SR in a temporary directory, a volume, write to it, snapshot and clone it, list the SR, and
-destroy it all again (unless --keep).
+an SR in a temporary directory, a volume, write to it, serve it to a guest of the simulated Xen
+through pyblkback (the guest's blkfront reads and writes it over the shared ring), snapshot and
+clone it, list the SR, and destroy it all again (unless --keep).
 """
 
 import json
@@ -22,6 +23,8 @@ def add_arguments(parser):
     parser.add_argument("--dir", help="work in DIR (default: a new temporary directory)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the SR and the installed plugins afterwards")
+    parser.add_argument("--no-ring", action="store_true",
+                        help="skip serving the volume through pyblkback on the simulated Xen")
 
 
 class _Failed(Exception):
@@ -46,6 +49,46 @@ def _gib(n):
         if n >= 1 << shift:
             return f"{n / (1 << shift):.1f} {unit}"
     return f"{n} B"
+
+
+GUEST_SECTOR = 2048                     # 1 MiB into the volume
+
+
+def _serve_through_ring(path, work):
+    """Serve the volume file to a guest of a simulated Xen with pyblkback; the guest reads what
+    the demo wrote and writes 64 KiB of its own. Returns the bytes the guest wrote."""
+    from .blkback import serve
+    from .xen.sim import running
+
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else work
+    simdir = tempfile.mkdtemp(prefix="xapi-storage-demo-xen-", dir=shm)
+    os.rmdir(simdir)                    # the simulated Xen makes its own directory
+    data = bytes(range(256)) * 256      # 64 KiB
+    print(f"\n$ pyblkback: serve {path} to a guest of a simulated Xen ({simdir})")
+    with running(simdir) as sim:
+        domid = sim.create_domain("demo-guest")
+        with serve(f"sim:{sim.dir}", "demo-guest", path, backend="raw") as served:
+            with served.frontend() as fe:       # the guest's blkfront, acting as domain domid
+                print(f"  guest d{domid} connected to {served.name}: "
+                      f"{fe.sectors * 512 >> 20} MiB, {fe.sector_size}-byte sectors")
+                print(f"  guest reads sector 0: {fe.read(0, 1)[:20]!r}")
+                fe.write(GUEST_SECTOR, data)
+                fe.flush()
+                if fe.read(GUEST_SECTOR, len(data) // 512) != data:
+                    raise _Failed("read back through the ring")
+                print(f"  guest wrote {len(data) >> 10} KiB at sector {GUEST_SECTOR}, flushed, "
+                      "read it back")
+            st = served.stats()
+        req = ", ".join(f"{n} {c}" for n, c in st["requests"].items() if c)
+        print(f"  server stats: requests {req}; {st['bytes']['read']} B read, "
+              f"{st['bytes']['write']} B written; {st['errors']} errors; "
+              f"{st['notifies']} notifies for {st['batches']} batches")
+    with open(path, "rb") as f:
+        f.seek(GUEST_SECTOR * 512)
+        if f.read(len(data)) != data:
+            raise _Failed("the guest's data is not in the volume file")
+    print("  the guest's data is in the volume file; the server and the simulated Xen are gone\n")
+    return data
 
 
 def run(args):
@@ -77,10 +120,21 @@ def run(args):
         with open(data, "r+b") as f:            # what a VM would do through a datapath
             f.write(b"hello from the demo\n")
         print(f"  wrote 20 bytes into {data}")
+        guest_data = None
+        if not args.no_ring:
+            uri = next(u for u in vol["uri"] if u.startswith("pyblkback://"))
+            guest_data = _serve_through_ring(uri.split("://", 1)[1], work)
         snap = _call(plugin, "Volume.snapshot", sr=sr, key=vol["key"])
         clone = _call(plugin, "Volume.clone", sr=sr, key=snap["key"])
         with open(clone["uri"][0].split("://", 1)[1], "rb") as f:
             print(f"  the clone reads: {f.read(20)!r}")
+            if guest_data is not None:
+                f.seek(GUEST_SECTOR * 512)
+                same = f.read(len(guest_data)) == guest_data
+                print(f"  and at sector {GUEST_SECTOR} the guest's {len(guest_data) >> 10} KiB: "
+                      f"{'identical' if same else 'DIFFERENT'}")
+                if not same:
+                    raise _Failed("clone content")
         vols = _call(plugin, "SR.ls", sr=sr)
         kind = {vol["key"]: "volume", snap["key"]: "snapshot", clone["key"]: "clone"}
         print(f"\n  {'key':<36}  {'kind':<8}  {'rw':<5}  {'virtual':>9}  {'used':>9}  uri[0]")
