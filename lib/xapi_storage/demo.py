@@ -14,7 +14,8 @@ import subprocess
 import sys
 import tempfile
 
-HELP = "run a file-raw SR through the plugin executables: create, snapshot, clone, list"
+HELP = ("the main job with no Xen: a file-raw SR through the plugin executables, its volume "
+        "served to a simulated guest by pyblkback, then snapshot, clone, list, destroy")
 
 PLUGIN_DIR = "volume/org.xen.xapi.storage.file-raw"
 
