@@ -583,3 +583,25 @@ def test_big_records(V, SR, sr, sr_dir):
     assert st["name"] == name and len(st["keys"]) == 300
     assert os.stat(os.path.join(sr_dir, v["key"] + ".json")).st_size > 65536 * 4
     assert SR.ls(dbg=DBG, sr=sr)[0]["keys"] == st["keys"]
+
+
+def test_create_losing_a_race_keeps_the_winners_sr(SR, V, sr_dir, monkeypatch):
+    """Two SR.create calls with different uuids on one missing directory: the one that made
+    the directory can lose the race for sr.lock. Its clean-up must not remove the winner's
+    files (without sr.lock every later call on the winner's SR says SR_does_not_exist)."""
+    real = file_raw._create_sr
+
+    def other_creator_wins_first(path, uuid, name, description, datapath):
+        real(path, "the-winner", "w", "", datapath)     # the concurrent call, in between
+        return real(path, uuid, name, description, datapath)
+
+    monkeypatch.setattr(file_raw, "_create_sr", other_creator_wins_first)
+    with pytest.raises(XenAPIError) as e:
+        SR.create(dbg=DBG, uuid=SR_UUID, configuration={"path": sr_dir}, name="n",
+                  description="")
+    assert e.value.params[0] == "SR already exists"
+    monkeypatch.undo()
+    sr = SR.attach(dbg=DBG, configuration={"path": sr_dir, "sr_uuid": "the-winner"})
+    assert SR.stat(dbg=DBG, sr=sr)["uuid"] == "the-winner"
+    make(V, sr)
+    assert len(SR.ls(dbg=DBG, sr=sr)) == 1

@@ -441,15 +441,7 @@ class SR(base.SR):
             _create_sr(path, uuid, name, description, datapath)
         except BaseException:
             if made:        # leave nothing behind: remove what this call made
-                for n in (SR_LOCK, SR_META + LOCK_SUFFIX):
-                    try:
-                        os.unlink(f"{path}/{n}")
-                    except FileNotFoundError:
-                        pass
-                try:
-                    os.rmdir(path)
-                except OSError:
-                    pass
+                _undo_mkdir(path)
             raise
         result = dict(configuration)
         result["path"] = path
@@ -557,6 +549,32 @@ def _create_sr(path, uuid, name, description, datapath):
                        "uuid": uuid, "name": name, "description": description,
                        "datapath": list(datapath or DEFAULT_DATAPATH)}
                 store.write(SR_RECORD, rec, owner=SR_META)
+
+
+def _undo_mkdir(path):
+    """Remove the directory a failed SR.create made, unless a concurrent SR.create (that found
+    the directory made) has put its SR, or anything else, in it meanwhile."""
+    try:
+        store = Store(path)
+        store.dfd
+    except OSError:
+        return
+    with store:
+        with store.lock(SR_LOCK):
+            try:
+                if _read_sr_record(store) is not None:
+                    return
+            except Exception:       # noqa: BLE001 - an SR record of another version: keep it
+                return
+            ours = (SR_LOCK, SR_META + LOCK_SUFFIX)
+            if any(n not in ours for n in store.names()):
+                return
+            for n in ours:
+                store.unlink(n)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _probe_dir(path):
