@@ -605,3 +605,22 @@ def test_create_losing_a_race_keeps_the_winners_sr(SR, V, sr_dir, monkeypatch):
     assert SR.stat(dbg=DBG, sr=sr)["uuid"] == "the-winner"
     make(V, sr)
     assert len(SR.ls(dbg=DBG, sr=sr)) == 1
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "missing"])
+def test_stat_refuses_data_that_is_not_a_regular_file(V, SR, sr, sr_dir, tmp_path, kind):
+    """Volume.stat precedes every datapath call, which opens the path of the volume's URI. If
+    the data file was replaced (a symlink planted on the NFS server, say), stat must not hand
+    out a URI that leads outside the SR: it fails, and nothing is touched."""
+    v = make(V, sr)
+    path = img(sr_dir, v["key"])
+    os.unlink(path)
+    if kind == "symlink":
+        (tmp_path / "outside").write_bytes(b"secret")
+        os.symlink(str(tmp_path / "outside"), path)
+    elif kind == "directory":
+        os.mkdir(path)
+    with pytest.raises(XenAPIError) as e:
+        V.stat(dbg=DBG, sr=sr, key=v["key"])
+    assert e.value.params[:2] == ["Volume data is not a regular file", v["key"]]
+    assert (tmp_path / "outside").read_bytes() == b"secret" if kind == "symlink" else True

@@ -16,6 +16,7 @@ The SR key is "file://" + the percent-encoded absolute path; a volume key is a l
 
 import errno
 import os
+from stat import S_ISREG
 
 from ..sdk import base, log
 from ..sdk.errors import SR_does_not_exist, Volume_does_not_exist, XenAPIError
@@ -716,8 +717,15 @@ class Volume(base.Volume):
             rec = _read_volume_record(store, key)
             if rec is None or rec.get("state") != "ready":
                 raise Volume_does_not_exist(key)
-            return _volume(store.path, srrec.get("datapath", DEFAULT_DATAPATH), rec,
-                           store.stat(_img(key)))
+            st = store.stat(_img(key))
+            if st is None or not S_ISREG(st.st_mode):
+                # The datapath opens the URI's path: never hand out one that is a symlink
+                # (it could lead anywhere in dom0), a directory, or nothing at all.
+                raise XenAPIError("SR_BACKEND_FAILURE", [
+                    "Volume data is not a regular file", key,
+                    f"{store.path}/{_img(key)} is "
+                    + ("missing" if st is None else "not a regular file: left untouched")])
+            return _volume(store.path, srrec.get("datapath", DEFAULT_DATAPATH), rec, st)
 
     def set(self, dbg, sr, key, k, v):
         _want_str("k", k)
