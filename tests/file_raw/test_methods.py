@@ -624,3 +624,34 @@ def test_stat_refuses_data_that_is_not_a_regular_file(V, SR, sr, sr_dir, tmp_pat
         V.stat(dbg=DBG, sr=sr, key=v["key"])
     assert e.value.params[:2] == ["Volume data is not a regular file", v["key"]]
     assert (tmp_path / "outside").read_bytes() == b"secret" if kind == "symlink" else True
+
+
+def test_entries_planted_in_the_sr_neither_followed_nor_fatal(V, SR, sr, sr_dir, tmp_path):
+    """Odd entries with volume-like names (a symlink, a directory, a FIFO as a record; a
+    symlink as a lock) are not followed, do not hang a call, and do not make SR.ls (hence
+    xapi's SR.scan) fail for the volumes that are fine."""
+    import subprocess
+    from .conftest import child_argv
+    good = make(V, sr)
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"key": "5f0c1d8e-0000-4000-8000-0000000000a1",
+                                   "state": "ready"}))
+    planted = ["5f0c1d8e-0000-4000-8000-0000000000a%d" % i for i in range(1, 5)]
+    os.symlink(str(outside), os.path.join(sr_dir, planted[0] + ".json"))
+    os.mkdir(os.path.join(sr_dir, planted[1] + ".json"))
+    os.mkfifo(os.path.join(sr_dir, planted[2] + ".json"))
+    os.symlink(str(tmp_path / "nowhere"), os.path.join(sr_dir, planted[3] + ".lock"))
+    before = sr_files(sr_dir)
+    for argv in (child_argv("SR", "ls", sr=sr),
+                 child_argv("Volume", "stat", sr=sr, key=planted[2])):
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if argv[-1].find(planted[2]) < 0:
+            assert p.returncode == 0, p.stderr
+            assert [v["key"] for v in json.loads(p.stdout)] == [good["key"]]
+        else:
+            assert json.loads(p.stdout)["error"][1][0] == "Volume_does_not_exist", p.stderr
+    for key in planted[:3]:
+        with pytest.raises(Volume_does_not_exist):
+            V.stat(dbg=DBG, sr=sr, key=key)
+    assert sr_files(sr_dir) == before
+    assert not (tmp_path / "nowhere").exists()

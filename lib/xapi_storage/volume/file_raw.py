@@ -284,8 +284,8 @@ def _volume(path, datapath, rec, st, qpath=None):
 def _read_volume_record(store, key):
     try:
         rec = store.read(_rec(key))
-    except ValueError:
-        _log(40, f"{store.path}/{_rec(key)}: unreadable volume record, ignored")
+    except ValueError as e:
+        _log(40, f"{store.path}/{_rec(key)}: unreadable volume record, ignored: {e}")
         return None
     if type(rec) is not dict or rec.get("key") != key:
         return None
@@ -633,15 +633,20 @@ def _list_volumes(store, srrec):
     tmps = store.temporaries(names)
     unsettled.update(k for k in tmps if is_uuid(k))
     for key in sorted(unsettled):
-        lock = store.lock(key + LOCK_SUFFIX, blocking=False)
-        if lock is None:
-            continue                                    # a call on it is running
-        with lock:
-            rec = _settle(store, key)
-            if rec is not None and key not in listed:   # finished since we listed
-                result.append(_volume(path, datapath, rec, store.stat(_img(key))))
-            for t in tmps.get(key, ()):
-                store.unlink(t)
+        try:
+            lock = store.lock(key + LOCK_SUFFIX, blocking=False)
+            if lock is None:
+                continue                                # a call on it is running
+            with lock:
+                rec = _settle(store, key)
+                if rec is not None and key not in listed:   # finished since we listed
+                    result.append(_volume(path, datapath, rec, store.stat(_img(key))))
+                for t in tmps.get(key, ()):
+                    store.unlink(t)
+        except OSError as e:
+            # e.g. a symlink or a directory planted under one of our names: never followed,
+            # never removed; it must not make the whole listing (xapi's SR.scan) fail
+            _log(40, f"{path}: volume {key}: cannot clean up: {e}; left in place")
     if SR_META in tmps:
         lock = store.lock(SR_META + LOCK_SUFFIX, blocking=False)
         if lock is not None:

@@ -24,6 +24,7 @@ name of the lock its writer holds, so a stale temporary file is one whose owner'
 import errno
 import fcntl
 import os
+from stat import S_ISREG
 
 from ..sdk import jsonio     # strict JSON without importing `json` (start-up time)
 
@@ -200,12 +201,20 @@ class Store:
 
     # records --------------------------------------------------------------------------------
     def read(self, name):
-        """The JSON record `name`, or None if it does not exist."""
+        """The JSON record `name`, or None if it does not exist. ValueError if it is not a
+        regular file holding JSON: a symlink, directory or FIFO put there by someone else is
+        neither followed nor waited on (O_NOFOLLOW, O_NONBLOCK, then fstat)."""
         try:
-            fd = self.open(name, os.O_RDONLY)
+            fd = self.open(name, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise ValueError(f"{self.path}/{name} is not a regular file") from None
+            raise
         try:
+            if not S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"{self.path}/{name} is not a regular file")
             data = os.read(fd, 65536)
             if len(data) == 65536:      # rare: a record with many keys
                 chunks = [data]
