@@ -655,3 +655,19 @@ def test_entries_planted_in_the_sr_neither_followed_nor_fatal(V, SR, sr, sr_dir,
             V.stat(dbg=DBG, sr=sr, key=key)
     assert sr_files(sr_dir) == before
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_create_makes_the_new_directory_durable(SR, tmp_path, monkeypatch):
+    """SR.create makes the SR's directory: its entry in the parent must reach the disk (fsync
+    of the parent) before the call returns, or a crash can lose the whole new SR."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    SR.create(dbg=DBG, uuid=SR_UUID, configuration={"path": str(tmp_path / "sr")}, name="n",
+              description="")
+    assert str(tmp_path) in synced

@@ -439,6 +439,8 @@ class SR(base.SR):
         if not os.path.isdir(path):
             raise _config_error("path", f"{path} exists and is not a directory")
         try:
+            # the directory's entry survives a crash (also on the retry of a killed call)
+            _fsync_path(os.path.dirname(path))
             _create_sr(path, uuid, name, description, datapath)
         except BaseException:
             if made:        # leave nothing behind: remove what this call made
@@ -550,6 +552,14 @@ def _create_sr(path, uuid, name, description, datapath):
                        "uuid": uuid, "name": name, "description": description,
                        "datapath": list(datapath or DEFAULT_DATAPATH)}
                 store.write(SR_RECORD, rec, owner=SR_META)
+
+
+def _fsync_path(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _undo_mkdir(path):
