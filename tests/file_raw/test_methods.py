@@ -671,3 +671,38 @@ def test_create_makes_the_new_directory_durable(SR, tmp_path, monkeypatch):
     SR.create(dbg=DBG, uuid=SR_UUID, configuration={"path": str(tmp_path / "sr")}, name="n",
               description="")
     assert str(tmp_path) in synced
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory", "missing"])
+def test_data_that_is_not_a_regular_file_is_refused_without_hanging(V, SR, sr, sr_dir,
+                                                                     tmp_path, kind):
+    """snapshot, clone, revert and resize open the data file: one replaced by a FIFO must not
+    hang the call (with the volume's lock held, and no caller timeout), and a symlink is not
+    followed; each call answers a structured error and leaves the SR as it was."""
+    import subprocess
+    from .conftest import child_argv
+    v, other = make(V, sr), make(V, sr)
+    snap = V.snapshot(dbg=DBG, sr=sr, key=other["key"])
+    path = img(sr_dir, v["key"])
+    os.unlink(path)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        (tmp_path / "outside").write_bytes(b"secret")
+        os.symlink(str(tmp_path / "outside"), path)
+    elif kind == "directory":
+        os.mkdir(path)
+    before = sr_files(sr_dir)
+    for method, args in (("snapshot", {"key": v["key"]}), ("clone", {"key": v["key"]}),
+                         ("resize", {"key": v["key"], "new_size": 1 << 21}),
+                         ("revert", {"snapshot": v["key"], "key": other["key"]}),
+                         ("stat", {"key": v["key"]})):
+        p = subprocess.run(child_argv("Volume", method, sr=sr, **args), capture_output=True,
+                           text=True, timeout=30)
+        assert p.returncode == 1, (method, p.stdout, p.stderr)
+        code, params = json.loads(p.stdout)["error"]
+        assert params[:2] == ["Volume data is not a regular file", v["key"]], (method, params)
+        assert sr_files(sr_dir) == before
+    assert V.stat(dbg=DBG, sr=sr, key=snap["key"])["virtual_size"] == 1 << 20
+    if kind == "symlink":
+        assert (tmp_path / "outside").read_bytes() == b"secret"

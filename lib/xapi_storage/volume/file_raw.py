@@ -264,6 +264,33 @@ def _rec(key):
     return key + ".json"
 
 
+def _not_regular(store, key, what):
+    return XenAPIError("SR_BACKEND_FAILURE", [
+        "Volume data is not a regular file", key, f"{store.path}/{_img(key)} is {what}"])
+
+
+def _open_data(store, key, flags):
+    """Open `key`'s data file. Someone else's symlink, directory, FIFO or device put in its
+    place is neither followed nor waited on (O_NOFOLLOW, O_NONBLOCK, then fstat): a
+    structured error instead, and the entry is left as it is."""
+    try:
+        fd = store.open(_img(key), flags | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise _not_regular(store, key, "missing") from None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise _not_regular(store, key, "not a regular file: left untouched") from None
+        raise
+    try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            raise _not_regular(store, key, "not a regular file: left untouched")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _volume(path, datapath, rec, st, qpath=None):
     key = rec["key"]
     location = f"{qpath or quote_path(path)}/{key}.img"     # a key needs no quoting
@@ -736,10 +763,8 @@ class Volume(base.Volume):
             if st is None or not S_ISREG(st.st_mode):
                 # The datapath opens the URI's path: never hand out one that is a symlink
                 # (it could lead anywhere in dom0), a directory, or nothing at all.
-                raise XenAPIError("SR_BACKEND_FAILURE", [
-                    "Volume data is not a regular file", key,
-                    f"{store.path}/{_img(key)} is "
-                    + ("missing" if st is None else "not a regular file: left untouched")])
+                raise _not_regular(store, key, "missing" if st is None
+                                   else "not a regular file: left untouched")
             return _volume(store.path, srrec.get("datapath", DEFAULT_DATAPATH), rec, st)
 
     def set(self, dbg, sr, key, k, v):
@@ -768,7 +793,7 @@ class Volume(base.Volume):
                 if not rec["read_write"]:
                     raise XenAPIError("SR_BACKEND_FAILURE", [
                         "Volume is read-only", key, "a snapshot cannot be resized"])
-                fd = store.open(_img(key), os.O_RDWR)
+                fd = _open_data(store, key, os.O_RDWR)
                 try:
                     current = os.fstat(fd).st_size
                     if size < current:
@@ -801,7 +826,7 @@ class Volume(base.Volume):
                 # Copy the snapshot beside the volume, then rename it over the volume's data:
                 # a crash leaves either the old or the new data, plus at most a temporary file.
                 tmp = f".tmp.{key}.{os.urandom(8).hex()}"
-                src = store.open(_img(snapshot), os.O_RDONLY)
+                src = _open_data(store, snapshot, os.O_RDONLY)
                 try:
                     dst = store.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                     try:
@@ -845,6 +870,19 @@ def _update_volume(sr, key, change):
     return None
 
 
+class _Closing:
+    """`with _Closing(fd)`: the file descriptor is closed at the end of the block."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __enter__(self):
+        return self.fd
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
 def _copy_volume(sr, key, read_write):
     """Snapshot (read_write=False) or clone (True) of `key` into a new volume."""
     _volume_key(key)
@@ -853,25 +891,22 @@ def _copy_volume(sr, key, read_write):
         with _VolumeLocks(store, [key]) as records:
             src_rec = _require(records, key)
             new = new_uuid()
-            with store.lock(new + LOCK_SUFFIX):
+            src = _open_data(store, key, os.O_RDONLY)
+            with _Closing(src), store.lock(new + LOCK_SUFFIX):
                 rec = _new_record(new, src_rec["name"], src_rec["description"], read_write,
                                   src_rec["sharable"], origin={"kind": kind, "of": key})
                 store.write(_rec(new), rec, owner=new, exclusive=True)
                 try:
                     faultpoint(f"{kind}:pending")
-                    src = store.open(_img(key), os.O_RDONLY)
+                    dst = store.open(_img(new), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                     try:
-                        dst = store.open(_img(new), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                        try:
-                            rec["copied_by"] = _copy_data(src, dst)
-                            if not read_write:
-                                os.fchmod(dst, 0o400)
-                            os.fsync(dst)
-                            st = os.fstat(dst)
-                        finally:
-                            os.close(dst)
+                        rec["copied_by"] = _copy_data(src, dst)
+                        if not read_write:
+                            os.fchmod(dst, 0o400)
+                        os.fsync(dst)
+                        st = os.fstat(dst)
                     finally:
-                        os.close(src)
+                        os.close(dst)
                     store.fsync_dir()
                     faultpoint(f"{kind}:data")
                     rec["state"] = "ready"
