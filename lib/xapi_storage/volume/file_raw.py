@@ -292,7 +292,12 @@ def _open_data(store, key, flags):
 
 
 def _volume(path, datapath, rec, st, qpath=None):
+    """The interface's volume record. `st` is the lstat of the data file: if that is not a
+    regular file (missing, or replaced by a symlink, directory, ...), the volume is reported
+    with sizes 0 and no URI: a datapath opens the URI's path, and a symlink could lead anywhere
+    in dom0. Without a URI the daemon refuses to attach it, but it can still be destroyed."""
     key = rec["key"]
+    regular = st is not None and S_ISREG(st.st_mode)
     location = f"{qpath or quote_path(path)}/{key}.img"     # a key needs no quoting
     return {
         "key": key,
@@ -301,9 +306,9 @@ def _volume(path, datapath, rec, st, qpath=None):
         "description": rec["description"],
         "read_write": rec["read_write"],
         "sharable": rec["sharable"],
-        "virtual_size": st.st_size if st is not None else 0,
-        "physical_utilisation": st.st_blocks * 512 if st is not None else 0,
-        "uri": [f"{scheme}://{location}" for scheme in datapath],
+        "virtual_size": st.st_size if regular else 0,
+        "physical_utilisation": st.st_blocks * 512 if regular else 0,
+        "uri": [f"{scheme}://{location}" for scheme in datapath] if regular else [],
         "keys": dict(rec["keys"]),
     }
 
@@ -761,10 +766,10 @@ class Volume(base.Volume):
                 raise Volume_does_not_exist(key)
             st = store.stat(_img(key))
             if st is None or not S_ISREG(st.st_mode):
-                # The datapath opens the URI's path: never hand out one that is a symlink
-                # (it could lead anywhere in dom0), a directory, or nothing at all.
-                raise _not_regular(store, key, "missing" if st is None
-                                   else "not a regular file: left untouched")
+                # no URI then (see _volume): VDI.destroy, which stats first, still works
+                _log(40, _not_regular(store, key, "missing" if st is None else
+                                      "not a regular file: left untouched").params[2]
+                     + ": reported without URIs")
             return _volume(store.path, srrec.get("datapath", DEFAULT_DATAPATH), rec, st)
 
     def set(self, dbg, sr, key, k, v):
