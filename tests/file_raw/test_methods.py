@@ -710,3 +710,36 @@ def test_data_that_is_not_a_regular_file_is_refused_without_hanging(V, SR, sr, s
     assert V.stat(dbg=DBG, sr=sr, key=v["key"])["uri"] == []
     if kind == "symlink":
         assert (tmp_path / "outside").read_bytes() == b"secret"
+
+
+LEASE_HOLDER = r"""
+import fcntl, os, signal, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR if sys.argv[2] == "write" else os.O_RDONLY)
+signal.signal(signal.SIGIO, lambda *a: fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK))
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK if sys.argv[2] == "write" else fcntl.F_RDLCK)
+print("leased", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("leased, kind", [("img", "read"), ("json", "write")])
+def test_files_leased_by_a_file_server_are_waited_for(V, sr, sr_dir, leased, kind):
+    """An SR directory exported by a file server (Samba oplocks, knfsd delegations) has leases
+    on its files: an open that conflicts starts a lease break and must wait for it. Opening
+    with O_NONBLOCK (to never wait on a FIFO) fails with EAGAIN there instead: the plugin
+    must then wait, not fail."""
+    import subprocess
+    import sys
+    v = make(V, sr)
+    path = os.path.join(sr_dir, f"{v['key']}.{leased}")
+    holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, path, kind],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "leased"
+        if leased == "img":
+            V.resize(dbg=DBG, sr=sr, key=v["key"], new_size=2 << 20)
+        assert V.stat(dbg=DBG, sr=sr, key=v["key"])["virtual_size"] == (
+            2 << 20 if leased == "img" else 1 << 20)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -21,7 +21,8 @@ from stat import S_ISREG
 from ..sdk import base, log
 from ..sdk.errors import SR_does_not_exist, Volume_does_not_exist, XenAPIError
 from .store import (
-    LOCK_SUFFIX, Store, faultpoint, is_enospc, is_uuid, new_uuid, quote_path, unquote_path,
+    LOCK_SUFFIX, NotRegularFile, Store, faultpoint, is_enospc, is_uuid, new_uuid, quote_path,
+    unquote_path,
 )
 
 PLUGIN = "file-raw"
@@ -274,21 +275,11 @@ def _open_data(store, key, flags):
     place is neither followed nor waited on (O_NOFOLLOW, O_NONBLOCK, then fstat): a
     structured error instead, and the entry is left as it is."""
     try:
-        fd = store.open(_img(key), flags | os.O_NONBLOCK)
+        return store.open_regular(_img(key), flags)
     except FileNotFoundError:
         raise _not_regular(store, key, "missing") from None
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
-            raise _not_regular(store, key, "not a regular file: left untouched") from None
-        raise
-    try:
-        if not S_ISREG(os.fstat(fd).st_mode):
-            raise _not_regular(store, key, "not a regular file: left untouched")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    except NotRegularFile:
+        raise _not_regular(store, key, "not a regular file: left untouched") from None
 
 
 def _volume(path, datapath, rec, st, qpath=None):
