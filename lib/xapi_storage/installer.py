@@ -48,6 +48,11 @@ _SCHEME = re.compile(r"\A[a-z][a-z0-9+.-]*\Z")
 _MODULE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 
+# Under xapi's smapi tracing the daemon runs `/usr/bin/python3 -m observer <exe> --json`
+# (spec 2.1): that interpreter, not the shebang's, must be able to import the plugins.
+OBSERVER_PYTHON = "/usr/bin/python3"
+
+
 class InstallError(Exception):
     """A plugin cannot be installed (or uninstalled); the message says why."""
 
@@ -306,6 +311,27 @@ def precompile(modules):
     return ok
 
 
+def observer_problem(modules, python=None):
+    """None if `python` (default OBSERVER_PYTHON: what xapi-storage-script runs instead of the
+    shebang when smapi tracing is on) can import the SDK and `modules`, or if there is no such
+    interpreter here; else a sentence saying what fails and why it matters."""
+    python = python or OBSERVER_PYTHON
+    if not os.path.exists(python):
+        return None
+    import subprocess
+    code = "".join(f"import {m}\n" for m in ["xapi_storage.sdk.wire", *modules])
+    try:
+        r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"cannot run {python}: {e}"
+    if r.returncode == 0:
+        return None
+    last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+    return (f"{python} cannot import the plugins ({last}). With xapi's smapi tracing enabled "
+            f"the daemon runs every executable as `{python} -m observer <exe> --json`, ignoring "
+            f"the shebang, so those calls would fail: install the package for {python} too")
+
+
 def default_interpreter():
     """The interpreter running the installer, as an absolute normalised path. Symlinks are
     kept: a virtualenv's python is a symlink, and resolving it would leave the virtualenv."""
@@ -413,6 +439,9 @@ def run(args):
         print(f"{where}: pruned: " + ", ".join(changes))
     if installed and not args.no_compile and not precompile(installed):
         report("xapi-storage install: warning: byte-compiling failed (calls will be slower)")
+    problem = observer_problem(installed) if installed else None
+    if problem:
+        report(f"xapi-storage install: warning: {problem}")
     if not plugins:
         report("xapi-storage install: no plugin registered (entry point groups "
                + ", ".join(GROUPS.values()) + ")")

@@ -170,3 +170,17 @@ def test_copy_without_copy_file_range(tmp_path, monkeypatch):
     assert extents(dst) == extents(src)
     with open(src, "rb") as a, open(dst, "rb") as b:
         assert a.read() == b.read()
+
+
+def test_copy_when_copy_file_range_wrongly_says_end_of_file(tmp_path, monkeypatch):
+    """Some kernel/filesystem pairs answer copy_file_range with 0 (end of file) although the
+    source has data there (e.g. FUSE, or the 5.3-5.18 cross-filesystem fallback on special
+    files). Trusting that 0 silently truncates the copy: a snapshot missing data. The copy
+    checks with a read before it believes the source ended."""
+    monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)
+    monkeypatch.setenv("XAPI_STORAGE_NO_REFLINK", "1")
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    sparse_file(src, 8 << 20, [(4096, os.urandom(3 << 20)), (7 << 20, b"end")])
+    assert copy(src, dst) == "copy"
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        assert a.read() == b.read()

@@ -232,7 +232,8 @@ def test_killed_executable_then_retried(plugin_dir, exe_sr):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text(max_size=12)
-    | st.sampled_from(["../x", "/", "file:///", "5f0c1d8e-0000-4000-8000-000000000002"]),
+    | st.sampled_from(["../x", "/", "file:///", "5f0c1d8e-0000-4000-8000-000000000002",
+                       "@SR@", "@SR@", "@KEY@", "@KEY@", "@PATH@", "-1", str(2**63)]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
                                                                 max_size=3),
     max_leaves=6)
@@ -249,11 +250,31 @@ def test_generated_bad_input_gives_error_record_and_no_change(plugin_dir, exe_sr
     """Arguments of the wrong shape, or pointing at nothing, never change the SR.
     (SR.create is left out: a generated absolute path could make a directory anywhere.)"""
     sr, path = exe_sr
-    before = sorted(os.listdir(path))
+    # "@SR@", "@KEY@" and "@PATH@" stand for the real SR, one of its volumes and its directory,
+    # so that bad values also reach calls on things that exist
+    vols = ok(plugin_dir, "SR.ls", sr=sr)
+    key = vols[0]["key"] if vols else ok(plugin_dir, "Volume.create", sr=sr, name="", description="",
+                                         size=0, sharable=False)["key"]
+    real = {"@SR@": sr, "@KEY@": key, "@PATH@": path}
+
+    def subst(v):
+        if isinstance(v, str):
+            return real.get(v, v)
+        if isinstance(v, list):
+            return [subst(x) for x in v]
+        if isinstance(v, dict):
+            return {k: subst(x) for k, x in v.items()}
+        return v
+    junk = subst(junk)
+
+    def state():
+        return {n: (st_.st_size, st_.st_mode, st_.st_mtime_ns) for n in sorted(os.listdir(path))
+                for st_ in [os.lstat(os.path.join(path, n))]}
+    before = state()
     rc, out = call(plugin_dir, method, **junk)
     if rc:
         assert rc == 1 and set(out) == {"code", "params", "backtrace"}
-        assert sorted(os.listdir(path)) == before
+        assert state() == before, (method, junk, out)
 
 
 def test_set_keys_round_trip_verbatim_on_the_wire(plugin_dir, exe_sr):

@@ -583,3 +583,163 @@ def test_big_records(V, SR, sr, sr_dir):
     assert st["name"] == name and len(st["keys"]) == 300
     assert os.stat(os.path.join(sr_dir, v["key"] + ".json")).st_size > 65536 * 4
     assert SR.ls(dbg=DBG, sr=sr)[0]["keys"] == st["keys"]
+
+
+def test_create_losing_a_race_keeps_the_winners_sr(SR, V, sr_dir, monkeypatch):
+    """Two SR.create calls with different uuids on one missing directory: the one that made
+    the directory can lose the race for sr.lock. Its clean-up must not remove the winner's
+    files (without sr.lock every later call on the winner's SR says SR_does_not_exist)."""
+    real = file_raw._create_sr
+
+    def other_creator_wins_first(path, uuid, name, description, datapath):
+        real(path, "the-winner", "w", "", datapath)     # the concurrent call, in between
+        return real(path, uuid, name, description, datapath)
+
+    monkeypatch.setattr(file_raw, "_create_sr", other_creator_wins_first)
+    with pytest.raises(XenAPIError) as e:
+        SR.create(dbg=DBG, uuid=SR_UUID, configuration={"path": sr_dir}, name="n",
+                  description="")
+    assert e.value.params[0] == "SR already exists"
+    monkeypatch.undo()
+    sr = SR.attach(dbg=DBG, configuration={"path": sr_dir, "sr_uuid": "the-winner"})
+    assert SR.stat(dbg=DBG, sr=sr)["uuid"] == "the-winner"
+    make(V, sr)
+    assert len(SR.ls(dbg=DBG, sr=sr)) == 1
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "missing"])
+def test_stat_gives_no_uri_for_data_that_is_not_a_regular_file(V, SR, sr, sr_dir, tmp_path,
+                                                               kind):
+    """Volume.stat precedes every datapath call, which opens the path of the volume's URI. If
+    the data file was replaced (a symlink planted on the NFS server, say), stat must not hand
+    out a URI that leads outside the SR; but xapi's VDI.destroy stats first, so stat still
+    answers (no URI, sizes 0) and the volume can be destroyed. Nothing outside is touched."""
+    v = make(V, sr)
+    path = img(sr_dir, v["key"])
+    os.unlink(path)
+    if kind == "symlink":
+        (tmp_path / "outside").write_bytes(b"secret")
+        os.symlink(str(tmp_path / "outside"), path)
+    elif kind == "directory":
+        os.mkdir(path)
+    for got in (V.stat(dbg=DBG, sr=sr, key=v["key"]), SR.ls(dbg=DBG, sr=sr)[0]):
+        assert (got["uri"], got["virtual_size"], got["physical_utilisation"]) == ([], 0, 0)
+    V.destroy(dbg=DBG, sr=sr, key=v["key"]) if kind != "directory" else None
+    if kind == "symlink":
+        assert (tmp_path / "outside").read_bytes() == b"secret"
+        assert SR.ls(dbg=DBG, sr=sr) == []
+
+
+def test_entries_planted_in_the_sr_neither_followed_nor_fatal(V, SR, sr, sr_dir, tmp_path):
+    """Odd entries with volume-like names (a symlink, a directory, a FIFO as a record; a
+    symlink as a lock) are not followed, do not hang a call, and do not make SR.ls (hence
+    xapi's SR.scan) fail for the volumes that are fine."""
+    import subprocess
+    from .conftest import child_argv
+    good = make(V, sr)
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"key": "5f0c1d8e-0000-4000-8000-0000000000a1",
+                                   "state": "ready"}))
+    planted = ["5f0c1d8e-0000-4000-8000-0000000000a%d" % i for i in range(1, 5)]
+    os.symlink(str(outside), os.path.join(sr_dir, planted[0] + ".json"))
+    os.mkdir(os.path.join(sr_dir, planted[1] + ".json"))
+    os.mkfifo(os.path.join(sr_dir, planted[2] + ".json"))
+    os.symlink(str(tmp_path / "nowhere"), os.path.join(sr_dir, planted[3] + ".lock"))
+    before = sr_files(sr_dir)
+    for argv in (child_argv("SR", "ls", sr=sr),
+                 child_argv("Volume", "stat", sr=sr, key=planted[2])):
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if argv[-1].find(planted[2]) < 0:
+            assert p.returncode == 0, p.stderr
+            assert [v["key"] for v in json.loads(p.stdout)] == [good["key"]]
+        else:
+            assert json.loads(p.stdout)["error"][1][0] == "Volume_does_not_exist", p.stderr
+    for key in planted[:3]:
+        with pytest.raises(Volume_does_not_exist):
+            V.stat(dbg=DBG, sr=sr, key=key)
+    assert sr_files(sr_dir) == before
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_create_makes_the_new_directory_durable(SR, tmp_path, monkeypatch):
+    """SR.create makes the SR's directory: its entry in the parent must reach the disk (fsync
+    of the parent) before the call returns, or a crash can lose the whole new SR."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    SR.create(dbg=DBG, uuid=SR_UUID, configuration={"path": str(tmp_path / "sr")}, name="n",
+              description="")
+    assert str(tmp_path) in synced
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory", "missing"])
+def test_data_that_is_not_a_regular_file_is_refused_without_hanging(V, SR, sr, sr_dir,
+                                                                     tmp_path, kind):
+    """snapshot, clone, revert and resize open the data file: one replaced by a FIFO must not
+    hang the call (with the volume's lock held, and no caller timeout), and a symlink is not
+    followed; each call answers a structured error and leaves the SR as it was."""
+    import subprocess
+    from .conftest import child_argv
+    v, other = make(V, sr), make(V, sr)
+    snap = V.snapshot(dbg=DBG, sr=sr, key=other["key"])
+    path = img(sr_dir, v["key"])
+    os.unlink(path)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        (tmp_path / "outside").write_bytes(b"secret")
+        os.symlink(str(tmp_path / "outside"), path)
+    elif kind == "directory":
+        os.mkdir(path)
+    before = sr_files(sr_dir)
+    for method, args in (("snapshot", {"key": v["key"]}), ("clone", {"key": v["key"]}),
+                         ("resize", {"key": v["key"], "new_size": 1 << 21}),
+                         ("revert", {"snapshot": v["key"], "key": other["key"]})):
+        p = subprocess.run(child_argv("Volume", method, sr=sr, **args), capture_output=True,
+                           text=True, timeout=30)
+        assert p.returncode == 1, (method, p.stdout, p.stderr)
+        code, params = json.loads(p.stdout)["error"]
+        assert params[:2] == ["Volume data is not a regular file", v["key"]], (method, params)
+        assert sr_files(sr_dir) == before
+    assert V.stat(dbg=DBG, sr=sr, key=snap["key"])["virtual_size"] == 1 << 20
+    assert V.stat(dbg=DBG, sr=sr, key=v["key"])["uri"] == []
+    if kind == "symlink":
+        assert (tmp_path / "outside").read_bytes() == b"secret"
+
+
+LEASE_HOLDER = r"""
+import fcntl, os, signal, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR if sys.argv[2] == "write" else os.O_RDONLY)
+signal.signal(signal.SIGIO, lambda *a: fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK))
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK if sys.argv[2] == "write" else fcntl.F_RDLCK)
+print("leased", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("leased, kind", [("img", "read"), ("json", "write")])
+def test_files_leased_by_a_file_server_are_waited_for(V, sr, sr_dir, leased, kind):
+    """An SR directory exported by a file server (Samba oplocks, knfsd delegations) has leases
+    on its files: an open that conflicts starts a lease break and must wait for it. Opening
+    with O_NONBLOCK (to never wait on a FIFO) fails with EAGAIN there instead: the plugin
+    must then wait, not fail."""
+    import subprocess
+    import sys
+    v = make(V, sr)
+    path = os.path.join(sr_dir, f"{v['key']}.{leased}")
+    holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, path, kind],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "leased"
+        if leased == "img":
+            V.resize(dbg=DBG, sr=sr, key=v["key"], new_size=2 << 20)
+        assert V.stat(dbg=DBG, sr=sr, key=v["key"])["virtual_size"] == (
+            2 << 20 if leased == "img" else 1 << 20)
+    finally:
+        holder.kill()
+        holder.wait()

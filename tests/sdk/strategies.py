@@ -33,6 +33,12 @@ def valid(itf, node, depth=0):
     for key in ("oneOf", "anyOf"):
         if key in node:
             return st.one_of([valid(itf, b, depth + 1) for b in node[key]])
+    if "allOf" in node and all("if" in b for b in node["allOf"]):
+        # conditionals (if/then) on a record: generate the record, then make each `then` hold
+        # where its `if` does
+        base = {k: v for k, v in node.items() if k != "allOf"}
+        rules = node["allOf"]
+        return valid(itf, base, depth).map(lambda v: _repair_all(itf, v, rules))
     if "allOf" in node:
         return valid(itf, node["allOf"][0], depth)
     t = node.get("type")
@@ -121,3 +127,25 @@ def finite(v):
     if isinstance(v, dict):
         return all(finite(x) for x in v.values())
     return True
+
+
+def _repair_all(itf, value, rules):
+    import jsonschema
+    for rule in rules:
+        if jsonschema.Draft202012Validator({**itf.doc, **rule["if"]}).is_valid(value):
+            _repair(value, rule.get("then", {}))
+    return value
+
+
+def _repair(value, then):
+    """Make `value` (a dict) satisfy `then`, for the shapes the schemas use: required keys
+    (added with an empty string) and const fields, nested under properties."""
+    if not isinstance(value, dict):
+        return
+    for k in then.get("required", ()):
+        value.setdefault(k, "")
+    for k, sub in then.get("properties", {}).items():
+        if "const" in sub:
+            value[k] = sub["const"]
+        elif k in value:
+            _repair(value[k], sub)

@@ -218,3 +218,32 @@ def test_prune_removes_plugins_no_longer_registered(tmp_path):
     assert r.returncode == 0 and "pruned" in r.stdout
     assert not (tmp_path / "datapath" / "toydp").exists() and (tmp_path / "datapath").is_dir()
     assert (tmp_path / "volume" / TOY / "Plugin.Query").exists()
+
+
+def test_warns_when_the_observer_interpreter_cannot_import_the_plugins(tmp_path, monkeypatch,
+                                                                      capsys):
+    """With smapi tracing on, the daemon runs `/usr/bin/python3 -m observer <exe> --json`
+    whatever the shebang says (spec 2.1): the installer says so when that interpreter cannot
+    import the plugins (e.g. the package lives in a virtualenv only)."""
+    import argparse
+    from .helpers import TOYS
+    monkeypatch.setenv("PYTHONPATH", TOYS)
+    assert installer.observer_problem(["sdk_toy"], python=sys.executable) is None
+    assert installer.observer_problem(["sdk_toy"], python=str(tmp_path / "none")) is None
+    problem = installer.observer_problem(["no_such_module_xyz"], python=sys.executable)
+    assert "no_such_module_xyz" in problem and "-m observer" in problem
+
+    ap = argparse.ArgumentParser()
+    installer.add_arguments(ap)
+    args = ap.parse_args(["--root", str(tmp_path / "root"), "--no-compile",
+                          "--plugin", f"volume:{TOY}=sdk_toy"])
+    cannot = tmp_path / "python3"
+    cannot.write_text("#!/bin/sh\necho 'ModuleNotFoundError: xapi_storage' >&2\nexit 1\n")
+    cannot.chmod(0o755)
+    monkeypatch.setattr(installer, "OBSERVER_PYTHON", str(cannot))
+    assert installer.run(args) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {cannot} cannot import the plugins" in err
+    monkeypatch.setattr(installer, "OBSERVER_PYTHON", sys.executable)
+    assert installer.run(args) == 0
+    assert "cannot import" not in capsys.readouterr().err

@@ -205,3 +205,42 @@ def test_nullary_variant_and_tag_errors():
     with pytest.raises(schema.Violation) as e:
         m.check_params({"dbg": "d", "operation": ["copyv1", "x"]})
     assert "CopyV1, MirrorV1" in e.value.message
+
+
+_SR_STAT = {"sr": "file:///x", "name": "n", "description": "", "free_space": 1, "total_space": 2,
+            "datasources": [], "clustered": False, "health": ["Healthy", ""]}
+
+
+@pytest.mark.parametrize("result, field", [
+    # spec 3.5: the daemon fails the whole probe (SCRIPT_FAILED) on any of these
+    ([{"configuration": {"sr_uuid": "u"}, "complete": False, "extra_info": {}}], "[0].complete"),
+    ([{"configuration": {}, "complete": True, "sr": _SR_STAT, "extra_info": {}}],
+     "[0].configuration.sr_uuid"),
+    ([{"configuration": {"sr_uuid": "u"}, "complete": False, "sr": _SR_STAT, "extra_info": {}}],
+     "[0].complete"),
+    ([{"configuration": {"a": "b"}, "complete": True, "extra_info": {}},
+      {"configuration": {"path": "/p"}, "complete": False, "sr": _SR_STAT, "extra_info": {}}],
+     "[1].configuration.sr_uuid"),
+])
+def test_probe_results_follow_the_daemons_rules(result, field):
+    m = schema.lookup("SR.probe")
+    with pytest.raises(schema.Violation) as e:
+        m.check_result(result)
+    assert e.value.where == field
+    assert "3.5" in e.value.message or "sr_uuid" in e.value.message
+    ref = jsonschema.Draft202012Validator({**schema.interface("SR").doc, **m.result_schema})
+    assert not ref.is_valid(result)
+
+
+@pytest.mark.parametrize("result", [
+    [],
+    [{"configuration": {"a": "b"}, "complete": False, "extra_info": {}}],
+    [{"configuration": {"a": "b"}, "complete": True, "extra_info": {}}],
+    [{"configuration": {"sr_uuid": "u"}, "complete": True, "extra_info": {}}],
+    [{"configuration": {"sr_uuid": "u"}, "complete": True, "sr": _SR_STAT, "extra_info": {}}],
+])
+def test_probe_results_the_daemon_accepts(result):
+    m = schema.lookup("SR.probe")
+    m.check_result(result)
+    ref = jsonschema.Draft202012Validator({**schema.interface("SR").doc, **m.result_schema})
+    assert ref.is_valid(result)

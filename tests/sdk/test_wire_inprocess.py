@@ -162,3 +162,35 @@ def test_stray_prints_in_process_go_to_stderr(capfd):
     assert rc == 0 and out.getvalue() == '"fine"\n'
     captured = capfd.readouterr()
     assert "a stray print" not in captured.out and "a stray print" in captured.err
+
+
+def test_an_exception_whose_code_or_params_raise_still_gives_a_record():
+    """error_record never raises: a plugin's exception class with a broken `params` or `code`
+    property gives the generic record (else: a traceback, no record, SCRIPT_FAILED)."""
+    class BadParams(Exception):
+        @property
+        def params(self):
+            raise TypeError("broken params")
+
+    class BadCode(Exception):
+        params = ["p"]
+
+        @property
+        def code(self):
+            raise ValueError("broken code")
+
+    for cls in (BadParams, BadCode):
+        try:
+            raise cls("boom")
+        except Exception as e:  # noqa: BLE001
+            r = wire.error_record(e)
+        assert_error_record(r, "SR_BACKEND_FAILURE", cls.__name__)
+        assert r["params"] == [cls.__name__, "boom"]
+
+    class Raises(sdk_toy.Plugin):
+        def diagnostics(self, dbg):
+            raise BadParams("boom")
+    out = io.StringIO()
+    rc = wire.run({"Plugin": Raises}, ["/x/Plugin.diagnostics", "--json"], io.StringIO('{"dbg":"d"}'), out)
+    assert rc == 1
+    assert jsonio.loads(out.getvalue())["params"] == ["BadParams", "boom"]

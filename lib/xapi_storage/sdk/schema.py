@@ -33,7 +33,7 @@ KINDS = {"volume": ("Plugin", "SR", "Volume"), "datapath": ("Plugin", "Datapath"
 SUPPORTED = {
     "$ref", "type", "const", "enum", "properties", "required", "additionalProperties",
     "items", "prefixItems", "minItems", "maxItems", "minimum", "maximum", "pattern",
-    "oneOf", "anyOf", "allOf",
+    "oneOf", "anyOf", "allOf", "if", "then", "else",
     # annotations
     "$schema", "$id", "$defs", "title", "description", "methods", "x-namespace", "x-version",
     "x-plugin-kinds", "x-wire-decode",
@@ -247,6 +247,8 @@ class _Compiler:
                     v = f(v, p)
                 return v
             checks.append(check_all)
+        if "if" in s:
+            checks.append(self.conditional(s))
         if "anyOf" in s:
             checks.append(self.alternatives(s["anyOf"], "anyOf", exactly_one=False))
         if "oneOf" in s:
@@ -346,6 +348,28 @@ class _Compiler:
                     out[i] = y
             return v if out is None else (out if type(v) is list else tuple(out))
         return check_array
+
+    def conditional(self, s):
+        """if/then/else: the value is checked against `then` if it matches `if`, else against
+        `else`. A failure names the field and the rule, plus the node's description (why)."""
+        cond = self.compile(s["if"])
+        then_fn = self.compile(s["then"]) if "then" in s else None
+        else_fn = self.compile(s["else"]) if "else" in s else None
+        why = s.get("description", "")
+
+        def check_conditional(v, p):
+            try:
+                cond(v, p)
+                f = then_fn
+            except Violation:
+                f = else_fn
+            if f is None:
+                return v
+            try:
+                return f(v, p)
+            except Violation as e:
+                raise Violation(e.path, e.rule, f"{e.message}: {why}" if why else e.message) from None
+        return check_conditional
 
     def alternatives(self, branches, rule, exactly_one):
         subs = [(self.compile(b), b) for b in branches]

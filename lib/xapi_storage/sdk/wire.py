@@ -152,8 +152,11 @@ def error_record(exc):
         text = str(exc)
     except Exception:  # noqa: BLE001 - a broken __str__ must not break the record
         text = f"<{type(exc).__name__}>"
-    code = getattr(exc, "code", None)
-    params = getattr(exc, "params", None)
+    try:
+        code = getattr(exc, "code", None)
+        params = getattr(exc, "params", None)
+    except Exception:  # noqa: BLE001 - a broken property must not break the record
+        code = params = None
     try:
         if not isinstance(code, str) or not isinstance(params, (list, tuple)):
             code, params = "SR_BACKEND_FAILURE", [type(exc).__name__, text]

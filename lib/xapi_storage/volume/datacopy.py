@@ -78,6 +78,10 @@ def sparse_copy(src_fd, dst_fd, progress=None):
                     if e.errno not in _NO_CFR:
                         raise
                     use_cfr = False
+                if copied == 0:
+                    # 0 means end of file, but some kernel/filesystem pairs say it wrongly
+                    # (data would be silently missing): let a read decide, and stop using it
+                    use_cfr = False
             if not use_cfr:
                 buf = os.pread(src_fd, min(n, 1 << 20), pos)
                 copied = os.pwrite(dst_fd, buf, pos) if buf else 0

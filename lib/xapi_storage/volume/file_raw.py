@@ -16,11 +16,13 @@ The SR key is "file://" + the percent-encoded absolute path; a volume key is a l
 
 import errno
 import os
+from stat import S_ISREG
 
 from ..sdk import base, log
 from ..sdk.errors import SR_does_not_exist, Volume_does_not_exist, XenAPIError
 from .store import (
-    LOCK_SUFFIX, Store, faultpoint, is_enospc, is_uuid, new_uuid, quote_path, unquote_path,
+    LOCK_SUFFIX, NotRegularFile, Store, faultpoint, is_enospc, is_uuid, new_uuid, quote_path,
+    unquote_path,
 )
 
 PLUGIN = "file-raw"
@@ -263,8 +265,30 @@ def _rec(key):
     return key + ".json"
 
 
+def _not_regular(store, key, what):
+    return XenAPIError("SR_BACKEND_FAILURE", [
+        "Volume data is not a regular file", key, f"{store.path}/{_img(key)} is {what}"])
+
+
+def _open_data(store, key, flags):
+    """Open `key`'s data file. Someone else's symlink, directory, FIFO or device put in its
+    place is neither followed nor waited on (O_NOFOLLOW, O_NONBLOCK, then fstat): a
+    structured error instead, and the entry is left as it is."""
+    try:
+        return store.open_regular(_img(key), flags)
+    except FileNotFoundError:
+        raise _not_regular(store, key, "missing") from None
+    except NotRegularFile:
+        raise _not_regular(store, key, "not a regular file: left untouched") from None
+
+
 def _volume(path, datapath, rec, st, qpath=None):
+    """The interface's volume record. `st` is the lstat of the data file: if that is not a
+    regular file (missing, or replaced by a symlink, directory, ...), the volume is reported
+    with sizes 0 and no URI: a datapath opens the URI's path, and a symlink could lead anywhere
+    in dom0. Without a URI the daemon refuses to attach it, but it can still be destroyed."""
     key = rec["key"]
+    regular = st is not None and S_ISREG(st.st_mode)
     location = f"{qpath or quote_path(path)}/{key}.img"     # a key needs no quoting
     return {
         "key": key,
@@ -273,9 +297,9 @@ def _volume(path, datapath, rec, st, qpath=None):
         "description": rec["description"],
         "read_write": rec["read_write"],
         "sharable": rec["sharable"],
-        "virtual_size": st.st_size if st is not None else 0,
-        "physical_utilisation": st.st_blocks * 512 if st is not None else 0,
-        "uri": [f"{scheme}://{location}" for scheme in datapath],
+        "virtual_size": st.st_size if regular else 0,
+        "physical_utilisation": st.st_blocks * 512 if regular else 0,
+        "uri": [f"{scheme}://{location}" for scheme in datapath] if regular else [],
         "keys": dict(rec["keys"]),
     }
 
@@ -283,8 +307,8 @@ def _volume(path, datapath, rec, st, qpath=None):
 def _read_volume_record(store, key):
     try:
         rec = store.read(_rec(key))
-    except ValueError:
-        _log(40, f"{store.path}/{_rec(key)}: unreadable volume record, ignored")
+    except ValueError as e:
+        _log(40, f"{store.path}/{_rec(key)}: unreadable volume record, ignored: {e}")
         return None
     if type(rec) is not dict or rec.get("key") != key:
         return None
@@ -438,18 +462,12 @@ class SR(base.SR):
         if not os.path.isdir(path):
             raise _config_error("path", f"{path} exists and is not a directory")
         try:
+            # the directory's entry survives a crash (also on the retry of a killed call)
+            _fsync_path(os.path.dirname(path))
             _create_sr(path, uuid, name, description, datapath)
         except BaseException:
             if made:        # leave nothing behind: remove what this call made
-                for n in (SR_LOCK, SR_META + LOCK_SUFFIX):
-                    try:
-                        os.unlink(f"{path}/{n}")
-                    except FileNotFoundError:
-                        pass
-                try:
-                    os.rmdir(path)
-                except OSError:
-                    pass
+                _undo_mkdir(path)
             raise
         result = dict(configuration)
         result["path"] = path
@@ -559,6 +577,40 @@ def _create_sr(path, uuid, name, description, datapath):
                 store.write(SR_RECORD, rec, owner=SR_META)
 
 
+def _fsync_path(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _undo_mkdir(path):
+    """Remove the directory a failed SR.create made, unless a concurrent SR.create (that found
+    the directory made) has put its SR, or anything else, in it meanwhile."""
+    try:
+        store = Store(path)
+        store.dfd
+    except OSError:
+        return
+    with store:
+        with store.lock(SR_LOCK):
+            try:
+                if _read_sr_record(store) is not None:
+                    return
+            except Exception:       # noqa: BLE001 - an SR record of another version: keep it
+                return
+            ours = (SR_LOCK, SR_META + LOCK_SUFFIX)
+            if any(n not in ours for n in store.names()):
+                return
+            for n in ours:
+                store.unlink(n)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
 def _probe_dir(path):
     """What is at `path`: an SR record (dict), or "missing", "noparent", "notdir", "empty",
     "other"."""
@@ -614,15 +666,20 @@ def _list_volumes(store, srrec):
     tmps = store.temporaries(names)
     unsettled.update(k for k in tmps if is_uuid(k))
     for key in sorted(unsettled):
-        lock = store.lock(key + LOCK_SUFFIX, blocking=False)
-        if lock is None:
-            continue                                    # a call on it is running
-        with lock:
-            rec = _settle(store, key)
-            if rec is not None and key not in listed:   # finished since we listed
-                result.append(_volume(path, datapath, rec, store.stat(_img(key))))
-            for t in tmps.get(key, ()):
-                store.unlink(t)
+        try:
+            lock = store.lock(key + LOCK_SUFFIX, blocking=False)
+            if lock is None:
+                continue                                # a call on it is running
+            with lock:
+                rec = _settle(store, key)
+                if rec is not None and key not in listed:   # finished since we listed
+                    result.append(_volume(path, datapath, rec, store.stat(_img(key))))
+                for t in tmps.get(key, ()):
+                    store.unlink(t)
+        except OSError as e:
+            # e.g. a symlink or a directory planted under one of our names: never followed,
+            # never removed; it must not make the whole listing (xapi's SR.scan) fail
+            _log(40, f"{path}: volume {key}: cannot clean up: {e}; left in place")
     if SR_META in tmps:
         lock = store.lock(SR_META + LOCK_SUFFIX, blocking=False)
         if lock is not None:
@@ -698,8 +755,13 @@ class Volume(base.Volume):
             rec = _read_volume_record(store, key)
             if rec is None or rec.get("state") != "ready":
                 raise Volume_does_not_exist(key)
-            return _volume(store.path, srrec.get("datapath", DEFAULT_DATAPATH), rec,
-                           store.stat(_img(key)))
+            st = store.stat(_img(key))
+            if st is None or not S_ISREG(st.st_mode):
+                # no URI then (see _volume): VDI.destroy, which stats first, still works
+                _log(40, _not_regular(store, key, "missing" if st is None else
+                                      "not a regular file: left untouched").params[2]
+                     + ": reported without URIs")
+            return _volume(store.path, srrec.get("datapath", DEFAULT_DATAPATH), rec, st)
 
     def set(self, dbg, sr, key, k, v):
         _want_str("k", k)
@@ -727,7 +789,7 @@ class Volume(base.Volume):
                 if not rec["read_write"]:
                     raise XenAPIError("SR_BACKEND_FAILURE", [
                         "Volume is read-only", key, "a snapshot cannot be resized"])
-                fd = store.open(_img(key), os.O_RDWR)
+                fd = _open_data(store, key, os.O_RDWR)
                 try:
                     current = os.fstat(fd).st_size
                     if size < current:
@@ -760,7 +822,7 @@ class Volume(base.Volume):
                 # Copy the snapshot beside the volume, then rename it over the volume's data:
                 # a crash leaves either the old or the new data, plus at most a temporary file.
                 tmp = f".tmp.{key}.{os.urandom(8).hex()}"
-                src = store.open(_img(snapshot), os.O_RDONLY)
+                src = _open_data(store, snapshot, os.O_RDONLY)
                 try:
                     dst = store.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                     try:
@@ -804,6 +866,19 @@ def _update_volume(sr, key, change):
     return None
 
 
+class _Closing:
+    """`with _Closing(fd)`: the file descriptor is closed at the end of the block."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __enter__(self):
+        return self.fd
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
 def _copy_volume(sr, key, read_write):
     """Snapshot (read_write=False) or clone (True) of `key` into a new volume."""
     _volume_key(key)
@@ -812,25 +887,22 @@ def _copy_volume(sr, key, read_write):
         with _VolumeLocks(store, [key]) as records:
             src_rec = _require(records, key)
             new = new_uuid()
-            with store.lock(new + LOCK_SUFFIX):
+            src = _open_data(store, key, os.O_RDONLY)
+            with _Closing(src), store.lock(new + LOCK_SUFFIX):
                 rec = _new_record(new, src_rec["name"], src_rec["description"], read_write,
                                   src_rec["sharable"], origin={"kind": kind, "of": key})
                 store.write(_rec(new), rec, owner=new, exclusive=True)
                 try:
                     faultpoint(f"{kind}:pending")
-                    src = store.open(_img(key), os.O_RDONLY)
+                    dst = store.open(_img(new), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                     try:
-                        dst = store.open(_img(new), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                        try:
-                            rec["copied_by"] = _copy_data(src, dst)
-                            if not read_write:
-                                os.fchmod(dst, 0o400)
-                            os.fsync(dst)
-                            st = os.fstat(dst)
-                        finally:
-                            os.close(dst)
+                        rec["copied_by"] = _copy_data(src, dst)
+                        if not read_write:
+                            os.fchmod(dst, 0o400)
+                        os.fsync(dst)
+                        st = os.fstat(dst)
                     finally:
-                        os.close(src)
+                        os.close(dst)
                     store.fsync_dir()
                     faultpoint(f"{kind}:data")
                     rec["state"] = "ready"

@@ -24,6 +24,7 @@ name of the lock its writer holds, so a stale temporary file is one whose owner'
 import errno
 import fcntl
 import os
+from stat import S_ISREG
 
 from ..sdk import jsonio     # strict JSON without importing `json` (start-up time)
 
@@ -118,6 +119,10 @@ def unquote_path(text):
 
 # --- the store -----------------------------------------------------------------------------------
 
+class NotRegularFile(ValueError):
+    """An entry of the store is not the regular file it should be (someone else put it there)."""
+
+
 class Lock:
     """A held flock on a file of the store; release() (or the with block) closes it."""
 
@@ -199,10 +204,35 @@ class Store:
         return os.open(name, flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=self.dfd)
 
     # records --------------------------------------------------------------------------------
-    def read(self, name):
-        """The JSON record `name`, or None if it does not exist."""
+    def open_regular(self, name, flags):
+        """Open the regular file `name`. A symlink, directory, FIFO or device put there by
+        someone else is neither followed nor waited on: NotRegularFile (O_NOFOLLOW, O_NONBLOCK,
+        then fstat; the descriptor is made blocking again). An open refused with EAGAIN is a
+        file server's lease (Samba oplock, NFS delegation) being broken, a wait that must be
+        had: that open is retried blocking. FileNotFoundError if there is nothing."""
         try:
-            fd = self.open(name, os.O_RDONLY)
+            try:
+                fd = self.open(name, flags | os.O_NONBLOCK)
+            except BlockingIOError:
+                fd = self.open(name, flags)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise NotRegularFile(f"{self.path}/{name} is not a regular file") from None
+            raise
+        try:
+            if not S_ISREG(os.fstat(fd).st_mode):
+                raise NotRegularFile(f"{self.path}/{name} is not a regular file")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def read(self, name):
+        """The JSON record `name`, or None if it does not exist. ValueError if it is not a
+        regular file holding JSON (see open_regular)."""
+        try:
+            fd = self.open_regular(name, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
