@@ -336,8 +336,12 @@ class TestBed:
             ready = self._chan.wait_event("ready", self.boot_timeout,
                                           alive=lambda: self.proc.poll() is None)
             if ready is None:
+                try:  # (poll() says None while the lifetime timer's thread waits for QEMU)
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
                 state = ("QEMU exited (rc %s)" % self.proc.returncode
-                         if self.proc.poll() is not None else
+                         if self.proc.returncode is not None else
                          "no answer from dom0's agent in %ds" % self.boot_timeout)
                 raise BootError("the test bed did not boot: %s; run dir %s; end of serial log:"
                                 "\n%s" % (state, self.run_dir, self._tail("serial.log", 40)))
@@ -501,6 +505,9 @@ class TestBed:
         opts = options % (zlib.crc32(path.encode()) % 10000 + 1) if "%d" in options else options
         script = (
             "set -e; mkdir -p {p}; "
+            "modprobe -a nfsd nfs nfsv4; "
+            "mountpoint -q /var/lib/nfs/rpc_pipefs || "
+            "mount -t rpc_pipefs rpc_pipefs /var/lib/nfs/rpc_pipefs; "
             "mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd; "
             "pidof rpcbind >/dev/null || rpcbind -w; "
             "pidof rpc.statd >/dev/null || rpc.statd --no-notify; "
@@ -513,7 +520,7 @@ class TestBed:
 
     # ---- guests -------------------------------------------------------------------------------
 
-    def guest_config(self, name, disks=(), memory_mb=256, vcpus=1, extra_cfg=""):
+    def guest_config(self, name, disks=(), memory_mb=512, vcpus=1, extra_cfg=""):
         disk_list = ", ".join(json.dumps(d) for d in disks)
         return ('name = "{n}"\ntype = "pv"\nmemory = {m}\nvcpus = {v}\n'
                 'kernel = "{k}"\nramdisk = "{r}"\nextra = "console=hvc0 quiet"\n'
@@ -521,7 +528,7 @@ class TestBed:
                 ).format(n=name, m=memory_mb, v=vcpus, k=GUEST_KERNEL, r=GUEST_INITRD,
                          d=disk_list, x=extra_cfg)
 
-    def start_guest(self, name, disks=(), memory_mb=256, vcpus=1, extra_cfg="", timeout=240):
+    def start_guest(self, name, disks=(), memory_mb=512, vcpus=1, extra_cfg="", timeout=240):
         """Create PV guest `name` (busybox + fio initramfs) and wait until it answers.
 
         disks: xl disk specs, e.g. "format=raw,vdev=xvdd,access=rw,backendtype=qdisk,target=F".
