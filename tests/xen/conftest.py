@@ -30,7 +30,8 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_terminal_summary(terminalreporter):
-    for run_dir, kept in _run_dirs:
+    for run_dir, kept, timings in _run_dirs:
+        terminalreporter.write_line("testbed: timings (s): %s" % timings)
         if kept:
             terminalreporter.write_line("testbed: logs of the test bed (CI artefact): %s" % run_dir)
 
@@ -64,10 +65,8 @@ def bed(images):
         if failed or KEEP:
             b.collect_logs()
         b.shutdown()
-        print("\ntestbed: timings %s" % b.timings)
-        if failed or KEEP:
-            _run_dirs.append((b.run_dir, True))
-        else:
+        _run_dirs.append((b.run_dir, failed or KEEP, b.timings))
+        if not (failed or KEEP):
             shutil.rmtree(b.run_dir, ignore_errors=True)
 
 
