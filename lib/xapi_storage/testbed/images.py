@@ -23,7 +23,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent / "bed-data"  # not an importable name: data only
 FORMAT = 1  # bump to invalidate every cache entry
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://mirror.invalid/debian"
@@ -181,13 +181,13 @@ def ensure_images(rebuild=False, quiet=False, timeout=1800):
         with _locked(root / ("rootfs-%s.lock" % rootfs_key())):
             if rebuild or not rootfs.exists():
                 _say("debootstrap from %s (about 2-5 minutes)" % mirror(), quiet)
-                _run_logged([str(DATA / "build-rootfs.sh"), rootfs, DATA / "packages.txt",
+                _run_logged(["bash", str(DATA / "build-rootfs.sh"), rootfs, DATA / "packages.txt",
                              mirror(), SUITE, root / "debs"], log_path, "build-rootfs.sh",
                             timeout)
         tmp = root / (".%s.tmp-%d" % (key, os.getpid()))
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            _run_logged([str(DATA / "build-images.sh"), rootfs, DATA, tmp], log_path,
+            _run_logged(["bash", str(DATA / "build-images.sh"), rootfs, DATA, tmp], log_path,
                         "build-images.sh", timeout)
             _write_manifest(tmp)
             shutil.rmtree(target, ignore_errors=True)
