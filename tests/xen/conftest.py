@@ -46,9 +46,12 @@ def _prerequisites():
 
 
 @pytest.fixture(scope="session")
-def images():
+def images(request):
     _prerequisites()
-    return testbed.ensure_images()
+    # a cold build takes minutes: let its progress lines through pytest's capture
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        return testbed.ensure_images()
 
 
 @pytest.fixture(scope="session")
