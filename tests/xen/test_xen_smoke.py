@@ -149,3 +149,24 @@ def test_nfs_export_mounted_by_dom0_itself(bed):
         bed.dom0("umount /mnt/nfs-smoke", timeout=60)
     rc, out, _ = bed.dom0("cat /srv/nfs/smoke/back", timeout=30)
     assert out.strip() == "from-the-client"
+
+
+CFFI_BUILD = """
+import sys, tempfile
+from cffi import FFI
+ffi = FFI()
+ffi.cdef("int tb_add(int, int);")
+ffi.set_source("_tb_cffi_probe", "int tb_add(int a, int b) { return a + b; }")
+d = tempfile.mkdtemp()
+ffi.compile(tmpdir=d, verbose=False)
+sys.path.insert(0, d)
+import _tb_cffi_probe
+print("tb_add", _tb_cffi_probe.lib.tb_add(40, 2))
+"""
+
+
+def test_dom0_venv_builds_a_cffi_c_module(bed):
+    # what our package's install needs: gcc, python3-dev and cffi from the venv
+    rc, out, err = bed.dom0(["/opt/xapi-storage/venv/bin/python", "-c", CFFI_BUILD], timeout=180)
+    assert rc == 0, err
+    assert out.strip() == "tb_add 42"

@@ -205,7 +205,7 @@ def _prune(root, keep):
     for p in root.iterdir():
         if p.name in keep or p.name == "debs" or p.suffix in (".lock", ".log"):
             continue
-        if time.time() - p.stat().st_mtime < 86400:
+        if time.time() - p.stat().st_mtime < 3600:
             continue  # maybe in use by another session building another key
         if (p.is_dir() and len(p.name) == 16) or p.name.startswith("rootfs-"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
