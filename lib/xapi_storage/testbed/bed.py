@@ -388,6 +388,8 @@ class TestBed:
             if self._sock_dir:
                 shutil.rmtree(self._sock_dir, ignore_errors=True)
             self._note("shut down (QEMU rc %s)" % self.proc.returncode)
+            if getattr(self, "_transcript", None):
+                self._transcript.close()
 
     def __enter__(self):
         return self
