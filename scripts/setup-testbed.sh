@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Host packages for the real-Xen test bed (see docs/testing.md). Needs root and Debian's apt.
+# Host packages the tests need: the real-Xen test bed, and the real tools some fast tests use
+# (see docs/testing.md). Needs root and Debian's apt.
 # Idempotent and quick: when every package is already installed it only asks dpkg (well under 1 s).
 # Non-interactive: CI runs it as root with no standard input.
 set -euo pipefail
 
 # qemu-system-x86: runs Xen + dom0 (TCG); debootstrap: builds the dom0 root from Debian's packages;
 # e2fsprogs: mkfs.ext4 -d (no loop mount); cpio + zstd: guest initramfs and the image cache.
-PACKAGES=(qemu-system-x86 debootstrap e2fsprogs cpio zstd)
+# xfsprogs: an XFS image on a loop device, where file-raw's reflink path runs for real;
+# xen-utils-4.17 + gcc: the real oxenstored that the simulated XenStore is compared with.
+PACKAGES=(qemu-system-x86 debootstrap e2fsprogs cpio zstd xfsprogs xen-utils-4.17 gcc)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
