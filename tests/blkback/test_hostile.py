@@ -338,3 +338,27 @@ def test_error_nodes_go_with_the_device(simxen_guest, disk):
         fe.close()
     assert xs.read("/local/domain/0/error") is None
     xs.close()
+
+
+def test_indirect_plan_cache_memory_is_bounded(served):
+    """Each distinct indirect segment list on persistent grants is cached with one buffer
+    view per segment: a guest sending many distinct lists of scattered one-sector segments
+    must not make the server hold an unbounded number of views (~200 bytes each)."""
+    with served.frontend() as fe:
+        assert fe.persistent
+        data = fe.pool.get(256)
+        (iref, ipage), = fe.pool.get(1)
+        for k in range(160):
+            # 256 one-sector segments, each on its own page: nothing merges
+            order = data[k // 8:] + data[:k // 8]
+            segs = b"".join(SEGMENT.pack(r, k % 8, k % 8) for r, _p in order)
+            ipage[:len(segs)] = segs
+            buf = bytearray(112)
+            blkif.pack_indirect(ABI_X86_64, buf, 0, OP_READ, k, 8 * k, 256, [iref])
+            fe.push_raw(bytes(buf))
+            (rid, _op, st), = fe.raw_responses(1)
+            assert (rid, st) == (k, 0)
+        plans = served.device.queues[0].plans
+        cached = sum(len(iovs) for _n, iovs in plans.values())
+        assert cached <= 32768, f"{cached} buffer views cached for {len(plans)} lists"
+        fe.pool.put(data + [(iref, ipage)])

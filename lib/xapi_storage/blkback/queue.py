@@ -42,6 +42,7 @@ IOV_MAX = 1024
 DISCARD_CHUNK = 1 << 30
 MAX_BATCHES = 16                  # per service() call, then let other rings run
 PLAN_CACHE_MAX = 512              # cached indirect plans per ring (bounded memory)
+PLAN_CACHE_IOVS = 32768           # and buffer views in them (~200 B each: ~6.5 MB)
 PARALLEL_MIN = 256 * 1024        # runs of >= 256 KiB may go to the I/O threads
 
 
@@ -63,6 +64,7 @@ class Queue:
         self.pmaps = []                 # GrantMappings that back self.persistent
         self.where = {}                 # gref -> (index in pmaps, byte offset in it)
         self.plans = {}                 # indirect segment bytes -> (nsect, iovs)
+        self.plan_iovs = 0              # len(iovs) summed over self.plans
         self.dead = False
         self.inflight = []              # runs in the I/O threads: (future, op, start, end, ids)
         # single-page requests on persistent grants go to C in one call per batch
@@ -367,10 +369,13 @@ class Queue:
                     ntemps = len(temps)
                     iovs = self._iovs(segs, kind == K_READ, temps)
                     if req[0] == K_INDIRECT and persistent and len(temps) == ntemps:
-                        if len(plans) >= PLAN_CACHE_MAX:
-                            plans.clear()
                         iovs = self._merge(segs, iovs)
+                        if (len(plans) >= PLAN_CACHE_MAX
+                                or self.plan_iovs + len(iovs) > PLAN_CACHE_IOVS):
+                            plans.clear()
+                            self.plan_iovs = 0
                         plans[segbytes] = (nsect, iovs)
+                        self.plan_iovs += len(iovs)
                 run_op = kind
                 run_iovs += iovs
                 run_end = off + nsect * 512
@@ -582,6 +587,7 @@ class Queue:
         """Unmap persistent grants and the ring; unbind the port. Idempotent."""
         self.dead = True
         self.plans.clear()
+        self.plan_iovs = 0
         for v in self.persistent.values():
             v.release()
         self.persistent.clear()
