@@ -362,3 +362,28 @@ def test_indirect_plan_cache_memory_is_bounded(served):
         cached = sum(len(iovs) for _n, iovs in plans.values())
         assert cached <= 32768, f"{cached} buffer views cached for {len(plans)} lists"
         fe.pool.put(data + [(iref, ipage)])
+
+
+def test_persistent_mappings_are_bounded(served):
+    """Each new persistent gref in its own request is one more mapping (one VMA; the
+    kernel allows a process ~65530): a guest must not be able to make one ring hold
+    thousands of them, or a 4-queue device exhausts the address-space map of the
+    server that also serves other guests. Past the cap, grants are mapped per request."""
+    with served.frontend() as fe:
+        assert fe.persistent
+        pages = fe.pool.get(3000)
+        q = fe.queues[0]
+        for start in range(0, len(pages), 30):
+            chunk = pages[start:start + 30]
+            for k, (ref, _p) in enumerate(chunk):
+                off = q.ring.slot_offset(q.ring.req_prod_pvt)
+                q.ring.buf[off:off + 112] = entry(id=start + k, sector=start + k,
+                                                  segs=[(ref, 0, 0)])
+                q.ring.req_prod_pvt = (q.ring.req_prod_pvt + 1) & 0xFFFFFFFF
+            fe.push()
+            assert [st for _i, _o, st in fe.raw_responses(len(chunk))] == [0] * len(chunk)
+        bq = served.device.queues[0]
+        assert len(bq.pmaps) <= 1024
+        # still served, and the persistent pages it kept still work
+        assert fe.read(0, 8)
+        fe.pool.put(pages)

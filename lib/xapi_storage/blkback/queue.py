@@ -44,6 +44,10 @@ MAX_BATCHES = 16                  # per service() call, then let other rings run
 PLAN_CACHE_MAX = 512              # cached indirect plans per ring (bounded memory)
 PLAN_CACHE_IOVS = 32768           # and buffer views in them (~200 B each: ~6.5 MB)
 PARALLEL_MIN = 256 * 1024        # runs of >= 256 KiB may go to the I/O threads
+# Persistent mappings kept (each is one map call = one VMA of the process, which has
+# ~65530): per ring, and the server's total is Server.max_persistent_maps. Past either,
+# grants are mapped per request.
+MAX_PMAPS = 1024
 
 
 class FatalRingError(Exception):
@@ -85,9 +89,13 @@ class Queue:
             missing = [g for g, _f, _l in segs if g not in pc]
             if missing:
                 missing = list(dict.fromkeys(missing))
-                if len(pc) + len(missing) <= dev.max_persistent:
+                server = dev.server
+                if (len(pc) + len(missing) <= dev.max_persistent
+                        and len(self.pmaps) < MAX_PMAPS
+                        and server.persistent_maps < server.max_persistent_maps):
                     m = dev.mapper.map(dev.fe_domid, missing, writable=True)
                     dev.stats.grant_maps += 1
+                    server.persistent_maps += 1
                     k = len(self.pmaps)
                     self.pmaps.append(m)
                     buf = m.buffer
@@ -594,6 +602,7 @@ class Queue:
         self.where.clear()
         self.paddr.clear()
         self.pbases = []
+        self.dev.server.persistent_maps -= len(self.pmaps)
         for m in self.pmaps:
             m.unmap()
         self.pmaps = []
