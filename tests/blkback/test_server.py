@@ -371,3 +371,18 @@ def test_c_batch_reports_io_errors(simxen_guest, disk):
                 fe.read(end - 8, 8)
             assert fe.read(0, 8) == bytes(4096)
             assert s.stats()["errors"] >= 1
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["mapped", "persistent"])
+def test_indirect_requests_of_more_than_iov_max_segments(simxen_guest, disk, persistent):
+    """The backend may advertise up to 4096 indirect segments; preadv/pwritev take at most
+    1024 buffers, so one such request (of scattered pages) must be split, not fail EINVAL."""
+    sim, g = simxen_guest
+    data = os.urandom(2048 * 4096)
+    with serve(spec(sim), g, str(disk), max_indirect=2048) as s:
+        with s.frontend(max_indirect=2048, persistent=persistent) as fe:
+            assert fe.max_indirect == 2048
+            fe.write(8, data)
+            assert fe.read(8, 2048 * 8) == data
+        assert s.stats()["errors"] == 0
+    assert disk.read_bytes()[4096:4096 + len(data)] == data

@@ -20,6 +20,7 @@ import errno
 import os
 import struct
 import time
+from functools import partial
 
 from . import blkif, fence
 from .backends import StorageError
@@ -48,6 +49,16 @@ PARALLEL_MIN = 256 * 1024        # runs of >= 256 KiB may go to the I/O threads
 # ~65530): per ring, and the server's total is Server.max_persistent_maps. Past either,
 # grants are mapped per request.
 MAX_PMAPS = 1024
+
+
+def _chunked(fn, start, iovs, length):
+    """fn(offset, iovs, length) at most IOV_MAX buffers at a time: preadv/pwritev refuse
+    more (EINVAL), and one indirect request may carry up to 4096 segments."""
+    for i in range(0, len(iovs), IOV_MAX):
+        part = iovs[i:i + IOV_MAX]
+        n = sum(map(len, part))
+        fn(start, part, n)
+        start += n
 
 
 class FatalRingError(Exception):
@@ -466,13 +477,19 @@ class Queue:
                     rsp = self._drain(rsp)
                     break
         pool = self.dev.io_pool
+        fn = None
+        if len(iovs) > IOV_MAX:                # one indirect request of > IOV_MAX segments
+            fn = partial(_chunked, storage.readv if op == K_READ else storage.writev)
         if pool is not None and not temps and end - start >= PARALLEL_MIN:
-            fn = storage.readv if op == K_READ else storage.writev
+            if fn is None:
+                fn = storage.readv if op == K_READ else storage.writev
             inflight.append((pool.submit(fn, start, iovs, end - start), op, start, end, ids))
             return rsp
         status = RSP_OKAY
         try:
-            if op == K_READ:
+            if fn is not None:
+                fn(start, iovs, end - start)
+            elif op == K_READ:
                 storage.readv(start, iovs, end - start)
             else:
                 storage.writev(start, iovs, end - start)
