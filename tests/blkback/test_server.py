@@ -386,3 +386,38 @@ def test_indirect_requests_of_more_than_iov_max_segments(simxen_guest, disk, per
             assert fe.read(8, 2048 * 8) == data
         assert s.stats()["errors"] == 0
     assert disk.read_bytes()[4096:4096 + len(data)] == data
+
+
+def test_overlapping_writes_in_one_batch_land_in_ring_order(simxen_guest, disk):
+    """Writes to the same sectors in one batch, through every path (the C batch, the
+    Python runs, 1 MiB runs in the I/O threads), land in ring order, and a read between
+    them sees exactly the writes before it."""
+    sim, g = simxen_guest
+    p = [bytes([c]) * 4096 for c in b"ABCDEFGH"]
+    big = [bytes([c]) * MiB for c in b"XY"]
+    with serve(spec(sim), g, str(disk)) as s:
+        with s.frontend() as fe:
+            fe.write(0, bytes(2 * MiB))                  # pool pages become persistent
+            fe.write(0, bytes(8192))
+            fe.write(0, bytes(4096))
+            ops = [(blkif.OP_WRITE, 0, p[0]),            # C batch
+                   (blkif.OP_WRITE, 0, p[1] * 2),        # Python run (2 segments)
+                   (blkif.OP_READ, 0, 16),
+                   (blkif.OP_WRITE, 0, big[0]),          # 1 MiB: I/O thread
+                   (blkif.OP_READ, 0, 8),
+                   (blkif.OP_WRITE, 0, p[2]),            # C batch
+                   (blkif.OP_WRITE, 0, big[1]),          # I/O thread
+                   (blkif.OP_WRITE, 8, p[3]),            # C batch, inside the 1 MiB
+                   (blkif.OP_READ, 0, 24)]
+            ids = [fe.submit(op, sec, data=arg if op == blkif.OP_WRITE else None,
+                             nsectors=arg if op == blkif.OP_READ else 0)
+                   for op, sec, arg in ops]
+            before = s.stats()["c_batched_requests"]
+            fe.push()
+            got = fe.wait(ids)
+            assert all(st == 0 for st, _d in got.values())
+            assert s.stats()["c_batched_requests"] - before >= 3
+            assert got[ids[2]][1] == p[1] * 2
+            assert got[ids[4]][1] == big[0][:4096]
+            assert got[ids[8]][1] == big[1][:4096] + p[3] + big[1][:4096]
+    assert disk.read_bytes()[:MiB] == big[1][:4096] + p[3] + big[1][8192:]
