@@ -421,3 +421,34 @@ def test_overlapping_writes_in_one_batch_land_in_ring_order(simxen_guest, disk):
             assert got[ids[4]][1] == big[0][:4096]
             assert got[ids[8]][1] == big[1][:4096] + p[3] + big[1][:4096]
     assert disk.read_bytes()[:MiB] == big[1][:4096] + p[3] + big[1][8192:]
+
+
+def test_readonly_mode_refuses_every_kind_of_write(simxen_guest, disk):
+    """BE mode=r over storage that could write (a writable raw file, so the C batch is
+    on): plain, multi-segment, single-page (C batch) and indirect writes (also with a
+    cached segment list), flush and barrier with data, and discard all get an error, and
+    the image is untouched."""
+    sim, g = simxen_guest
+    before = disk.read_bytes()
+    with serve(spec(sim), g, None, backend=RawFile(str(disk)), readonly=True) as s:
+        assert s.device.storage.pio_fd is not None and s.device.limits.readonly
+        with s.frontend() as fe:
+            assert fe.readonly
+            assert fe.read(0, 2048) == before[:MiB]       # pages + segment list cached
+            assert fe.read(0, 16) == before[:8192]
+            assert fe.read(0, 8) == before[:4096]
+            attempts = [(blkif.OP_WRITE, 0, b"x" * MiB), (blkif.OP_WRITE, 0, b"x" * MiB),
+                        (blkif.OP_WRITE, 0, b"x" * 4096), (blkif.OP_WRITE, 0, b"x" * 8192),
+                        (blkif.OP_WRITE_BARRIER, 0, b"x" * 4096),
+                        (blkif.OP_FLUSH_DISKCACHE, 0, b"x" * 4096)]
+            for op, sector, data in attempts:
+                rid = fe.submit(op, sector, data)
+                fe.push()
+                (st, _d), = fe.wait([rid]).values()
+                assert st == blkif.RSP_ERROR, (op, len(data))
+            rid = fe.submit(blkif.OP_DISCARD, 0, nsectors=8)
+            fe.push()
+            (st, _d), = fe.wait([rid]).values()
+            assert st in (blkif.RSP_ERROR, blkif.RSP_EOPNOTSUPP)
+            assert s.stats()["requests"]["write"] == 0
+    assert disk.read_bytes() == before
