@@ -384,6 +384,8 @@ def test_persistent_mappings_are_bounded(served):
             assert [st for _i, _o, st in fe.raw_responses(len(chunk))] == [0] * len(chunk)
         bq = served.device.queues[0]
         assert len(bq.pmaps) <= 1024
+        assert served.server.persistent_maps == len(bq.pmaps)
         # still served, and the persistent pages it kept still work
         assert fe.read(0, 8)
         fe.pool.put(pages)
+    assert served.server.persistent_maps == 0          # all given back at disconnect
