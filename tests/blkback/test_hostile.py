@@ -1,6 +1,7 @@
 """A hostile frontend: the server answers with errors or closes that one device; it never
 crashes, hangs, or does I/O outside the disk."""
 
+import os
 import random
 
 import pytest
@@ -389,3 +390,36 @@ def test_persistent_mappings_are_bounded(served):
         assert fe.read(0, 8)
         fe.pool.put(pages)
     assert served.server.persistent_maps == 0          # all given back at disconnect
+
+
+def test_reconnect_churn_leaks_no_descriptors(served):
+    """A guest that closes and reconnects again and again (each time with a new event
+    channel handle, as a reloaded driver does) must not make the server keep a file
+    descriptor or a mapping per round: it would run out of descriptors for every guest."""
+    def server_fds():
+        n = 0
+        for f in os.listdir("/proc/self/fd"):
+            try:
+                t = os.readlink(f"/proc/self/fd/{f}")
+            except OSError:
+                continue
+            if t.startswith(served.sim.dir):
+                n += 1
+        return n
+
+    xs = XenStore(served.sim.xenstore_path(served.guest))
+    xs0 = XenStore(served.sim.xenstore_path(0))
+    try:
+        counts = []
+        for i in range(25):
+            fe = served.frontend()
+            fe.write(0, b"c" * 4096)
+            fe.close()
+            xs.write(f"{served.fe_path}/state", "1")
+            wait_for(lambda: xs0.read(f"{served.be_path}/state") == "2", what="InitWait")
+            if i in (4, 24):
+                counts.append(server_fds())
+        assert counts[1] <= counts[0], f"descriptors grew from {counts[0]} to {counts[1]}"
+    finally:
+        xs.close()
+        xs0.close()
