@@ -423,3 +423,67 @@ def test_reconnect_churn_leaks_no_descriptors(served):
     finally:
         xs.close()
         xs0.close()
+
+
+def test_a_busy_ring_yields_after_a_bounded_amount_of_io(simxen_guest, disk):
+    """One service turn of a ring must not run for as long as its frontend keeps it
+    full: other rings (other guests on the same server) wait meanwhile. A frontend that
+    refills half the ring with 1 MiB reads while the other half is being answered keeps
+    the server in one ring; a turn stops after a bounded number of bytes."""
+    from xapi_storage.blkback.ring import M32
+    sim, g = simxen_guest
+
+    class Refiller(RawFile):
+        hook = None
+
+        def readv(self, offset, iovs, length=None):
+            super().readv(offset, iovs, length)
+            if self.hook is not None:
+                self.hook()
+
+    store = Refiller(str(disk))
+    with serve(spec(sim), g, None, backend=store, io_threads=0) as s:
+        with s.frontend(max_indirect=256) as fe:
+            data = fe.pool.get(256)
+            (iref, ipage), = fe.pool.get(1)
+            segs = b"".join(SEGMENT.pack(r, 0, 7) for r, _p in data)
+            ipage[:len(segs)] = segs
+            ring = fe.queues[0].ring
+            half = ring.size // 2
+            state = {"left": 24, "id": 0}
+
+            def publish():
+                for _ in range(half):
+                    off = ring.slot_offset(ring.req_prod_pvt)
+                    blkif.pack_indirect(ABI_X86_64, ring.buf, off, OP_READ, state["id"], 0,
+                                        256, [iref])
+                    state["id"] += 1
+                    ring.req_prod_pvt = (ring.req_prod_pvt + 1) & M32
+                return ring.push_requests_and_check_notify()
+
+            def hook():                   # in the server, while it answers a batch
+                ring.rsp_cons = ring.hdr[2]
+                if state["left"] and ring.free_slots() >= half:
+                    state["left"] -= 1
+                    publish()
+
+            q = s.device.queues[0]
+            orig = q.service
+            calls = []
+
+            def counting():
+                b0 = s.device.stats.batches
+                r = orig()
+                calls.append(s.device.stats.batches - b0)
+                return r
+            q.service = counting
+            store.hook = hook
+            publish()
+            fe.evtchn.notify(fe.queues[0].port)
+            wait_for(lambda: state["left"] == 0 and ring.hdr[2] == ring.req_prod_pvt,
+                     what="all batches answered")
+            store.hook = None
+            ring.rsp_cons = ring.hdr[2]
+            assert sum(calls) == 25
+            assert max(calls) * half <= 64, f"{max(calls)} batches of {half} MiB in one turn"
+            fe.pool.put(data + [(iref, ipage)])

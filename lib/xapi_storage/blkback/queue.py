@@ -42,6 +42,7 @@ REQ1 = {112: struct.Struct("<BBH4xQQIBB"), 108: struct.Struct("<BBHQQIBB")}
 IOV_MAX = 1024
 DISCARD_CHUNK = 1 << 30
 MAX_BATCHES = 16                  # per service() call, then let other rings run
+TURN_SECTORS = (64 << 20) // 512  # and at most ~64 MiB read/written per call
 PLAN_CACHE_MAX = 512              # cached indirect plans per ring (bounded memory)
 PLAN_CACHE_IOVS = 32768           # and buffer views in them (~200 B each: ~6.5 MB)
 PARALLEL_MIN = 256 * 1024        # runs of >= 256 KiB may go to the I/O threads
@@ -169,8 +170,9 @@ class Queue:
     # -- the hot loop -----------------------------------------------------------------------
     def service(self):
         """Answer what is on the ring. Returns False when it is empty and the frontend has
-        been asked to notify us; True after MAX_BATCHES batches with more still there (so a
-        busy ring cannot starve the others: the server comes back to it). Raises
+        been asked to notify us; True after MAX_BATCHES batches or TURN_SECTORS moved with
+        more still there (so a busy ring cannot starve the others: the server comes back
+        to it). Raises
         FatalRingError if the frontend broke the protocol."""
         ring = self.ring
         hdr = ring.hdr
@@ -180,6 +182,8 @@ class Queue:
         dev = self.dev
         evtchn = dev.server.evtchn
         stats = dev.stats
+        sects = stats.sectors
+        moved0 = sects[0] + sects[1]
         batches = 0
         while True:
             rp = hdr[0]
@@ -190,7 +194,7 @@ class Queue:
                 if not ring.final_check_for_requests():
                     return False
                 continue
-            if batches >= MAX_BATCHES:
+            if batches >= MAX_BATCHES or sects[0] + sects[1] - moved0 >= TURN_SECTORS:
                 return True
             batches += 1
             if n > size - ((cons - ring.rsp_prod_pvt) & M32):
