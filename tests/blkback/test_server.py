@@ -452,3 +452,38 @@ def test_readonly_mode_refuses_every_kind_of_write(simxen_guest, disk):
             assert st in (blkif.RSP_ERROR, blkif.RSP_EOPNOTSUPP)
             assert s.stats()["requests"]["write"] == 0
     assert disk.read_bytes() == before
+
+
+@pytest.mark.parametrize("op", [blkif.OP_FLUSH_DISKCACHE, blkif.OP_WRITE_BARRIER])
+def test_flush_is_answered_only_after_the_storage_flush_returned(simxen_guest, disk, op):
+    """While the storage's flush (fdatasync) has not returned, no OKAY for the flush or
+    barrier may be on the ring."""
+    import threading
+    sim, g = simxen_guest
+
+    class SlowFlush(RawFile):
+        def __init__(self, path):
+            super().__init__(path)
+            self.entered = threading.Event()
+            self.release = threading.Event()
+
+        def flush(self):
+            self.entered.set()
+            assert self.release.wait(10)
+            super().flush()
+
+    store = SlowFlush(str(disk))
+    with serve(spec(sim), g, None, backend=store) as s:
+        with s.frontend() as fe:
+            fe.submit(blkif.OP_WRITE, 0, b"w" * 4096)
+            rid = fe.submit(op, 0, b"")
+            fe.push()
+            assert store.entered.wait(10)
+            time.sleep(0.2)
+            ring = fe.queues[0].ring
+            answered = [ring.buf[ring.slot_offset(i):ring.slot_offset(i) + 16]
+                        for i in range(ring.rsp_cons, ring.hdr[2])]
+            assert not any(int.from_bytes(r[:8], "little") == rid for r in answered)
+            store.release.set()
+            got = fe.wait([rid])
+            assert got[rid][0] == 0
