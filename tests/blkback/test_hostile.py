@@ -3,6 +3,7 @@ crashes, hangs, or does I/O outside the disk."""
 
 import os
 import random
+import time
 
 import pytest
 
@@ -487,3 +488,23 @@ def test_a_busy_ring_yields_after_a_bounded_amount_of_io(simxen_guest, disk):
             assert sum(calls) == 25
             assert max(calls) * half <= 64, f"{max(calls)} batches of {half} MiB in one turn"
             fe.pool.put(data + [(iref, ipage)])
+
+
+@pytest.mark.parametrize("op", [blkif.OP_FLUSH_DISKCACHE, blkif.OP_WRITE_BARRIER])
+def test_flush_with_data_on_an_ungranted_page_is_the_frontends_error(served, op):
+    """A flush or barrier carrying a segment whose gref was never granted is answered
+    with an error; it is not a storage flush failure (which closes the device and names
+    the storage in the error node)."""
+    with served.frontend(persistent=False) as fe:
+        fe.write(0, b"k" * 4096)
+        fe.push_raw(entry(op=op, id=9, sector=0, segs=[(999999, 0, 7)]))
+        (rid, rop, st), = fe.raw_responses(1)
+        assert (rid, rop, st) == (9, op, -1)
+        time.sleep(0.3)                                   # a deferred close would show now
+        assert fe.read(0, 8) == b"k" * 4096
+        xs = XenStore(served.sim.xenstore_path(0))
+        try:
+            assert xs.read(f"{served.be_path}/state") == "4"
+            assert xs.read(f"/local/domain/0/error{served.be_path}/error") is None
+        finally:
+            xs.close()

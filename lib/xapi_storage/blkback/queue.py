@@ -568,6 +568,14 @@ class Queue:
         """Flush, barrier, discard. Returns the status."""
         kind, rid, op, sector, nsect, segs, extra = req
         storage = self.dev.storage
+        if segs:
+            # the frontend's grants first: one it did not grant is its fault (an error
+            # answer), not a failed flush of the storage (which closes the device)
+            try:
+                iovs = self._iovs(segs, False, temps)
+            except OSError as e:
+                self.dev.log_bad(BadRequest(rid, op, RSP_ERROR, f"grant mapping failed: {e}"))
+                return RSP_ERROR
         try:
             if kind == K_DISCARD:
                 off = sector * 512
@@ -583,7 +591,6 @@ class Queue:
             # flush, then the optional write, then flush again (FUA semantics).
             storage.flush()
             if segs:
-                iovs = self._iovs(segs, False, temps)
                 storage.writev(sector * 512, iovs)
                 self._unmap(temps)
                 self.dev.stats.sectors[kind] += nsect
