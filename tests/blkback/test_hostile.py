@@ -1,7 +1,9 @@
 """A hostile frontend: the server answers with errors or closes that one device; it never
 crashes, hangs, or does I/O outside the disk."""
 
+import os
 import random
+import time
 
 import pytest
 
@@ -338,3 +340,171 @@ def test_error_nodes_go_with_the_device(simxen_guest, disk):
         fe.close()
     assert xs.read("/local/domain/0/error") is None
     xs.close()
+
+
+def test_indirect_plan_cache_memory_is_bounded(served):
+    """Each distinct indirect segment list on persistent grants is cached with one buffer
+    view per segment: a guest sending many distinct lists of scattered one-sector segments
+    must not make the server hold an unbounded number of views (~200 bytes each)."""
+    with served.frontend() as fe:
+        assert fe.persistent
+        data = fe.pool.get(256)
+        (iref, ipage), = fe.pool.get(1)
+        for k in range(160):
+            # 256 one-sector segments, each on its own page: nothing merges
+            order = data[k // 8:] + data[:k // 8]
+            segs = b"".join(SEGMENT.pack(r, k % 8, k % 8) for r, _p in order)
+            ipage[:len(segs)] = segs
+            buf = bytearray(112)
+            blkif.pack_indirect(ABI_X86_64, buf, 0, OP_READ, k, 8 * k, 256, [iref])
+            fe.push_raw(bytes(buf))
+            (rid, _op, st), = fe.raw_responses(1)
+            assert (rid, st) == (k, 0)
+        plans = served.device.queues[0].plans
+        cached = sum(len(iovs) for _n, iovs in plans.values())
+        assert cached <= 32768, f"{cached} buffer views cached for {len(plans)} lists"
+        fe.pool.put(data + [(iref, ipage)])
+
+
+def test_persistent_mappings_are_bounded(served):
+    """Each new persistent gref in its own request is one more mapping (one VMA; the
+    kernel allows a process ~65530): a guest must not be able to make one ring hold
+    thousands of them, or a 4-queue device exhausts the address-space map of the
+    server that also serves other guests. Past the cap, grants are mapped per request."""
+    with served.frontend() as fe:
+        assert fe.persistent
+        pages = fe.pool.get(3000)
+        q = fe.queues[0]
+        for start in range(0, len(pages), 30):
+            chunk = pages[start:start + 30]
+            for k, (ref, _p) in enumerate(chunk):
+                off = q.ring.slot_offset(q.ring.req_prod_pvt)
+                q.ring.buf[off:off + 112] = entry(id=start + k, sector=start + k,
+                                                  segs=[(ref, 0, 0)])
+                q.ring.req_prod_pvt = (q.ring.req_prod_pvt + 1) & 0xFFFFFFFF
+            fe.push()
+            assert [st for _i, _o, st in fe.raw_responses(len(chunk))] == [0] * len(chunk)
+        bq = served.device.queues[0]
+        assert len(bq.pmaps) <= 1024
+        assert served.server.persistent_maps == len(bq.pmaps)
+        # still served, and the persistent pages it kept still work
+        assert fe.read(0, 8)
+        fe.pool.put(pages)
+    assert served.server.persistent_maps == 0          # all given back at disconnect
+
+
+def test_reconnect_churn_leaks_no_descriptors(served):
+    """A guest that closes and reconnects again and again (each time with a new event
+    channel handle, as a reloaded driver does) must not make the server keep a file
+    descriptor or a mapping per round: it would run out of descriptors for every guest."""
+    def server_fds():
+        n = 0
+        for f in os.listdir("/proc/self/fd"):
+            try:
+                t = os.readlink(f"/proc/self/fd/{f}")
+            except OSError:
+                continue
+            if t.startswith(served.sim.dir):
+                n += 1
+        return n
+
+    xs = XenStore(served.sim.xenstore_path(served.guest))
+    xs0 = XenStore(served.sim.xenstore_path(0))
+    try:
+        counts = []
+        for i in range(25):
+            fe = served.frontend()
+            fe.write(0, b"c" * 4096)
+            fe.close()
+            xs.write(f"{served.fe_path}/state", "1")
+            wait_for(lambda: xs0.read(f"{served.be_path}/state") == "2", what="InitWait")
+            if i in (4, 24):
+                counts.append(server_fds())
+        assert counts[1] <= counts[0], f"descriptors grew from {counts[0]} to {counts[1]}"
+    finally:
+        xs.close()
+        xs0.close()
+
+
+def test_a_busy_ring_yields_after_a_bounded_amount_of_io(simxen_guest, disk):
+    """One service turn of a ring must not run for as long as its frontend keeps it
+    full: other rings (other guests on the same server) wait meanwhile. A frontend that
+    refills half the ring with 1 MiB reads while the other half is being answered keeps
+    the server in one ring; a turn stops after a bounded number of bytes."""
+    from xapi_storage.blkback.ring import M32
+    sim, g = simxen_guest
+
+    class Refiller(RawFile):
+        hook = None
+
+        def readv(self, offset, iovs, length=None):
+            super().readv(offset, iovs, length)
+            if self.hook is not None:
+                self.hook()
+
+    store = Refiller(str(disk))
+    with serve(spec(sim), g, None, backend=store, io_threads=0) as s:
+        with s.frontend(max_indirect=256) as fe:
+            data = fe.pool.get(256)
+            (iref, ipage), = fe.pool.get(1)
+            segs = b"".join(SEGMENT.pack(r, 0, 7) for r, _p in data)
+            ipage[:len(segs)] = segs
+            ring = fe.queues[0].ring
+            half = ring.size // 2
+            state = {"left": 24, "id": 0}
+
+            def publish():
+                for _ in range(half):
+                    off = ring.slot_offset(ring.req_prod_pvt)
+                    blkif.pack_indirect(ABI_X86_64, ring.buf, off, OP_READ, state["id"], 0,
+                                        256, [iref])
+                    state["id"] += 1
+                    ring.req_prod_pvt = (ring.req_prod_pvt + 1) & M32
+                return ring.push_requests_and_check_notify()
+
+            def hook():                   # in the server, while it answers a batch
+                ring.rsp_cons = ring.hdr[2]
+                if state["left"] and ring.free_slots() >= half:
+                    state["left"] -= 1
+                    publish()
+
+            q = s.device.queues[0]
+            orig = q.service
+            calls = []
+
+            def counting():
+                b0 = s.device.stats.batches
+                r = orig()
+                calls.append(s.device.stats.batches - b0)
+                return r
+            q.service = counting
+            store.hook = hook
+            publish()
+            fe.evtchn.notify(fe.queues[0].port)
+            wait_for(lambda: state["left"] == 0 and ring.hdr[2] == ring.req_prod_pvt,
+                     what="all batches answered")
+            store.hook = None
+            ring.rsp_cons = ring.hdr[2]
+            assert sum(calls) == 25
+            assert max(calls) * half <= 64, f"{max(calls)} batches of {half} MiB in one turn"
+            fe.pool.put(data + [(iref, ipage)])
+
+
+@pytest.mark.parametrize("op", [blkif.OP_FLUSH_DISKCACHE, blkif.OP_WRITE_BARRIER])
+def test_flush_with_data_on_an_ungranted_page_is_the_frontends_error(served, op):
+    """A flush or barrier carrying a segment whose gref was never granted is answered
+    with an error; it is not a storage flush failure (which closes the device and names
+    the storage in the error node)."""
+    with served.frontend(persistent=False) as fe:
+        fe.write(0, b"k" * 4096)
+        fe.push_raw(entry(op=op, id=9, sector=0, segs=[(999999, 0, 7)]))
+        (rid, rop, st), = fe.raw_responses(1)
+        assert (rid, rop, st) == (9, op, -1)
+        time.sleep(0.3)                                   # a deferred close would show now
+        assert fe.read(0, 8) == b"k" * 4096
+        xs = XenStore(served.sim.xenstore_path(0))
+        try:
+            assert xs.read(f"{served.be_path}/state") == "4"
+            assert xs.read(f"/local/domain/0/error{served.be_path}/error") is None
+        finally:
+            xs.close()

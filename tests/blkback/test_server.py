@@ -371,3 +371,119 @@ def test_c_batch_reports_io_errors(simxen_guest, disk):
                 fe.read(end - 8, 8)
             assert fe.read(0, 8) == bytes(4096)
             assert s.stats()["errors"] >= 1
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["mapped", "persistent"])
+def test_indirect_requests_of_more_than_iov_max_segments(simxen_guest, disk, persistent):
+    """The backend may advertise up to 4096 indirect segments; preadv/pwritev take at most
+    1024 buffers, so one such request (of scattered pages) must be split, not fail EINVAL."""
+    sim, g = simxen_guest
+    data = os.urandom(2048 * 4096)
+    with serve(spec(sim), g, str(disk), max_indirect=2048) as s:
+        with s.frontend(max_indirect=2048, persistent=persistent) as fe:
+            assert fe.max_indirect == 2048
+            fe.write(8, data)
+            assert fe.read(8, 2048 * 8) == data
+        assert s.stats()["errors"] == 0
+    assert disk.read_bytes()[4096:4096 + len(data)] == data
+
+
+def test_overlapping_writes_in_one_batch_land_in_ring_order(simxen_guest, disk):
+    """Writes to the same sectors in one batch, through every path (the C batch, the
+    Python runs, 1 MiB runs in the I/O threads), land in ring order, and a read between
+    them sees exactly the writes before it."""
+    sim, g = simxen_guest
+    p = [bytes([c]) * 4096 for c in b"ABCDEFGH"]
+    big = [bytes([c]) * MiB for c in b"XY"]
+    with serve(spec(sim), g, str(disk)) as s:
+        with s.frontend() as fe:
+            fe.write(0, bytes(2 * MiB))                  # pool pages become persistent
+            fe.write(0, bytes(8192))
+            fe.write(0, bytes(4096))
+            ops = [(blkif.OP_WRITE, 0, p[0]),            # C batch
+                   (blkif.OP_WRITE, 0, p[1] * 2),        # Python run (2 segments)
+                   (blkif.OP_READ, 0, 16),
+                   (blkif.OP_WRITE, 0, big[0]),          # 1 MiB: I/O thread
+                   (blkif.OP_READ, 0, 8),
+                   (blkif.OP_WRITE, 0, p[2]),            # C batch
+                   (blkif.OP_WRITE, 0, big[1]),          # I/O thread
+                   (blkif.OP_WRITE, 8, p[3]),            # C batch, inside the 1 MiB
+                   (blkif.OP_READ, 0, 24)]
+            ids = [fe.submit(op, sec, data=arg if op == blkif.OP_WRITE else None,
+                             nsectors=arg if op == blkif.OP_READ else 0)
+                   for op, sec, arg in ops]
+            before = s.stats()["c_batched_requests"]
+            fe.push()
+            got = fe.wait(ids)
+            assert all(st == 0 for st, _d in got.values())
+            assert s.stats()["c_batched_requests"] - before >= 3
+            assert got[ids[2]][1] == p[1] * 2
+            assert got[ids[4]][1] == big[0][:4096]
+            assert got[ids[8]][1] == big[1][:4096] + p[3] + big[1][:4096]
+    assert disk.read_bytes()[:MiB] == big[1][:4096] + p[3] + big[1][8192:]
+
+
+def test_readonly_mode_refuses_every_kind_of_write(simxen_guest, disk):
+    """BE mode=r over storage that could write (a writable raw file, so the C batch is
+    on): plain, multi-segment, single-page (C batch) and indirect writes (also with a
+    cached segment list), flush and barrier with data, and discard all get an error, and
+    the image is untouched."""
+    sim, g = simxen_guest
+    before = disk.read_bytes()
+    with serve(spec(sim), g, None, backend=RawFile(str(disk)), readonly=True) as s:
+        assert s.device.storage.pio_fd is not None and s.device.limits.readonly
+        with s.frontend() as fe:
+            assert fe.readonly
+            assert fe.read(0, 2048) == before[:MiB]       # pages + segment list cached
+            assert fe.read(0, 16) == before[:8192]
+            assert fe.read(0, 8) == before[:4096]
+            attempts = [(blkif.OP_WRITE, 0, b"x" * MiB), (blkif.OP_WRITE, 0, b"x" * MiB),
+                        (blkif.OP_WRITE, 0, b"x" * 4096), (blkif.OP_WRITE, 0, b"x" * 8192),
+                        (blkif.OP_WRITE_BARRIER, 0, b"x" * 4096),
+                        (blkif.OP_FLUSH_DISKCACHE, 0, b"x" * 4096)]
+            for op, sector, data in attempts:
+                rid = fe.submit(op, sector, data)
+                fe.push()
+                (st, _d), = fe.wait([rid]).values()
+                assert st == blkif.RSP_ERROR, (op, len(data))
+            rid = fe.submit(blkif.OP_DISCARD, 0, nsectors=8)
+            fe.push()
+            (st, _d), = fe.wait([rid]).values()
+            assert st in (blkif.RSP_ERROR, blkif.RSP_EOPNOTSUPP)
+            assert s.stats()["requests"]["write"] == 0
+    assert disk.read_bytes() == before
+
+
+@pytest.mark.parametrize("op", [blkif.OP_FLUSH_DISKCACHE, blkif.OP_WRITE_BARRIER])
+def test_flush_is_answered_only_after_the_storage_flush_returned(simxen_guest, disk, op):
+    """While the storage's flush (fdatasync) has not returned, no OKAY for the flush or
+    barrier may be on the ring."""
+    import threading
+    sim, g = simxen_guest
+
+    class SlowFlush(RawFile):
+        def __init__(self, path):
+            super().__init__(path)
+            self.entered = threading.Event()
+            self.release = threading.Event()
+
+        def flush(self):
+            self.entered.set()
+            assert self.release.wait(10)
+            super().flush()
+
+    store = SlowFlush(str(disk))
+    with serve(spec(sim), g, None, backend=store) as s:
+        with s.frontend() as fe:
+            fe.submit(blkif.OP_WRITE, 0, b"w" * 4096)
+            rid = fe.submit(op, 0, b"")
+            fe.push()
+            assert store.entered.wait(10)
+            time.sleep(0.2)
+            ring = fe.queues[0].ring
+            answered = [ring.buf[ring.slot_offset(i):ring.slot_offset(i) + 16]
+                        for i in range(ring.rsp_cons, ring.hdr[2])]
+            assert not any(int.from_bytes(r[:8], "little") == rid for r in answered)
+            store.release.set()
+            got = fe.wait([rid])
+            assert got[rid][0] == 0

@@ -20,6 +20,7 @@ import errno
 import os
 import struct
 import time
+from functools import partial
 
 from . import blkif, fence
 from .backends import StorageError
@@ -41,8 +42,24 @@ REQ1 = {112: struct.Struct("<BBH4xQQIBB"), 108: struct.Struct("<BBHQQIBB")}
 IOV_MAX = 1024
 DISCARD_CHUNK = 1 << 30
 MAX_BATCHES = 16                  # per service() call, then let other rings run
+TURN_SECTORS = (64 << 20) // 512  # and at most ~64 MiB read/written per call
 PLAN_CACHE_MAX = 512              # cached indirect plans per ring (bounded memory)
+PLAN_CACHE_IOVS = 32768           # and buffer views in them (~200 B each: ~6.5 MB)
 PARALLEL_MIN = 256 * 1024        # runs of >= 256 KiB may go to the I/O threads
+# Persistent mappings kept (each is one map call = one VMA of the process, which has
+# ~65530): per ring, and the server's total is Server.max_persistent_maps. Past either,
+# grants are mapped per request.
+MAX_PMAPS = 1024
+
+
+def _chunked(fn, start, iovs, length):
+    """fn(offset, iovs, length) at most IOV_MAX buffers at a time: preadv/pwritev refuse
+    more (EINVAL), and one indirect request may carry up to 4096 segments."""
+    for i in range(0, len(iovs), IOV_MAX):
+        part = iovs[i:i + IOV_MAX]
+        n = sum(map(len, part))
+        fn(start, part, n)
+        start += n
 
 
 class FatalRingError(Exception):
@@ -63,6 +80,7 @@ class Queue:
         self.pmaps = []                 # GrantMappings that back self.persistent
         self.where = {}                 # gref -> (index in pmaps, byte offset in it)
         self.plans = {}                 # indirect segment bytes -> (nsect, iovs)
+        self.plan_iovs = 0              # len(iovs) summed over self.plans
         self.dead = False
         self.inflight = []              # runs in the I/O threads: (future, op, start, end, ids)
         # single-page requests on persistent grants go to C in one call per batch
@@ -83,9 +101,13 @@ class Queue:
             missing = [g for g, _f, _l in segs if g not in pc]
             if missing:
                 missing = list(dict.fromkeys(missing))
-                if len(pc) + len(missing) <= dev.max_persistent:
+                server = dev.server
+                if (len(pc) + len(missing) <= dev.max_persistent
+                        and len(self.pmaps) < MAX_PMAPS
+                        and server.persistent_maps < server.max_persistent_maps):
                     m = dev.mapper.map(dev.fe_domid, missing, writable=True)
                     dev.stats.grant_maps += 1
+                    server.persistent_maps += 1
                     k = len(self.pmaps)
                     self.pmaps.append(m)
                     buf = m.buffer
@@ -148,8 +170,9 @@ class Queue:
     # -- the hot loop -----------------------------------------------------------------------
     def service(self):
         """Answer what is on the ring. Returns False when it is empty and the frontend has
-        been asked to notify us; True after MAX_BATCHES batches with more still there (so a
-        busy ring cannot starve the others: the server comes back to it). Raises
+        been asked to notify us; True after MAX_BATCHES batches or TURN_SECTORS moved with
+        more still there (so a busy ring cannot starve the others: the server comes back
+        to it). Raises
         FatalRingError if the frontend broke the protocol."""
         ring = self.ring
         hdr = ring.hdr
@@ -159,6 +182,8 @@ class Queue:
         dev = self.dev
         evtchn = dev.server.evtchn
         stats = dev.stats
+        sects = stats.sectors
+        moved0 = sects[0] + sects[1]
         batches = 0
         while True:
             rp = hdr[0]
@@ -169,7 +194,7 @@ class Queue:
                 if not ring.final_check_for_requests():
                     return False
                 continue
-            if batches >= MAX_BATCHES:
+            if batches >= MAX_BATCHES or sects[0] + sects[1] - moved0 >= TURN_SECTORS:
                 return True
             batches += 1
             if n > size - ((cons - ring.rsp_prod_pvt) & M32):
@@ -367,10 +392,13 @@ class Queue:
                     ntemps = len(temps)
                     iovs = self._iovs(segs, kind == K_READ, temps)
                     if req[0] == K_INDIRECT and persistent and len(temps) == ntemps:
-                        if len(plans) >= PLAN_CACHE_MAX:
-                            plans.clear()
                         iovs = self._merge(segs, iovs)
+                        if (len(plans) >= PLAN_CACHE_MAX
+                                or self.plan_iovs + len(iovs) > PLAN_CACHE_IOVS):
+                            plans.clear()
+                            self.plan_iovs = 0
                         plans[segbytes] = (nsect, iovs)
+                        self.plan_iovs += len(iovs)
                 run_op = kind
                 run_iovs += iovs
                 run_end = off + nsect * 512
@@ -453,13 +481,19 @@ class Queue:
                     rsp = self._drain(rsp)
                     break
         pool = self.dev.io_pool
+        fn = None
+        if len(iovs) > IOV_MAX:                # one indirect request of > IOV_MAX segments
+            fn = partial(_chunked, storage.readv if op == K_READ else storage.writev)
         if pool is not None and not temps and end - start >= PARALLEL_MIN:
-            fn = storage.readv if op == K_READ else storage.writev
+            if fn is None:
+                fn = storage.readv if op == K_READ else storage.writev
             inflight.append((pool.submit(fn, start, iovs, end - start), op, start, end, ids))
             return rsp
         status = RSP_OKAY
         try:
-            if op == K_READ:
+            if fn is not None:
+                fn(start, iovs, end - start)
+            elif op == K_READ:
                 storage.readv(start, iovs, end - start)
             else:
                 storage.writev(start, iovs, end - start)
@@ -534,6 +568,14 @@ class Queue:
         """Flush, barrier, discard. Returns the status."""
         kind, rid, op, sector, nsect, segs, extra = req
         storage = self.dev.storage
+        if segs:
+            # the frontend's grants first: one it did not grant is its fault (an error
+            # answer), not a failed flush of the storage (which closes the device)
+            try:
+                iovs = self._iovs(segs, False, temps)
+            except OSError as e:
+                self.dev.log_bad(BadRequest(rid, op, RSP_ERROR, f"grant mapping failed: {e}"))
+                return RSP_ERROR
         try:
             if kind == K_DISCARD:
                 off = sector * 512
@@ -549,7 +591,6 @@ class Queue:
             # flush, then the optional write, then flush again (FUA semantics).
             storage.flush()
             if segs:
-                iovs = self._iovs(segs, False, temps)
                 storage.writev(sector * 512, iovs)
                 self._unmap(temps)
                 self.dev.stats.sectors[kind] += nsect
@@ -582,12 +623,14 @@ class Queue:
         """Unmap persistent grants and the ring; unbind the port. Idempotent."""
         self.dead = True
         self.plans.clear()
+        self.plan_iovs = 0
         for v in self.persistent.values():
             v.release()
         self.persistent.clear()
         self.where.clear()
         self.paddr.clear()
         self.pbases = []
+        self.dev.server.persistent_maps -= len(self.pmaps)
         for m in self.pmaps:
             m.unmap()
         self.pmaps = []

@@ -497,6 +497,9 @@ class Server:
         self.mapper = xen.grant_mapper()
         self.devices = {}
         self.ports = {}
+        # persistent grant mappings held by all rings (each is a VMA; see queue.MAX_PMAPS)
+        self.persistent_maps = 0
+        self.max_persistent_maps = 32768
         self.later = []
         self.ready = []
         self._stop = False

@@ -28,10 +28,10 @@ class _Peer:
     to the peer handle's: queued wake-ups are charged to the sender's socket buffer, so a
     peer that never reads can only fill its own, never block wake-ups to the others."""
 
-    __slots__ = ("port", "sock", "counters", "msg")
+    __slots__ = ("port", "sock", "counters", "msg", "path")
 
-    def __init__(self, port, sock, counters):
-        self.port, self.sock, self.counters = port, sock, counters
+    def __init__(self, port, sock, counters, path):
+        self.port, self.sock, self.counters, self.path = port, sock, counters, path
         self.msg = port.to_bytes(4, "little")
 
     def close(self):
@@ -84,11 +84,22 @@ class SimEventChannels(EventChannels):
         peer = self._bound.pop(port)
         if peer is not None:
             peer.close()
+            self._forget_page(peer.path)
         try:
             self._broker.call(op="unbind", port=port)
         except XenError as e:
             if e.errno != errno.EINVAL:
                 raise
+
+    def _forget_page(self, path):
+        """Unmap a peer handle's counter file once no bound port notifies through it (each
+        mapping holds a descriptor: kept, they would pile up with every reconnect)."""
+        if any(p is not None and p.path == path for p in self._bound.values()):
+            return
+        entry = self._pages.pop(path, None)
+        if entry is not None:
+            entry[1].release()
+            entry[0].close()
 
     def _peer_from(self, info):
         if info.get("state") != "interdomain":
@@ -112,7 +123,7 @@ class SimEventChannels(EventChannels):
             sock.close()
             return None                # the peer handle is gone
         sock.setblocking(False)
-        return _Peer(info["peer_port"], sock, entry[1])
+        return _Peer(info["peer_port"], sock, entry[1], path)
 
     # -- hot path
     def notify(self, port):
@@ -134,6 +145,7 @@ class SimEventChannels(EventChannels):
         except OSError:              # peer handle gone: look it up again next time
             peer.close()
             self._bound[port] = None
+            self._forget_page(peer.path)
 
     def fileno(self):
         return self._sock.fileno()
