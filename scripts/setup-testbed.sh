@@ -1,4 +1,30 @@
 #!/usr/bin/env bash
 # Host packages for the real-Xen test bed (see docs/testing.md). Needs root and Debian's apt.
+# Idempotent and quick: when every package is already installed it only asks dpkg (well under 1 s).
+# Non-interactive: CI runs it as root with no standard input.
 set -euo pipefail
-echo "setup-testbed: nothing to install yet" >&2
+
+# qemu-system-x86: runs Xen + dom0 (TCG); debootstrap: builds the dom0 root from Debian's packages;
+# e2fsprogs: mkfs.ext4 -d (no loop mount); cpio + zstd: guest initramfs and the image cache.
+PACKAGES=(qemu-system-x86 debootstrap e2fsprogs cpio zstd)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+    [ "$status" = "install ok installed" ] || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "setup-testbed: host packages present (${PACKAGES[*]})" >&2
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup-testbed: missing host packages: ${missing[*]}; run this script as root" \
+         "(or: sudo apt-get install ${missing[*]})" >&2
+    exit 1
+fi
+echo "setup-testbed: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+timeout 600 apt-get update -qq </dev/null
+timeout 900 apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null >/dev/null
+echo "setup-testbed: installed ${missing[*]}" >&2

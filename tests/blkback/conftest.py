@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from xapi_storage.xen.sim.pytest_plugin import simxen, simxen_guest  # noqa: F401 (fixtures)
+from xapi_storage.xen.sim.pytest_plugin import simxen, simxen_guest  # noqa: F401
 
 
 @pytest.fixture(scope="session")

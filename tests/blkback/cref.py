@@ -2,8 +2,6 @@
 differential tests. The ring functions are the io/ring.h macros written over plain unsigned
 ints (RING_IDX is `unsigned int`), so wrap-around is C's, not ours."""
 
-import os
-
 from cffi import FFI
 
 CDEF = """

@@ -40,7 +40,7 @@ def _run(store, model, script, seed):
             model[off:off + length] = data
         elif op == "read":
             buf = bytearray(length)
-            store.readv(off, _iovs(buf, pieces))
+            store.readv(off, _iovs(buf, pieces), length)
             assert buf == model[off:off + length], f"read {off}+{length}"
         elif op == "discard":
             store.discard(off, length)
@@ -60,7 +60,10 @@ def image(tmp_path):
     return p
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+NOFIX = [HealthCheck.function_scoped_fixture]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=NOFIX)
 @given(script=ops, seed=st.integers())
 def test_raw_matches_model(image, script, seed):
     model = bytearray(image.read_bytes())
@@ -70,7 +73,17 @@ def test_raw_matches_model(image, script, seed):
     assert image.read_bytes() == model
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=NOFIX)
+@given(script=ops, seed=st.integers())
+def test_raw_mmap_reads_match_model(image, script, seed):
+    model = bytearray(image.read_bytes())
+    with open_storage("raw", str(image), read_mode="mmap") as s:
+        s.MMAP_MIN = 512                       # every read through the mapping
+        _run(s, model, script, seed)
+    assert image.read_bytes() == model
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=NOFIX)
 @given(script=ops, seed=st.integers())
 def test_cow_matches_model_and_never_touches_the_gold_image(image, tmp_path, script, seed):
     gold = hashlib.sha256(image.read_bytes()).hexdigest()

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -35,7 +34,17 @@ def finish(p, timeout=15):
 
 
 def nodes(xs, g):
-    return (xs.list(f"/local/domain/{g}/device/vbd"), xs.list("/local/domain/0/backend"))
+    """Every node under dom0's and the guest's home, with its value: nothing we wrote may
+    be left when the command ends."""
+    out = {}
+
+    def walk(p):
+        out[p] = xs.read(p)
+        for c in xs.list(p):
+            walk(f"{p}/{c}")
+    walk("/local/domain/0")
+    walk(f"/local/domain/{g}")
+    return out
 
 
 @pytest.mark.parametrize("how", ["sigint", "toolstack-unplug", "sigterm-before-connect"])
@@ -120,3 +129,43 @@ def test_errors_are_clear_and_leave_nothing(simxen_guest, disk, args, msg):
     assert rc != 0 and msg in err, err
     assert nodes(xs, g) == before
     xs.close()
+
+
+def test_status_line_on_a_terminal(simxen_guest, disk):
+    import pty
+    sim, g = simxen_guest
+    master, slave = pty.openpty()
+    p = subprocess.Popen(cli("guest1", "--path", str(disk), "--xen", f"sim:{sim.dir}"),
+                         stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = bytearray()
+
+    def drain():
+        import select
+        while select.select([master], [], [], 0)[0]:
+            try:
+                d = os.read(master, 65536)
+            except OSError:
+                return
+            if not d:
+                return
+            out.extend(d)
+    try:
+        xs = XenStore(sim.xenstore_path(0))
+        wait_for(lambda: xs.list(f"/local/domain/{g}/device/vbd"), what="the vbd")
+        fe = Frontend(sim.xen(g), toolstack.xvd_devid(1))
+        fe.connect()
+        fe.write(0, b"t" * 4096)
+        wait_for(lambda: (drain(), b"writes 1 (4.0 KiB)" in out)[1], what="the status line")
+        p.send_signal(signal.SIGINT)
+        wait_for(lambda: xs.read(f"{fe.be_path}/state") == "5", what="Closing")
+        fe.close()
+        assert p.wait(15) == 0
+        drain()
+        xs.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+    text = out.decode(errors="replace")
+    assert "\r\x1b[K" in text and "xvdb of domain" in text and "[Connected]" in text

@@ -309,3 +309,12 @@ def test_reconnect_after_frontend_close():
     assert m.on_frontend_state(b"5")[1] == xenbus.CLOSING
     assert m.on_frontend_state(b"6")[1:] == (xenbus.CLOSED, (xenbus.DISCONNECT,))
     assert m.on_frontend_state(b"1")[1:] == (xenbus.INITWAIT, (xenbus.PUBLISH,))
+
+
+def test_the_real_barrier_is_built():
+    """CI must run with the compiled cffi fence, not the fallback."""
+    from xapi_storage.blkback import fence
+    assert fence.KIND.startswith("cffi"), fence.KIND
+    fence.mb()
+    fence.wmb()
+    fence.rmb()

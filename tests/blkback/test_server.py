@@ -1,15 +1,16 @@
 """The whole server against the simulated Xen, through the blkfront-like test frontend."""
 
 import os
+import shutil
+import subprocess
 import random
-import struct
 import time
 
 import pytest
 
-from xapi_storage.blkback import blkif, serve
+from xapi_storage.blkback import blkif, serve, toolstack
 from xapi_storage.blkback.backends.raw import RawFile
-from xapi_storage.blkback.frontend import FrontendError, IOError_
+from xapi_storage.blkback.frontend import IOError_
 from xapi_storage.blkback.server import XenStore
 
 MiB = 1 << 20
@@ -107,8 +108,8 @@ class Recording(RawFile):
         super().__init__(path)
         self.log = []
 
-    def writev(self, offset, iovs):
-        super().writev(offset, iovs)
+    def writev(self, offset, iovs, length=None):
+        super().writev(offset, iovs, length)
         self.log.append(("write", offset))
 
     def flush(self):
@@ -237,8 +238,75 @@ def test_toolstack_unplug_removes_everything(simxen_guest, disk):
         fe = s.frontend()
         fe.write(0, b"x" * 512)
         fe_path, be_path = s.fe_path, s.be_path
-    # serve() unplugged as libxl does; the frontend saw Closing, and closes on its own side
-    fe._free()
+        toolstack.unplug(xs, be_path)                 # xl block-detach: online=0, state=5
+        wait_for(lambda: xs.read(f"{be_path}/state") == "5", what="backend Closing")
+        fe.close()                                    # blkfront >= 5.14 closes at once
+        s.thread.join(10)
+        assert not s.alive                            # the device is gone, the server done
     assert xs.read(f"{be_path}/state") is None and xs.read(f"{fe_path}/state") is None
-    assert xs.list(f"/local/domain/0/backend/pyvbd") == []
+    assert xs.read("/local/domain/0/backend/pyvbd") is None     # parents we made: gone too
     xs.close()
+
+
+def test_raw_mmap_read_mode_with_1mib_requests(simxen_guest, disk):
+    sim, g = simxen_guest
+    model = bytearray(disk.read_bytes())
+    rnd = random.Random(5)
+    store = RawFile(str(disk), read_mode="mmap")
+    with serve(spec(sim), g, None, backend=store) as s:
+        with s.frontend(max_indirect=256) as fe:
+            random_io(fe, model, rnd, 30, max_sectors=4096)
+            for _ in range(5):                       # the same lists again: cached plans
+                assert fe.read(0, 2048) == model[:MiB]
+            os.truncate(disk, 20 * MiB)              # grow: the mapping follows
+            model += bytes(4 * MiB)
+            wait_for(lambda: fe.refresh_size() == 20 * MiB // 512, what="resize")
+            assert fe.read(18 * MiB // 512, 2048) == bytes(MiB)
+    assert disk.read_bytes() == model
+
+
+# the dead guest's own XenStore connection (the frontend's) is reset under pyxs's thread
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_guest_destroyed_while_connected(simxen_guest, disk):
+    """The guest dies with its rings mapped: the device goes away, the server survives."""
+    sim, g = simxen_guest
+    xs = XenStore(sim.xenstore_path(0))
+    with serve(spec(sim), g, str(disk)) as s:
+        fe = s.frontend()
+        fe.write(0, b"d" * 4096)
+        be_path = s.be_path
+        sim.destroy_domain(g)
+        s.thread.join(10)
+        assert not s.alive and s.error is None
+        try:
+            fe._free()
+        except Exception:                               # noqa: BLE001 - its domain is gone
+            pass
+    assert xs.read(f"{be_path}/state") is None
+    assert xs.list("/local/domain/0/backend/pyvbd") == []
+    xs.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("losetup"),
+                    reason="needs root and losetup")
+def test_block_backend_on_a_loop_device(simxen_guest, disk):
+    sim, g = simxen_guest
+    try:
+        dev = subprocess.run(["losetup", "--find", "--show", str(disk)], check=True,
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"no loop device: {e.stderr}")
+    try:
+        model = bytearray(disk.read_bytes())
+        with serve(spec(sim), g, dev, backend="block") as s:
+            with s.frontend(max_indirect=256) as fe:
+                assert fe.sectors == len(model) // 512
+                random_io(fe, model, random.Random(9), 20, max_sectors=2048)
+                fe.flush()
+                fe.discard(0, 64)
+                model[:64 * 512] = bytes(64 * 512)       # loop over a file: punched, zeros
+                assert fe.read(0, 64) == bytes(64 * 512)
+                assert s.stats()["storage"] == "block"
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False, timeout=30)
+    assert disk.read_bytes() == model

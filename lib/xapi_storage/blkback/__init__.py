@@ -92,7 +92,7 @@ def serve(xen_spec, domain, path, backend="raw", readonly=False, size=None, stat
         else:
             storage, backend = backend, backend.kind
         devid, name = toolstack.free_devid(xs, guest, xen.domid)
-        fe, be = toolstack.create_vbd(xs, guest, devid,
+        fe, be, created = toolstack.create_vbd(xs, guest, devid,
                                       f"{backend}:{path}" if path else backend,
                                       backend_domid=xen.domid, readonly=readonly,
                                       dev_name=name)
@@ -128,7 +128,7 @@ def serve(xen_spec, domain, path, backend="raw", readonly=False, size=None, stat
             storage.close()
         try:
             if fe is not None:
-                toolstack.remove_vbd(xs, fe, be)
+                toolstack.remove_vbd(xs, fe, be, created)
         finally:
             xs.close()
             server.close()

@@ -37,12 +37,21 @@ def add_arguments(parser):
     p.add_argument("--kind", default="pyvbd",
                    help="backend kind in XenStore (default pyvbd; never vbd, which the "
                    "kernel's blkback would grab)")
-    p.add_argument("--max-queues", type=int, default=4)
-    p.add_argument("--max-ring-page-order", type=int, default=4, choices=range(0, 5))
+    p.add_argument("--max-queues", type=int, default=4,
+                   help="most rings (queues) a frontend may use, 1..64 (default 4)")
+    p.add_argument("--max-ring-page-order", type=int, default=4, choices=range(0, 5),
+                   help="most pages per ring as a power of 2 (default 4: 16 pages)")
     p.add_argument("--max-indirect-segments", type=int, default=256,
                    help="advertised indirect segments (0 disables indirect)")
+    p.add_argument("--io-threads", type=int, default=2,
+                   help="threads for large reads/writes (>= 256 KiB) of raw and block "
+                   "backends; 0: everything in the service thread (default 2)")
     p.add_argument("--no-persistent", action="store_true",
                    help="do not offer persistent grants")
+    p.add_argument("--raw-read", choices=("preadv", "mmap"), default="preadv",
+                   help="raw: how reads of 64 KiB and more are done; mmap copies from a "
+                   "mapping of the file (faster; the process dies of SIGBUS if someone else "
+                   "truncates the file while it runs) (default preadv)")
     p.add_argument("--overlay-dir", help="cow: where the (unlinked) overlay file lives")
     p.add_argument("--stats", metavar="FILE",
                    help="write the device's statistics here as JSON, once a second")
@@ -57,11 +66,11 @@ def _human(n):
         n /= 1024
 
 
-def _status(dev, tty):
+def _status(dev, label):
     s = dev.stats_dict()
     r = s["requests"]
     b = s["bytes"]
-    line = (f"{dev.name} [{s['state']}] reads {r['read']} ({_human(b['read'])}) "
+    line = (f"{label} [{s['state']}] reads {r['read']} ({_human(b['read'])}) "
             f"writes {r['write']} ({_human(b['write'])}) flushes {r['flush'] + r['barrier']} "
             f"discards {r['discard']} errors {s['errors']} "
             f"ring max {s['ring_occupancy']['max']} lat {s['latency_us']['mean']} us")
@@ -77,6 +86,16 @@ def run(args):
                         format="%(asctime)s %(levelname)s %(message)s")
     if args.kind == "vbd":
         print("error: --kind vbd would be grabbed by the kernel's blkback", file=sys.stderr)
+        return 2
+    if not 1 <= args.max_queues <= 64:
+        print("error: --max-queues must be 1..64", file=sys.stderr)
+        return 2
+    if not 0 <= args.max_indirect_segments <= 4096:
+        print("error: --max-indirect-segments must be 0..4096 (8 pages of 512)",
+              file=sys.stderr)
+        return 2
+    if args.io_threads < 0:
+        print("error: --io-threads must be 0 or more", file=sys.stderr)
         return 2
     if args.backend != "null" and not args.path:
         print(f"error: --backend {args.backend} needs --path", file=sys.stderr)
@@ -104,7 +123,8 @@ def run(args):
         return 1
     try:
         storage = open_storage(args.backend, args.path, readonly=args.readonly,
-                               size=args.size, overlay_dir=args.overlay_dir)
+                               size=args.size, overlay_dir=args.overlay_dir,
+                               read_mode=args.raw_read)
     except (OSError, ValueError) as e:
         print(f"error: cannot open the storage: {e}", file=sys.stderr)
         return 1
@@ -121,14 +141,16 @@ def run(args):
         guest = toolstack.resolve_domain(xs, args.domain)
         devid, name = toolstack.free_devid(xs, guest, xen.domid, args.kind)
         params = f"{args.backend}:{os.path.abspath(args.path)}" if args.path else args.backend
-        fe, be = toolstack.create_vbd(xs, guest, devid, params, backend_domid=xen.domid,
+        fe, be, created = toolstack.create_vbd(xs, guest, devid, params, backend_domid=xen.domid,
                                       kind=args.kind, readonly=args.readonly, dev_name=name)
         dev = server.add_device(be, storage, max_queues=args.max_queues,
                                 max_ring_page_order=args.max_ring_page_order,
                                 max_indirect=args.max_indirect_segments,
-                                persistent=not args.no_persistent, stats_path=args.stats)
+                                persistent=not args.no_persistent, stats_path=args.stats,
+                                io_threads=args.io_threads)
         storage = None
         tty = sys.stderr.isatty() and not args.quiet
+        label = f"{name} of domain {guest}"
         print(f"serving {args.backend} {args.path or ''} as {name} (vbd {devid}) to domain "
               f"{guest} at {be}; {_human(dev.limits.sectors * 512)}"
               f"{', read-only' if dev.readonly else ''}; barrier: {fence.KIND}",
@@ -148,9 +170,9 @@ def run(args):
                 last_state = dev.stats.state
             if tty and now - last >= 1.0:
                 last = now
-                print("\r\033[K" + _status(dev, tty), end="", file=sys.stderr, flush=True)
+                print("\r\033[K" + _status(dev, label), end="", file=sys.stderr, flush=True)
         if tty:
-            print("\r\033[K" + _status(dev, tty), file=sys.stderr)
+            print("\r\033[K" + _status(dev, label), file=sys.stderr)
         if args.stats:
             dev.write_stats()
         final = dev.stats_dict()
@@ -164,7 +186,7 @@ def run(args):
             storage.close()
         try:
             if fe is not None:
-                toolstack.remove_vbd(xs, fe, be)
+                toolstack.remove_vbd(xs, fe, be, created)
                 print(f"removed {fe} and {be}", file=sys.stderr)
         except OSError as e:
             print(f"error: removing the XenStore nodes: {e}", file=sys.stderr)

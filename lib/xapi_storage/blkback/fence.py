@@ -2,8 +2,9 @@
 
 `mb()` is a real full fence, `__atomic_thread_fence(__ATOMIC_SEQ_CST)` (gcc emits a locked
 `or` to the stack on x86-64, as Xen's xen_mb does), from the tiny cffi extension `_fence`
-that setup.py compiles at install time. If the extension is missing (an install without a compiler), we fall back to a lock round trip: CPython's lock
-acquire is an atomic read-modify-write (`lock cmpxchg` on x86), which is a full barrier there.
+that setup.py compiles at install time. If the extension is missing (an install without a
+compiler), we fall back to a lock round trip: CPython's lock acquire is an atomic
+read-modify-write (`lock cmpxchg` on x86), which is a full barrier there.
 `KIND` says which one is in use; `xapi-storage blkback connect` prints it.
 """
 

@@ -28,7 +28,7 @@ import struct
 import time
 
 from . import blkif
-from .blkif import (ABI_X86_32, ABI_X86_64, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_INDIRECT,
+from .blkif import (ABI_X86_32, ABI_X86_64, OP_DISCARD, OP_FLUSH_DISKCACHE,
                     OP_READ, OP_WRITE, OP_WRITE_BARRIER, SEGMENT)
 from .ring import M32, FrontRing
 from .server import XenStore
@@ -136,6 +136,10 @@ class Frontend:
             s = self.xs.read(f"{self.be_path}/state")
             if s is not None and s.isdigit() and int(s) in states:
                 return int(s)
+            if s is None:                     # the backend directory is gone
+                if 6 in states:
+                    return 6
+                raise FrontendError(f"backend {self.be_path} vanished")
             if s in ("5", "6") and not {5, 6} & set(states):
                 raise FrontendError(f"backend went to state {s} at {self.be_path}")
             if time.monotonic() > deadline:

@@ -21,14 +21,15 @@ import time
 
 from . import blkif, fence
 from .backends import StorageError
-from .blkif import (BadRequest, K_BARRIER, K_DISCARD, K_FLUSH, K_INDIRECT, K_READ, K_WRITE,
+from .blkif import (BadRequest, K_BARRIER, K_DISCARD, K_INDIRECT, K_READ, K_WRITE,
                     RSP_ERROR, RSP_OKAY, SEGMENT)
 from .ring import M32, BackRing
 
 IOV_MAX = 1024
 DISCARD_CHUNK = 1 << 30
-PLAN_CACHE_MAX = 4096
-PARALLEL_MIN_IOVS = 64            # runs of >= 64 pages (256 KiB) may go to I/O threads
+MAX_BATCHES = 16                  # per service() call, then let other rings run
+PLAN_CACHE_MAX = 512              # cached indirect plans per ring (bounded memory)
+PARALLEL_MIN = 256 * 1024        # runs of >= 256 KiB may go to the I/O threads
 
 
 class FatalRingError(Exception):
@@ -47,6 +48,7 @@ class Queue:
         self.ring = BackRing(mapping.buffer, abi.entry_size)
         self.persistent = {}            # gref -> memoryview of its page
         self.pmaps = []                 # GrantMappings that back self.persistent
+        self.where = {}                 # gref -> (index in pmaps, byte offset in it)
         self.plans = {}                 # indirect segment bytes -> (nsect, iovs)
         self.dead = False
         self.inflight = []              # runs in the I/O threads: (future, op, start, end, ids)
@@ -64,10 +66,13 @@ class Queue:
                 if len(pc) + len(missing) <= dev.max_persistent:
                     m = dev.mapper.map(dev.fe_domid, missing, writable=True)
                     dev.stats.grant_maps += 1
+                    k = len(self.pmaps)
                     self.pmaps.append(m)
                     buf = m.buffer
+                    where = self.where
                     for i, g in enumerate(missing):
                         pc[g] = buf[i * 4096:(i + 1) * 4096]
+                        where[g] = (k, i * 4096)
                     dev.stats.persistent_grants = len(pc)
                 else:
                     return self._map_temp(segs, True, temps)
@@ -115,8 +120,10 @@ class Queue:
 
     # -- the hot loop -----------------------------------------------------------------------
     def service(self):
-        """Answer everything on the ring; return when it is empty and the frontend has been
-        asked to notify us. Raises FatalRingError if the frontend broke the protocol."""
+        """Answer what is on the ring. Returns False when it is empty and the frontend has
+        been asked to notify us; True after MAX_BATCHES batches with more still there (so a
+        busy ring cannot starve the others: the server comes back to it). Raises
+        FatalRingError if the frontend broke the protocol."""
         ring = self.ring
         hdr = ring.hdr
         size = ring.size
@@ -125,6 +132,7 @@ class Queue:
         dev = self.dev
         evtchn = dev.server.evtchn
         stats = dev.stats
+        batches = 0
         while True:
             rp = hdr[0]
             fence.rmb()
@@ -132,8 +140,11 @@ class Queue:
             n = (rp - cons) & M32
             if n == 0:
                 if not ring.final_check_for_requests():
-                    return
+                    return False
                 continue
+            if batches >= MAX_BATCHES:
+                return True
+            batches += 1
             if n > size - ((cons - ring.rsp_prod_pvt) & M32):
                 self.dead = True
                 raise FatalRingError(f"frontend error: bogus ring requests: req_prod {rp} is "
@@ -161,7 +172,6 @@ class Queue:
         esz = abi.entry_size
         limits = dev.limits
         parse = blkif.parse_request
-        storage = dev.storage
         stats = dev.stats
         reqs = stats.requests
         sects = stats.sectors
@@ -226,8 +236,8 @@ class Queue:
                             run_iovs += fast
                         else:
                             if run_op >= 0:
-                                rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp,
-                                                temps)
+                                rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs,
+                                                rsp, temps)
                             run_op = op
                             run_start = off
                             run_iovs = fast
@@ -261,7 +271,7 @@ class Queue:
                 else:
                     # flush, barrier, discard: everything before them completes first
                     if run_op >= 0:
-                        rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+                        rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
                         run_op = -1
                     if self.inflight:
                         rsp = self._drain(rsp)
@@ -277,7 +287,7 @@ class Queue:
                 nseg = len(iovs) if iovs is not None else len(segs)
                 if kind != run_op or off != run_end or len(run_iovs) + nseg > IOV_MAX:
                     if run_op >= 0:
-                        rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+                        rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
                     run_op = -1
                     run_iovs = []
                     run_reqs = []
@@ -288,6 +298,7 @@ class Queue:
                     if req[0] == K_INDIRECT and persistent and len(temps) == ntemps:
                         if len(plans) >= PLAN_CACHE_MAX:
                             plans.clear()
+                        iovs = self._merge(segs, iovs)
                         plans[segbytes] = (nsect, iovs)
                 run_op = kind
                 run_iovs += iovs
@@ -297,7 +308,7 @@ class Queue:
                 sects[kind] += nsect
             except BadRequest as e:
                 if run_op >= 0:
-                    rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+                    rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
                     run_op = -1
                 self._unmap(temps)
                 rsp_pack(buf, 64 + (rsp & mask) * esz, e.id, e.op, e.status)
@@ -309,7 +320,7 @@ class Queue:
                 dev.log_bad(e)
             except OSError as e:          # a grant we could not map
                 if run_op >= 0:
-                    rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+                    rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
                     run_op = -1
                 self._unmap(temps)
                 rid = abi.disc.unpack_from(raw, i * esz)[3]
@@ -321,7 +332,7 @@ class Queue:
                 errors += 1
                 dev.log_bad(BadRequest(rid, op, RSP_ERROR, f"grant mapping failed: {e}"))
         if run_op >= 0:
-            rsp = self._run(run_op, run_start, run_iovs, run_reqs, rsp, temps)
+            rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
         if self.inflight:
             rsp = self._drain(rsp)
         self._unmap(temps)
@@ -329,47 +340,70 @@ class Queue:
         if errors:
             stats.errors += errors
 
+    def _merge(self, segs, iovs):
+        """Join segments that are adjacent in one persistent mapping into one buffer (the
+        pages of a request mapped together are contiguous): fewer, larger copies."""
+        where = self.where
+        pmaps = self.pmaps
+        out = []
+        cur = None                      # [mapping index, start byte, end byte]
+        for g, f, l in segs:
+            w = where.get(g)
+            if w is None:
+                return iovs
+            a = w[1] + f * 512
+            if cur is not None and cur[0] == w[0] and cur[2] == a:
+                cur[2] = w[1] + (l + 1) * 512
+                continue
+            if cur is not None:
+                out.append(pmaps[cur[0]].buffer[cur[1]:cur[2]])
+            cur = [w[0], a, w[1] + (l + 1) * 512]
+        if cur is not None:
+            out.append(pmaps[cur[0]].buffer[cur[1]:cur[2]])
+        return out
+
     def _iovs(self, segs, writable, temps):
         pages = self._pages(segs, writable, temps)
         return [p[f * 512:(l + 1) * 512] for p, (_g, f, l) in zip(pages, segs)]
 
-    def _run(self, op, start, iovs, ids, rsp, temps):
+    def _run(self, op, start, end, iovs, ids, rsp, temps):
         """Do one merged read or write and answer every request in it; returns the new rsp.
 
-        A large run (>= PARALLEL_MIN_IOVS pages) on persistent grants goes to the server's
+        A large run (>= PARALLEL_MIN bytes) on persistent grants goes to the server's
         I/O threads instead (preadv/pwritev release the GIL) and is answered by _drain();
         a run that overlaps one still in flight, where either writes, waits for it first."""
         storage = self.dev.storage
         inflight = self.inflight
         if inflight:
-            end = start + sum(map(len, iovs))
             for _f, op2, s2, e2, _i in inflight:
                 if (op != K_READ or op2 != K_READ) and start < e2 and s2 < end:
                     rsp = self._drain(rsp)
                     break
         pool = self.dev.io_pool
-        if pool is not None and not temps and len(iovs) >= PARALLEL_MIN_IOVS:
-            end = start + sum(map(len, iovs))
+        if pool is not None and not temps and end - start >= PARALLEL_MIN:
             fn = storage.readv if op == K_READ else storage.writev
-            inflight.append((pool.submit(fn, start, iovs), op, start, end, ids))
+            inflight.append((pool.submit(fn, start, iovs, end - start), op, start, end, ids))
             return rsp
         status = RSP_OKAY
         try:
             if op == K_READ:
-                storage.readv(start, iovs)
+                storage.readv(start, iovs, end - start)
             else:
-                storage.writev(start, iovs)
-        except OSError as e:
+                storage.writev(start, iovs, end - start)
+        except Exception as e:                 # noqa: BLE001 - answered as an I/O error
             status = RSP_ERROR
             self.dev.stats.errors += len(ids)
             self.dev.log_io_error(op, start, e)
         # grants must be unmapped before the response is visible
-        self._unmap(temps)
-        ring = self.ring
-        buf = ring.buf
-        mask = ring.mask
+        if temps:
+            self._unmap(temps)
+        buf = self.ring.buf
+        mask = self.ring.mask
         esz = self.abi.entry_size
         pack = self.abi.rsp.pack_into
+        if len(ids) == 1:
+            pack(buf, 64 + (rsp & mask) * esz, ids[0], op, status)
+            return (rsp + 1) & M32
         for rid in ids:
             pack(buf, 64 + (rsp & mask) * esz, rid, op, status)
             rsp = (rsp + 1) & M32
@@ -386,7 +420,7 @@ class Queue:
             status = RSP_OKAY
             try:
                 fut.result()
-            except OSError as e:
+            except Exception as e:             # noqa: BLE001 - answered as an I/O error
                 status = RSP_ERROR
                 self.dev.stats.errors += len(ids)
                 self.dev.log_io_error(op, start, e)
@@ -431,7 +465,7 @@ class Queue:
             if kind != K_DISCARD:
                 self.dev.flush_failed(e)
             return RSP_ERROR
-        except OSError as e:
+        except Exception as e:                 # noqa: BLE001 - answered as an I/O error
             self._unmap(temps)
             self.dev.log_io_error(kind, sector * 512, e)
             if kind != K_DISCARD:
@@ -446,10 +480,12 @@ class Queue:
     # -- teardown ---------------------------------------------------------------------------
     def close(self):
         """Unmap persistent grants and the ring; unbind the port. Idempotent."""
+        self.dead = True
         self.plans.clear()
         for v in self.persistent.values():
             v.release()
         self.persistent.clear()
+        self.where.clear()
         for m in self.pmaps:
             m.unmap()
         self.pmaps = []

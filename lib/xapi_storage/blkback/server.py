@@ -194,11 +194,7 @@ class Device:
         self.on_destroy = on_destroy
         self.sector_size = sector_size
         self.mapper = server.mapper
-        # large reads/writes of a batch run in parallel in these threads (GIL released)
         self.io_pool = None
-        if io_threads and getattr(storage, "parallel_io", False):
-            from concurrent.futures import ThreadPoolExecutor
-            self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="blkback-io")
         self.machine = xenbus.Machine()
         self.stats = Stats()
         self.queues = []
@@ -207,6 +203,7 @@ class Device:
         self.written_state = None
         self.error_path = None
         self.bad_logged = 0
+        self.next_resize = 0.0
         self.last_size = storage.size()
         self.limits = Limits(self.last_size // 512, readonly=self.readonly,
                              max_indirect=max_indirect, sector_size=sector_size,
@@ -222,19 +219,18 @@ class Device:
         if "w" not in mode:
             self.readonly = True
             self.limits.readonly = True
+        # the toolstack may turn discard off (libxl: discard-enable, default on if writable)
+        self.discard = storage.can_discard and not self.readonly and \
+            xs.read(f"{self.be_path}/discard-enable", "1").strip() != "0"
+        self.limits.discard = self.discard
         self.name = f"{self.fe_domid}/{self.be_path.rsplit('/', 1)[-1]}"
         self.stats.sectors_size = self.limits.sectors
+        # large reads/writes of a batch run in parallel in these threads (GIL released)
+        if io_threads and getattr(storage, "parallel_io", False):
+            from concurrent.futures import ThreadPoolExecutor
+            self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="blkback-io")
 
     # -- XenStore ---------------------------------------------------------------------------
-    def _set_state_tx(self, state):
-        """Write BE/state only if the node is still there (Linux __xenbus_switch_state)."""
-        xs = self.server.xs
-        p = f"{self.be_path}/state"
-        if xs.read(p) is None:
-            return False
-        xs.write(p, str(state))
-        return True
-
     def switch_state(self, state, extra=None):
         """In one transaction: the `extra` keys, then BE/state (if the node still exists)."""
         xs = self.server.xs
@@ -319,7 +315,7 @@ class Device:
         info = blkif.VDISK_READONLY if self.readonly else 0
         keys = {"feature-flush-cache": int(st.write_cache),
                 "feature-barrier": int(st.write_cache),
-                "feature-discard": int(st.can_discard and not self.readonly),
+                "feature-discard": int(self.discard),
                 "discard-granularity": 4096, "discard-alignment": 0, "discard-secure": 0,
                 "feature-persistent": int(self.persistent),
                 "sectors": self.limits.sectors, "info": info,
@@ -408,14 +404,22 @@ class Device:
     def _destroy(self):
         self._disconnect()
         try:
-            self._set_state_tx(xenbus.CLOSED)
+            self.switch_state(xenbus.CLOSED)         # only if our node is still there
         except OSError:
             pass
         self.stats.state = "Destroyed"
         self.server._forget(self)
         if self.error_path:
+            # remove our error node and the parents it needed, up to <home>/error if empty
+            home = f"/local/domain/{self.server.xen.domid}"
+            p = self.error_path
             try:
-                self.server.xs.rm(self.error_path)
+                self.server.xs.rm(p)
+                while len(p) > len(home) + len("/error"):
+                    p = p.rsplit("/", 1)[0]
+                    if self.server.xs.list(p):
+                        break
+                    self.server.xs.rm(p)
             except OSError:
                 pass
         if self.io_pool is not None:
@@ -435,7 +439,7 @@ class Device:
     def flush_failed(self, e):
         # blkfront treats a failed empty flush as success and stops flushing: never let
         # that pass silently. Answer ERROR and close the device.
-        self.server.later.append(lambda: self.fatal(f"flush failed: {e}"))
+        self.server.later.append((self, lambda: self.fatal(f"flush failed: {e}")))
 
     def log_bad(self, e):
         if self.bad_logged < 20:
@@ -494,6 +498,7 @@ class Server:
         self.devices = {}
         self.ports = {}
         self.later = []
+        self.ready = []
         self._stop = False
         self._force = False
         self._lock = threading.Lock()
@@ -527,6 +532,8 @@ class Server:
 
     def step(self, timeout=TICK):
         """Wait up to `timeout` for something to do, then do it."""
+        if self.ready:
+            timeout = 0
         for key, _ in self.sel.select(timeout):
             if key.data == "evtchn":
                 for port in self.evtchn.pending():
@@ -542,34 +549,59 @@ class Server:
             self._stop = False
             ev = xenbus.FORCE if self._force else xenbus.SHUTDOWN
             for dev in list(self.devices.values()):
-                dev.feed(ev)
+                self._guarded(dev, lambda d=dev: d.feed(ev))
         events = self.xs.events()
         if events:
             tokens = {t.decode() if isinstance(t, bytes) else t for _p, t in events}
             for tok in tokens:
                 dev = self.devices.get(tok)
                 if dev is not None:
-                    dev.refresh()
+                    self._guarded(dev, dev.refresh)
         while self.later:
-            self.later.pop(0)()
+            dev, fn = self.later.pop(0)
+            self._guarded(dev, fn)
+        if self.ready:                             # rings left with work by a busy turn
+            ready, self.ready = self.ready, []
+            for q in ready:
+                self._service(q)
         now = time.monotonic()
         if now - self._last_slow >= TICK:
             self._last_slow = now
             for dev in list(self.devices.values()):
                 for q in list(dev.queues):
                     self._service(q)
-                if not hasattr(dev, "_next_resize") or now >= dev._next_resize:
-                    dev._next_resize = now + RESIZE_CHECK
-                    dev.check_resize()
+                if now >= dev.next_resize:
+                    dev.next_resize = now + RESIZE_CHECK
+                    self._guarded(dev, dev.check_resize)
                     dev.write_stats()
+
+    def _guarded(self, dev, fn):
+        """Run fn() for one device; an unexpected error closes that device, not the server."""
+        try:
+            fn()
+        except Exception as e:                     # noqa: BLE001 - one device, not the server
+            log.exception("%s: internal error", dev.name)
+            try:
+                dev.fatal(f"internal error: {e!r}")
+            except Exception:                      # noqa: BLE001
+                log.exception("%s: cannot close it; forgetting it", dev.name)
+                dev._disconnect()
+                self._forget(dev)
 
     def _service(self, q):
         if q.dead:
             return
         try:
-            q.service()
+            if q.service() and q not in self.ready:
+                self.ready.append(q)
         except FatalRingError as e:
-            q.dev.fatal(str(e))
+            why = str(e)
+            self._guarded(q.dev, lambda: q.dev.fatal(why))
+        except Exception as e:                     # noqa: BLE001 - one device, not the server
+            log.exception("%s: internal error serving queue %d", q.dev.name, q.index)
+            q.dead = True
+            why = f"internal error: {e!r}"
+            self._guarded(q.dev, lambda: q.dev.fatal(why))
 
     def run(self, until=None):
         """Serve until every device is destroyed (or `until()` is true)."""

@@ -6,8 +6,6 @@ permissions, both with state=1; `unplug` asks the backend to go (online=0, state
 blkback only probes `backend/vbd`, so it will never grab our devices.
 """
 
-import errno
-
 KIND = "pyvbd"
 XVD_MAJOR = 202
 
@@ -65,17 +63,32 @@ def paths(guest, devid, backend_domid=0, kind=KIND):
             f"/local/domain/{backend_domid}/backend/{kind}/{guest}/{devid}")
 
 
+def _ancestors(path, stop):
+    """The parents of `path` below `stop`, deepest first."""
+    out = []
+    p = path.rsplit("/", 1)[0]
+    while len(p) > len(stop):
+        out.append(p)
+        p = p.rsplit("/", 1)[0]
+    return out
+
+
 def create_vbd(xs, guest, devid, params, *, backend_domid=0, kind=KIND, readonly=False,
                dev_name="xvdb", storage_type="standalone", protocol=None):
-    """Write FE and BE nodes in one transaction (perms as libxl sets them). Returns paths.
+    """Write FE and BE nodes in one transaction (perms as libxl sets them).
 
+    Returns (fe, be, created): the two paths, and the parent directories that did not exist
+    before (XenStore made them for us; `remove_vbd` removes them again if they are empty).
     Refuses (ToolstackError) if either directory exists already."""
     fe, be = paths(guest, devid, backend_domid, kind)
     g, b = str(guest), str(backend_domid)
+    created = []
 
     def tx():
         if xs.read(f"{fe}/state") is not None or xs.read(f"{be}/state") is not None:
             raise ToolstackError(f"virtual device {devid} of domain {guest} exists already")
+        created[:] = [p for p in _ancestors(fe, f"/local/domain/{g}")
+                      + _ancestors(be, f"/local/domain/{b}") if xs.read(p) is None]
         xs.mkdir(fe)
         xs.set_perms(fe, [f"n{g}", f"r{b}"])
         for k, v in (("backend", be), ("backend-id", b), ("state", "1"),
@@ -91,7 +104,7 @@ def create_vbd(xs, guest, devid, params, *, backend_domid=0, kind=KIND, readonly
                      ("params", params), ("discard-enable", "0" if readonly else "1")):
             xs.write(f"{be}/{k}", v)
     xs.transaction(tx)
-    return fe, be
+    return fe, be, created
 
 
 def unplug(xs, be):
@@ -105,21 +118,21 @@ def unplug(xs, be):
     xs.transaction(tx)
 
 
-def remove_vbd(xs, fe, be):
-    """Remove both directories (and the now empty parents we created under backend/)."""
+def remove_vbd(xs, fe, be, created=()):
+    """Remove both directories; then, if empty, the parents `create_vbd` created and our
+    private `backend/<kind>/<G>` and `backend/<kind>` (deepest first)."""
     errors = []
     for p in (fe, be):
         try:
             xs.rm(p)
         except OSError as e:
             errors.append(e)
-    parent = be.rsplit("/", 1)[0]
-    for p in (parent, parent.rsplit("/", 1)[0]):          # backend/<kind>/<G>, backend/<kind>
+    parents = set(created) | set(_ancestors(be, be.rsplit("/", 3)[0]))
+    for p in sorted(parents, key=lambda p: -p.count("/")):
         try:
             if not xs.list(p):
                 xs.rm(p)
         except OSError as e:
-            if e.errno != errno.ENOENT:
-                errors.append(e)
+            errors.append(e)
     if errors:
         raise errors[0]

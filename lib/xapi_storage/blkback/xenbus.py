@@ -117,6 +117,10 @@ def _table():
     t[(CLOSED, SHUTDOWN)] = (DESTROYED, (DESTROY,))
     t[(CLOSED, FATAL)] = (DESTROYED, (DESTROY,))
     # DESTROYED is terminal: every event stays (defaults).
+    # Whatever destroys also disconnects first (idempotent when nothing is connected).
+    for k, (new, actions) in t.items():
+        if DESTROY in actions and DISCONNECT not in actions:
+            t[k] = (new, (DISCONNECT,) + actions)
     return t
 
 
@@ -159,7 +163,8 @@ class Machine:
         old = self.state
         new, actions = TABLE[(old, event)]
         if new == CLOSED and (not self.online or self.stopping):
-            new, actions = DESTROYED, actions + (DESTROY,)
+            new = DESTROYED
+            actions = actions + tuple(a for a in (DISCONNECT, DESTROY) if a not in actions)
         self.state = new
         self.history.append((old, event, new))
         del self.history[:-32]

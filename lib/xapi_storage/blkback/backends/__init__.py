@@ -3,9 +3,10 @@
 The server talks to a backend through `Storage` only:
 
     size()                      device size in bytes (re-read for online resize)
-    readv(offset, iovs)         fill the buffers (memoryviews, e.g. mapped guest pages) from
-                                `offset`; all bytes or OSError
-    writev(offset, iovs)        write the buffers at `offset`; all bytes or OSError
+    readv(offset, iovs, length) fill the buffers (memoryviews, e.g. mapped guest pages) from
+                                `offset`; all bytes or OSError. `length` is their total size
+                                (the server knows it; None: the backend sums it)
+    writev(offset, iovs, length) write the buffers at `offset`; all bytes or OSError
     flush()                     make every completed write durable (fdatasync/fsync)
     discard(offset, length)     drop the range (punch hole / BLKDISCARD)
     close()
@@ -42,10 +43,10 @@ class Storage:
     def size(self):
         raise NotImplementedError
 
-    def readv(self, offset, iovs):
+    def readv(self, offset, iovs, length=None):
         raise NotImplementedError
 
-    def writev(self, offset, iovs):
+    def writev(self, offset, iovs, length=None):
         raise NotImplementedError
 
     def flush(self):
@@ -69,10 +70,11 @@ class Storage:
                                f"{self.size()}-byte {self.kind} storage")
 
 
-def full_preadv(fd, iovs, offset):
+def full_preadv(fd, iovs, offset, want=None):
     """os.preadv until every buffer is full; a short read at end of file is an error."""
-    want = sum(len(b) for b in iovs)
     n = os.preadv(fd, iovs, offset)
+    if want is None:
+        want = sum(map(len, iovs))
     if n == want:
         return
     while n < want:
@@ -95,9 +97,10 @@ def full_preadv(fd, iovs, offset):
             return
 
 
-def full_pwritev(fd, iovs, offset):
-    want = sum(len(b) for b in iovs)
+def full_pwritev(fd, iovs, offset, want=None):
     n = os.pwritev(fd, iovs, offset)
+    if want is None:
+        want = sum(map(len, iovs))
     while n < want:
         if n == 0:
             raise StorageError(errno.EIO, f"write made no progress at {offset}")
@@ -118,10 +121,12 @@ def full_pwritev(fd, iovs, offset):
 KINDS = ("raw", "cow", "null", "block")
 
 
-def open_storage(kind, path=None, readonly=False, size=None, overlay_dir=None):
+def open_storage(kind, path=None, readonly=False, size=None, overlay_dir=None,
+                 read_mode="preadv"):
     """Open a storage backend.
 
-    raw    a regular file (preadv/pwritev straight into the guest's pages)
+    raw    a regular file (preadv/pwritev straight into the guest's pages; read_mode="mmap"
+           copies large reads from a mapping of the file instead, see raw.py)
     block  a block device (BLKGETSIZE64, BLKDISCARD, fsync)
     null   no I/O at all: reads leave the guest's buffers as they are, writes are dropped
            (xen-disk's "discard" backend: measures the protocol alone); `size` bytes, or the
@@ -132,7 +137,7 @@ def open_storage(kind, path=None, readonly=False, size=None, overlay_dir=None):
     """
     if kind == "raw":
         from .raw import RawFile
-        return RawFile(path, readonly=readonly)
+        return RawFile(path, readonly=readonly, read_mode=read_mode)
     if kind == "block":
         from .block import BlockDevice
         return BlockDevice(path, readonly=readonly)

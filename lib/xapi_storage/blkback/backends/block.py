@@ -32,13 +32,13 @@ class BlockDevice(Storage):
         n = struct.unpack("Q", fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8))[0]
         return n - n % 512
 
-    def readv(self, offset, iovs):
-        full_preadv(self.fd, iovs, offset)
+    def readv(self, offset, iovs, length=None):
+        full_preadv(self.fd, iovs, offset, length)
 
-    def writev(self, offset, iovs):
+    def writev(self, offset, iovs, length=None):
         if self.readonly:
             raise StorageError(errno.EROFS, "read-only")
-        full_pwritev(self.fd, iovs, offset)
+        full_pwritev(self.fd, iovs, offset, length)
 
     def flush(self):
         os.fsync(self.fd)

@@ -86,8 +86,8 @@ class CopyOnWrite(Storage):
         return sum(bin(b).count("1") for b in self.bitmap)
 
     # -- I/O -------------------------------------------------------------------------------
-    def readv(self, offset, iovs):
-        length = sum(len(b) for b in iovs)
+    def readv(self, offset, iovs, length=None):
+        length = sum(map(len, iovs))
         self._check(offset, length)
         end = offset + length
         pos = offset
@@ -110,10 +110,10 @@ class CopyOnWrite(Storage):
         os.pwrite(self.overlay, data, start)
         self._mark(blk, blk + 1)
 
-    def writev(self, offset, iovs):
+    def writev(self, offset, iovs, length=None):
         if self.readonly:
             raise StorageError(errno.EROFS, "read-only")
-        length = sum(len(b) for b in iovs)
+        length = sum(map(len, iovs))
         self._check(offset, length)
         if not length:
             return

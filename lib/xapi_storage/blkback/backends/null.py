@@ -15,10 +15,10 @@ class Null(Storage):
     def size(self):
         return self._size
 
-    def readv(self, offset, iovs):
+    def readv(self, offset, iovs, length=None):
         pass
 
-    def writev(self, offset, iovs):
+    def writev(self, offset, iovs, length=None):
         pass
 
     def discard(self, offset, length):
