@@ -263,3 +263,41 @@ def test_toolstack_unplug_stops_the_server(bed, guest):
     finally:
         res = _stop_and_check_clean(s, guest, dmesg_before)
     assert "Destroyed" in res.stderr
+
+
+def test_no_persistent_grants_deep_queue_discard_and_online_resize(bed, guest):
+    """Grants mapped and unmapped per request (blkfront checks each is unmapped before the
+    response), 16 requests in flight, discard punching holes in dom0's file, and a file
+    grown in dom0 announced to the connected guest."""
+    bed.dom0("rm -f /root/pyb-np.img; truncate -s 16M /root/pyb-np.img", check=True)
+    dmesg_before = len(_guest_dmesg(guest).splitlines())
+    s = Served(bed, guest, "/root/pyb-np.img", "--no-persistent")
+    try:
+        _guest_wait_disk(guest, s.name)
+        res = guest.run("fio --name=v --filename=/dev/%s --rw=randwrite --bs=4k --size=1M "
+                        "--direct=1 --ioengine=libaio --iodepth=16 --verify=crc32c "
+                        "--verify_fatal=1 --do_verify=1 --thread --output-format=terse "
+                        "--terse-version=3" % s.name, timeout=300)
+        assert res.rc == 0 and res.stdout.split(";")[4] == "0", res.stderr + res.stdout
+        # discard: data written from dom0, trimmed by the guest, is a hole in the file
+        bed.dom0("dd if=/dev/urandom of=/root/pyb-np.img bs=1M count=4 seek=8 "
+                 "conv=notrunc,fsync 2>/dev/null", check=True)
+        res = guest.run("fio --name=t --filename=/dev/%s --rw=trim --bs=1M --offset=8M "
+                        "--size=4M --thread" % s.name, timeout=120)
+        assert res.rc == 0, res
+        assert bed.dom0("cmp -n 4194304 -i 8388608 /root/pyb-np.img /dev/zero",
+                        timeout=30).rc == 0
+        # online resize: grow the file; the guest's disk grows while connected
+        bed.dom0("truncate -s 24M /root/pyb-np.img", check=True)
+        guest.run("for i in $(seq 100); do [ $(cat /sys/block/%s/size) = %d ] && break; "
+                  "sleep 0.2; done; [ $(cat /sys/block/%s/size) = %d ]"
+                  % (s.name, 24 << 11, s.name, 24 << 11), timeout=60, check=True)
+        assert _read(bed, s.be + "/sectors") == str(24 << 11)
+        _wait("the stats file", lambda: (s.read_stats() or {}).get("requests", {})
+              .get("discard"), 10)
+        stats = s.read_stats()
+        assert not stats["persistent_negotiated"] and stats["persistent_grants"] == 0
+        assert stats["ring_occupancy"]["max"] > 1 and stats["errors"] == 0, stats
+        assert stats["grant_map_calls"] >= stats["requests"]["write"] > 0, stats
+    finally:
+        _stop_and_check_clean(s, guest, dmesg_before)
