@@ -301,3 +301,44 @@ def test_no_persistent_grants_deep_queue_discard_and_online_resize(bed, guest):
         assert stats["grant_map_calls"] >= stats["requests"]["write"] > 0, stats
     finally:
         _stop_and_check_clean(s, guest, dmesg_before)
+
+
+def test_multi_queue_guest_destroyed_while_connected(bed):
+    """A 2-vCPU guest: blkfront uses 2 rings (queue-0, queue-1), both served. Then the guest
+    is destroyed while connected: the server sees the frontend vanish, unmaps its grants
+    (else the domain would linger as a zombie), removes its nodes and exits 0."""
+    bed.dom0("rm -f /root/pyb-mq.img; truncate -s 16M /root/pyb-mq.img", check=True)
+    g = bed.start_guest("pybmq", vcpus=2)
+    destroyed = False
+    try:
+        s = Served(bed, g, "/root/pyb-mq.img")
+        try:
+            assert _read(bed, s.fe + "/multi-queue-num-queues") == "2"
+            assert _read(bed, s.fe + "/queue-1/event-channel") is not None
+            _guest_wait_disk(g, s.name)
+            res = g.run("fio --name=v --filename=/dev/%s --rw=randwrite --bs=4k --size=512k "
+                        "--offset_increment=512k --numjobs=2 --direct=1 --ioengine=libaio "
+                        "--iodepth=8 --verify=crc32c --verify_fatal=1 --do_verify=1 --thread "
+                        "--group_reporting --output-format=terse --terse-version=3" % s.name,
+                        timeout=300)
+            assert res.rc == 0, res.stderr + res.stdout
+            _wait("the stats file", lambda: (s.read_stats() or {}).get("requests", {})
+                  .get("read", 0) >= 256, 10)
+            stats = s.read_stats()
+            assert stats["queues"] == 2 and stats["errors"] == 0, stats
+            assert _read(bed, s.be + "/state") == "4"
+            bed.stop_guest(g.name)                        # xl destroy, while connected
+            destroyed = True
+            _wait("the server to exit after the guest died", lambda: s.srv.poll() is not None,
+                  60)
+        finally:
+            res = s.stop()
+        assert res.rc == 0, res.stderr
+        assert "removed %s and %s" % (s.fe, s.be) in res.stderr, res.stderr
+        assert _xs_tree(bed, "/local/domain/0/backend/pyvbd", "/local/domain/0/error") == []
+        # no zombie: the domain is gone from Xen, not left dying with mapped pages
+        _wait("the domain to be gone", lambda: str(g.domid) not in [
+            l.split()[1] for l in bed.dom0("xl list", timeout=30).stdout.splitlines()[1:]], 30)
+    finally:
+        if not destroyed:
+            bed.stop_guest(g.name)
