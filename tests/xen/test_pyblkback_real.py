@@ -303,17 +303,24 @@ def test_no_persistent_grants_deep_queue_discard_and_online_resize(bed, guest):
         _stop_and_check_clean(s, guest, dmesg_before)
 
 
-def test_multi_queue_guest_destroyed_while_connected(bed):
-    """A 2-vCPU guest: blkfront uses 2 rings (queue-0, queue-1), both served. Then the guest
+def test_multi_queue_multi_page_guest_destroyed_while_connected(bed):
+    """A 2-vCPU guest whose blkfront asks for 4-page rings: 2 rings (queue-0, queue-1) of 4
+    pages each, both served. Then the guest
     is destroyed while connected: the server sees the frontend vanish, unmaps its grants
     (else the domain would linger as a zombie), removes its nodes and exits 0."""
     bed.dom0("rm -f /root/pyb-mq.img; truncate -s 16M /root/pyb-mq.img", check=True)
     g = bed.start_guest("pybmq", vcpus=2)
     destroyed = False
     try:
+        # stock blkfront uses one ring page; reload it asking for 4-page rings
+        ko = g.run("grep xen-blkfront /etc/modules.order", check=True).stdout.strip()
+        g.run("rmmod xen_blkfront && insmod %s max_ring_page_order=2" % ko, timeout=60,
+              check=True)
         s = Served(bed, g, "/root/pyb-mq.img")
         try:
             assert _read(bed, s.fe + "/multi-queue-num-queues") == "2"
+            assert _read(bed, s.fe + "/ring-page-order") == "2"
+            assert _read(bed, s.fe + "/queue-1/ring-ref3") is not None
             assert _read(bed, s.fe + "/queue-1/event-channel") is not None
             _guest_wait_disk(g, s.name)
             res = g.run("fio --name=v --filename=/dev/%s --rw=randwrite --bs=4k --size=512k "
@@ -326,6 +333,7 @@ def test_multi_queue_guest_destroyed_while_connected(bed):
                   .get("read", 0) >= 256, 10)
             stats = s.read_stats()
             assert stats["queues"] == 2 and stats["errors"] == 0, stats
+            assert stats["ring_slots"] == 128, stats                 # 4 pages of 32
             assert _read(bed, s.be + "/state") == "4"
             bed.stop_guest(g.name)                        # xl destroy, while connected
             destroyed = True
