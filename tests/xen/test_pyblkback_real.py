@@ -350,3 +350,26 @@ def test_multi_queue_multi_page_guest_destroyed_while_connected(bed):
     finally:
         if not destroyed:
             bed.stop_guest(g.name)
+
+
+def test_guest_unbinds_blkfront_then_frontend_returns_to_initialising(bed, guest):
+    """Guest-initiated close (spec §3.5 B): the guest unbinds blkfront from the device, the
+    frontend goes Closed, the server answers Closed and stays (online=1). When the frontend
+    comes back to Initialising (written here from dom0: Linux 6.1's blkfront does not do it by
+    itself on a re-bind), the server offers the device again (InitWait)."""
+    bed.dom0("rm -f /root/pyb-c.img; truncate -s 8M /root/pyb-c.img", check=True)
+    dmesg_before = len(_guest_dmesg(guest).splitlines())
+    s = Served(bed, guest, "/root/pyb-c.img")
+    try:
+        _guest_wait_disk(guest, s.name)
+        guest.run("echo vbd-%s > /sys/bus/xen/drivers/vbd/unbind" % s.devid, timeout=60,
+                  check=True)
+        _wait("frontend and backend Closed", lambda: _read(bed, s.fe + "/state") == "6" and
+              _read(bed, s.be + "/state") == "6", 60, s.srv)
+        assert guest.run("[ -b /dev/%s ]" % s.name).rc != 0
+        time.sleep(1)
+        assert s.srv.poll() is None, "the server left although the toolstack did not unplug"
+        bed.dom0(["xenstore-write", s.fe + "/state", "1"], timeout=30, check=True)
+        _wait("backend InitWait again", lambda: _read(bed, s.be + "/state") == "2", 60, s.srv)
+    finally:
+        _stop_and_check_clean(s, guest, dmesg_before)
