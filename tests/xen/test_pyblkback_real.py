@@ -373,3 +373,48 @@ def test_guest_unbinds_blkfront_then_frontend_returns_to_initialising(bed, guest
         _wait("backend InitWait again", lambda: _read(bed, s.be + "/state") == "2", 60, s.srv)
     finally:
         _stop_and_check_clean(s, guest, dmesg_before)
+
+
+def test_two_servers_two_disks_in_one_guest(bed, guest):
+    """A second `connect` to the same guest picks the next free device (xvdc) while the
+    first is connected; each disk's data lands in its own file."""
+    bed.dom0("rm -f /root/pyb-a.img /root/pyb-b.img; truncate -s 8M /root/pyb-a.img; "
+             "truncate -s 12M /root/pyb-b.img", check=True)
+    dmesg_before = len(_guest_dmesg(guest).splitlines())
+    a = Served(bed, guest, "/root/pyb-a.img")
+    try:
+        before_b = _xs_tree(bed, "/local/domain/0/backend/pyvbd/%d/%s" % (guest.domid,
+                                                                         a.devid))
+        b = Served.__new__(Served)
+        b.bed, b.guest = bed, guest
+        b.stats = "/root/pyb-b.stats.json"
+        b.before = a.before
+        b.srv = bed.spawn([XAPI_STORAGE, "blkback", "connect", str(guest.domid), "--path",
+                           "/root/pyb-b.img", "--stats", b.stats], name="pyblkback-b")
+        try:
+            b.be = "/local/domain/0/backend/pyvbd/%d/51744" % guest.domid
+            b.fe = "/local/domain/%d/device/vbd/51744" % guest.domid
+            b.devid, b.name = "51744", "xvdc"
+            _wait("the second disk Connected", lambda: _read(bed, b.be + "/state") == "4" and
+                  _read(bed, b.fe + "/state") == "4", 90, b.srv)
+            assert _read(bed, b.be + "/dev") == "xvdc"
+            _guest_wait_disk(guest, a.name)
+            _guest_wait_disk(guest, "xvdc")
+            assert guest.run("cat /sys/block/xvdc/size", check=True).stdout.strip() == \
+                str(12 << 11)
+            for d in (a.name, "xvdc"):
+                guest.run("echo DISK-%s | dd of=/dev/%s bs=512 seek=7 conv=fsync 2>/dev/null"
+                          % (d, d), check=True)
+            for f, d in (("/root/pyb-a.img", a.name), ("/root/pyb-b.img", "xvdc")):
+                out = bed.dom0("dd if=%s bs=512 skip=7 count=1 2>/dev/null | head -n1" % f,
+                               timeout=30).stdout
+                assert out.strip() == "DISK-" + d
+        finally:
+            res = b.srv.stop(timeout=60)
+        assert res.rc == 0, res.stderr
+        # the first device is untouched by the second's teardown
+        assert _xs_tree(bed, "/local/domain/0/backend/pyvbd/%d/%s" % (guest.domid, a.devid)) \
+            == before_b
+        assert _read(bed, a.be + "/state") == "4" and a.srv.poll() is None
+    finally:
+        _stop_and_check_clean(a, guest, dmesg_before)
