@@ -236,9 +236,13 @@ def main(argv=None):
                     help="run every row this many times, interleaved; report the best")
     ap.add_argument("--only", metavar="BACKEND[:OP[:BYTES]]",
                     help="run only the matching rows, e.g. raw:read:1048576")
+    ap.add_argument("--no-c-batch", action="store_true",
+                    help="run the servers with PYBLKBACK_NO_C_BATCH=1 (no _pio C batch)")
     ap.add_argument("--io-threads", type=int, default=2,
                     help="the server's --io-threads (default 2)")
     args = ap.parse_args(argv)
+    if args.no_c_batch:
+        os.environ["PYBLKBACK_NO_C_BATCH"] = "1"             # inherited by the servers
     seconds = 0.5 if args.quick else args.seconds
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     parent = tempfile.mkdtemp(prefix="ringbench-", dir=base)

@@ -288,6 +288,23 @@ def test_response_padding_is_zeroed_in_the_ring(served):
 def test_bad_ranges_on_the_persistent_fast_path(served):
     """Requests whose pages are already persistent take the fast path: it must refuse
     the same things as the general parser."""
+    _attack_fast_path(served)
+    assert served.store.calls == 1
+
+
+def test_bad_ranges_on_the_c_batch_path(simxen_guest, disk):
+    """The same with a plain raw file, whose single-page requests go to the C batch: a
+    write past the end would grow the file, a read would fail with EIO: neither may happen."""
+    sim, g = simxen_guest
+    before = disk.read_bytes()
+    with serve(spec(sim), g, str(disk)) as s:
+        assert s.device.storage.pio_fd is not None
+        _attack_fast_path(s)
+        assert s.stats()["c_batched_requests"] == 0          # none of them reached C
+    assert disk.stat().st_size == len(before)
+
+
+def _attack_fast_path(served):
     end = (16 << 20) // 512
     with served.frontend() as fe:
         assert fe.persistent
@@ -308,7 +325,6 @@ def test_bad_ranges_on_the_persistent_fast_path(served):
         fe.push()
         assert [st for _i, _o, st in fe.raw_responses(len(bad))] == [-1] * len(bad)
         fe.pool.put([(ref, _page)])
-    assert served.store.calls == 1
 
 
 def test_error_nodes_go_with_the_device(simxen_guest, disk):

@@ -112,3 +112,22 @@ def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
     # and now it is a hit: no further build
     images.ensure_images(quiet=True)
     assert calls == ["build-rootfs.sh", "build-images.sh"]
+
+
+def test_prune_drops_only_old_entries_of_other_keys(tmp_path):
+    import os
+    import time
+    for name in ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", "debs", "runs"):
+        (tmp_path / name).mkdir()
+    for name in ("aaaaaaaaaaaaaaaa.lock", "bbbbbbbbbbbbbbbb.lock", "bbbbbbbbbbbbbbbb.build.log",
+                 "rootfs-1111111111111111.tar.zst", "rootfs-2222222222222222.tar.zst",
+                 "rootfs-2222222222222222.lock", "cccccccccccccccc.lock"):
+        (tmp_path / name).write_text("")
+    old = time.time() - 7200
+    for p in tmp_path.iterdir():
+        if not p.name.startswith("cccc"):  # cccc... is fresh: maybe another session's
+            os.utime(p, (old, old))
+    images._prune(tmp_path, keep={"aaaaaaaaaaaaaaaa", "rootfs-1111111111111111"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "aaaaaaaaaaaaaaaa", "aaaaaaaaaaaaaaaa.lock", "cccccccccccccccc.lock", "debs",
+        "rootfs-1111111111111111.tar.zst", "runs"]

@@ -17,6 +17,8 @@ re-slicing 256 segments per 1 MiB request.
 """
 
 import errno
+import os
+import struct
 import time
 
 from . import blkif, fence
@@ -24,6 +26,17 @@ from .backends import StorageError
 from .blkif import (BadRequest, K_BARRIER, K_DISCARD, K_INDIRECT, K_READ, K_WRITE,
                     RSP_ERROR, RSP_OKAY, SEGMENT)
 from .ring import M32, BackRing
+
+try:                                     # batched positional I/O in C (see _pio_build.py)
+    from ._pio import ffi as _pio_ffi, lib as _pio_lib
+except ImportError:                      # pragma: no cover - depends on the install
+    _pio_ffi = _pio_lib = None
+if os.environ.get("PYBLKBACK_NO_C_BATCH"):  # for comparisons (benchmarks/ring.py --no-c-batch)
+    _pio_ffi = _pio_lib = None
+
+PIO_JOB = struct.Struct("<QIIqq")        # addr, len, op, offset, result
+# header + first segment only: op, nseg, handle, id, sector, gref, first, last
+REQ1 = {112: struct.Struct("<BBH4xQQIBB"), 108: struct.Struct("<BBHQQIBB")}
 
 IOV_MAX = 1024
 DISCARD_CHUNK = 1 << 30
@@ -52,6 +65,13 @@ class Queue:
         self.plans = {}                 # indirect segment bytes -> (nsect, iovs)
         self.dead = False
         self.inflight = []              # runs in the I/O threads: (future, op, start, end, ids)
+        # single-page requests on persistent grants go to C in one call per batch
+        self.pio_fd = getattr(dev.storage, "pio_fd", None) if _pio_lib is not None else None
+        if self.pio_fd is not None:
+            self.jobs = bytearray(PIO_JOB.size * self.ring.size)
+            self.jobs_c = _pio_ffi.from_buffer(self.jobs)
+        self.paddr = {}                 # gref -> address of its persistent page (for C)
+        self.pbases = []                # cdata keeping those addresses valid
 
     # -- grants -----------------------------------------------------------------------------
     def _pages(self, segs, writable, temps):
@@ -73,6 +93,13 @@ class Queue:
                     for i, g in enumerate(missing):
                         pc[g] = buf[i * 4096:(i + 1) * 4096]
                         where[g] = (k, i * 4096)
+                    if self.pio_fd is not None and not buf.readonly:
+                        cd = _pio_ffi.from_buffer(buf, require_writable=True)
+                        self.pbases.append(cd)
+                        base = int(_pio_ffi.cast("uintptr_t", cd))
+                        paddr = self.paddr
+                        for i, g in enumerate(missing):
+                            paddr[g] = base + i * 4096
                     dev.stats.persistent_grants = len(pc)
                 else:
                     return self._map_temp(segs, True, temps)
@@ -192,6 +219,14 @@ class Queue:
 
         pc = self.persistent if persistent else None
         req_unpack = abi.req.unpack_from
+        pio = self.pio_fd is not None and persistent
+        paddr = self.paddr
+        req1 = REQ1[esz].unpack_from
+        job_pack = PIO_JOB.pack_into
+        jobs = self.jobs if pio else None
+        nj = 0                         # jobs queued for C
+        pio_ids = []
+        pio_ops = []
         ro = limits.readonly
         nsectors = limits.sectors
         amask = limits.logical_sectors - 1
@@ -201,6 +236,27 @@ class Queue:
             # falls through to the general path below, which gives the error answers.
             o = i * esz
             op = raw[o]
+            if pio and op <= 1 and raw[o + 1] == 1 and (op == 0 or not ro):
+                f = req1(raw, o)
+                addr = paddr.get(f[5])
+                fs = f[6]
+                ls = f[7]
+                if addr is not None and fs <= ls <= 7:
+                    nsect = ls - fs + 1
+                    sector = f[4]
+                    if sector + nsect <= nsectors and not (amask and (sector | nsect) & amask):
+                        if run_op >= 0:
+                            rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs,
+                                            rsp, temps)
+                            run_op = -1
+                        job_pack(jobs, nj * 32, addr + fs * 512, nsect * 512, op, sector * 512,
+                                 0)
+                        nj += 1
+                        pio_ids.append(f[3])
+                        pio_ops.append(op)
+                        reqs[op] += 1
+                        sects[op] += nsect
+                        continue
             if pc is not None and op <= 1 and (op == 0 or not ro):
                 f = req_unpack(raw, o)
                 nseg = f[1]
@@ -235,6 +291,11 @@ class Queue:
                         if op == run_op and off == run_end and len(run_iovs) < IOV_MAX - 11:
                             run_iovs += fast
                         else:
+                            if nj:
+                                rsp = self._pio_flush(nj, pio_ids, pio_ops, rsp)
+                                nj = 0
+                                pio_ids = []
+                                pio_ops = []
                             if run_op >= 0:
                                 rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs,
                                                 rsp, temps)
@@ -270,6 +331,11 @@ class Queue:
                     nsect = req[4]
                 else:
                     # flush, barrier, discard: everything before them completes first
+                    if nj:
+                        rsp = self._pio_flush(nj, pio_ids, pio_ops, rsp)
+                        nj = 0
+                        pio_ids = []
+                        pio_ops = []
                     if run_op >= 0:
                         rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
                         run_op = -1
@@ -286,6 +352,11 @@ class Queue:
                 off = req[3] * 512
                 nseg = len(iovs) if iovs is not None else len(segs)
                 if kind != run_op or off != run_end or len(run_iovs) + nseg > IOV_MAX:
+                    if nj:
+                        rsp = self._pio_flush(nj, pio_ids, pio_ops, rsp)
+                        nj = 0
+                        pio_ids = []
+                        pio_ops = []
                     if run_op >= 0:
                         rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
                     run_op = -1
@@ -333,6 +404,8 @@ class Queue:
                 dev.log_bad(BadRequest(rid, op, RSP_ERROR, f"grant mapping failed: {e}"))
         if run_op >= 0:
             rsp = self._run(run_op, run_start, run_end, run_iovs, run_reqs, rsp, temps)
+        if nj:
+            rsp = self._pio_flush(nj, pio_ids, pio_ops, rsp)
         if self.inflight:
             rsp = self._drain(rsp)
         self._unmap(temps)
@@ -406,6 +479,33 @@ class Queue:
             return (rsp + 1) & M32
         for rid in ids:
             pack(buf, 64 + (rsp & mask) * esz, rid, op, status)
+            rsp = (rsp + 1) & M32
+        return rsp
+
+    def _pio_flush(self, nj, ids, ops, rsp):
+        """Run the queued single-page jobs in C (one call, GIL released, adjacent ones merged
+        into one preadv/pwritev) and answer them. Returns the new rsp."""
+        if self.inflight:
+            rsp = self._drain(rsp)             # never overtake a large run in flight
+        failed = _pio_lib.pio_run(self.pio_fd, self.jobs_c, nj)
+        self.dev.stats.c_batched += nj
+        buf = self.ring.buf
+        mask = self.ring.mask
+        esz = self.abi.entry_size
+        pack = self.abi.rsp.pack_into
+        if not failed:
+            for k in range(nj):
+                pack(buf, 64 + (rsp & mask) * esz, ids[k], ops[k], RSP_OKAY)
+                rsp = (rsp + 1) & M32
+            return rsp
+        for k in range(nj):
+            _a, _n, op, off, res = PIO_JOB.unpack_from(self.jobs, k * 32)
+            status = RSP_OKAY
+            if res:
+                status = RSP_ERROR
+                self.dev.stats.errors += 1
+                self.dev.log_io_error(op, off, OSError(-res, os.strerror(-res)))
+            pack(buf, 64 + (rsp & mask) * esz, ids[k], ops[k], status)
             rsp = (rsp + 1) & M32
         return rsp
 
@@ -486,6 +586,8 @@ class Queue:
             v.release()
         self.persistent.clear()
         self.where.clear()
+        self.paddr.clear()
+        self.pbases = []
         for m in self.pmaps:
             m.unmap()
         self.pmaps = []

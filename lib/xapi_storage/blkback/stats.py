@@ -28,6 +28,7 @@ class Stats:
         self.lat_hist = [0] * (len(LAT_BUCKETS_US) + 1)
         self.persistent_grants = 0
         self.grant_maps = 0                 # map calls made (persistent and not)
+        self.c_batched = 0                  # requests done by the C batch (_pio)
         self.state = "Initialising"
         self.sectors_size = 0
 
@@ -72,6 +73,7 @@ class Stats:
                            | {"more": self.lat_hist[-1]}},
             "persistent_grants": self.persistent_grants,
             "grant_map_calls": self.grant_maps,
+            "c_batched_requests": self.c_batched,
         }
 
 

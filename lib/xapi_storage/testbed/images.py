@@ -196,16 +196,20 @@ def ensure_images(rebuild=False, quiet=False, timeout=1800):
             shutil.rmtree(tmp, ignore_errors=True)
         _say("built images %s in %.0fs (log %s)" % (target, time.monotonic() - t0, log_path),
              quiet)
-        _prune(root, keep={key, "rootfs-%s.tar.zst" % rootfs_key()})
+        _prune(root, keep={key, "rootfs-%s" % rootfs_key()})
         return Images(target)
 
 
 def _prune(root, keep):
-    """Drop stale builds of other keys (a cache keeps one image set and one rootfs)."""
+    """Drop stale builds of other keys, with their locks and logs, once they are an hour old
+    (a cache keeps one image set and one rootfs; `debs` and `runs` stay)."""
     for p in root.iterdir():
-        if p.name in keep or p.name == "debs" or p.suffix in (".lock", ".log"):
+        stem = p.name.split(".")[0] if not p.name.startswith(".") else p.name
+        if stem in keep or p.name in ("debs", "runs"):
             continue
         if time.time() - p.stat().st_mtime < 3600:
-            continue  # maybe in use by another session building another key
-        if (p.is_dir() and len(p.name) == 16) or p.name.startswith("rootfs-"):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+            continue  # maybe in use by another session building or booting another key
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink()

@@ -39,6 +39,9 @@ class Storage:
     discard_zeroes = False
     #: readv/writev may run concurrently from several threads
     parallel_io = False
+    #: an fd whose plain pread/pwrite at the same offsets IS readv/writev (raw, block), for
+    #: the server's batched I/O in C; None: always call readv/writev
+    pio_fd = None
 
     def size(self):
         raise NotImplementedError

@@ -58,6 +58,15 @@ class RawFile(Storage):
             raise StorageError(errno.EINVAL, f"{path} is not a regular file "
                                "(use --backend block for a block device)")
 
+    @property
+    def pio_fd(self):
+        """The fd the server's batched C I/O may use instead of readv/writev: only while
+        those are ours (a subclass that overrides them must see every call)."""
+        t = type(self)
+        if t.readv is RawFile.readv and t.writev is RawFile.writev:
+            return self.fd
+        return None
+
     def size(self):
         n = os.fstat(self.fd).st_size
         return n - n % 512
