@@ -12,7 +12,8 @@ def data_copy(tmp_path, monkeypatch):
     d = tmp_path / "data"
     d.mkdir()
     for src in images.DATA.iterdir():
-        (d / src.name).write_bytes(src.read_bytes())
+        if src.is_file():           # not __pycache__ (the SDK installer byte-compiles the package)
+            (d / src.name).write_bytes(src.read_bytes())
     monkeypatch.setattr(images, "DATA", d)
     return d
 
