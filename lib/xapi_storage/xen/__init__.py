@@ -95,7 +95,10 @@ class EventChannels(abc.ABC):
     """One handle on the event channel device (/dev/xen/evtchn on real Xen).
 
     Ports are local port numbers. An event that fires on a port is remembered (pending) until
-    `pending()` consumes it; several notifications before that count once, as in Xen."""
+    `pending()` consumes it; several notifications before that count once, as in Xen. On real
+    Xen (Linux evtchn) a notification that arrives after the kernel queued the port for us but
+    before `pending()` unmasks it is delivered once more after the unmask: a consumer must
+    take an event as "look at the ring", never count them."""
 
     @abc.abstractmethod
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
