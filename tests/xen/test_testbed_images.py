@@ -132,3 +132,29 @@ def test_prune_drops_only_old_entries_of_other_keys(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "aaaaaaaaaaaaaaaa", "aaaaaaaaaaaaaaaa.lock", "cccccccccccccccc.lock", "debs",
         "rootfs-1111111111111111.tar.zst", "runs"]
+
+
+def test_mirror_comes_from_the_hosts_apt_sources(tmp_path, monkeypatch):
+    monkeypatch.delenv("XAPI_STORAGE_TESTBED_MIRROR", raising=False)
+    d = tmp_path / "sources.list.d"
+    d.mkdir()
+    (d / "a-security.sources").write_text(
+        "Types: deb\nURIs: http://security.example/debian-security\n"
+        "Suites: bookworm-security\nComponents: main\n")
+    (d / "b.sources").write_text(
+        "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\nComponents: main\n\n"
+        "Types: deb\n# a comment\nURIs: http://mirror.example/debian/\n"
+        "Suites: bookworm bookworm-updates\nComponents: main contrib\n")
+    assert images.host_apt_mirror([str(tmp_path / "none"), str(d)]) == \
+        "http://mirror.example/debian"
+    one = tmp_path / "sources.list"
+    one.write_text("# deb http://old.example/debian bookworm main\n"
+                   "deb [arch=amd64] http://line.example/debian bookworm main\n")
+    assert images.host_apt_mirror([str(one)]) == "http://line.example/debian"
+    assert images.host_apt_mirror([str(tmp_path / "none")]) is None
+    monkeypatch.setattr(images, "APT_SOURCES", (str(tmp_path / "none"),))
+    monkeypatch.setattr(images, "host_apt_mirror", lambda *a, **k: None)
+    with pytest.raises(images.BuildError, match="XAPI_STORAGE_TESTBED_MIRROR"):
+        images.mirror()
+    monkeypatch.setenv("XAPI_STORAGE_TESTBED_MIRROR", "http://env.example/debian")
+    assert images.mirror() == "http://env.example/debian"

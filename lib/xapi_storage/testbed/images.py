@@ -26,7 +26,7 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parent / "bed-data"  # not an importable name: data only
 FORMAT = 1  # bump to invalidate every cache entry
 SUITE = "bookworm"
-DEFAULT_MIRROR = "http://mirror.invalid/debian"
+APT_SOURCES = ("/etc/apt/sources.list", "/etc/apt/sources.list.d")
 ROOTFS_INPUTS = ("build-rootfs.sh", "packages.txt")
 IMAGE_INPUTS = ("build-images.sh", "dom0-init.sh", "dom0-agent.py", "guest-init.sh")
 ARTEFACTS = ("xen", "vmlinuz", "initrd.img", "dom0.img", "packages.lock")
@@ -46,7 +46,51 @@ def cache_root():
 
 
 def mirror():
-    return os.environ.get("XAPI_STORAGE_TESTBED_MIRROR", DEFAULT_MIRROR)
+    """The Debian mirror to build from: $XAPI_STORAGE_TESTBED_MIRROR, else the one this host's
+    apt is configured with for SUITE (so the build goes where `apt-get` already goes)."""
+    env = os.environ.get("XAPI_STORAGE_TESTBED_MIRROR")
+    if env:
+        return env
+    found = host_apt_mirror()
+    if found is None:
+        raise BuildError(f"no Debian mirror for {SUITE} in this host's apt sources "
+                         f"({', '.join(APT_SOURCES)}): set XAPI_STORAGE_TESTBED_MIRROR")
+    return found
+
+
+def host_apt_mirror(paths=APT_SOURCES, suite=SUITE):
+    """The first URI that serves `suite` itself (not -updates or -security) with component
+    main, from one-line (`deb URI SUITE COMPONENTS`) and deb822 (.sources) apt files."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(os.path.join(p, n) for n in os.listdir(p)
+                            if n.endswith((".list", ".sources")))
+        elif os.path.isfile(p):
+            files.append(p)
+    for f in files:
+        try:
+            text = open(f, encoding="utf-8", errors="replace").read()
+        except OSError:
+            continue
+        if f.endswith(".sources"):
+            for para in text.split("\n\n"):
+                fields = {}
+                for line in para.splitlines():
+                    if ":" in line and not line.startswith(("#", " ")):
+                        k, v = line.split(":", 1)
+                        fields[k.strip().lower()] = v.split()
+                if ("deb" in fields.get("types", []) and suite in fields.get("suites", [])
+                        and "main" in fields.get("components", []) and fields.get("uris")
+                        and fields.get("enabled", ["yes"]) != ["no"]):
+                    return fields["uris"][0].rstrip("/")
+        else:
+            for line in text.splitlines():
+                words = [w for w in line.split("#", 1)[0].split() if not w.startswith("[")]
+                if len(words) >= 4 and words[0] == "deb" and words[2] == suite \
+                        and "main" in words[3:]:
+                    return words[1].rstrip("/")
+    return None
 
 
 def _hash_files(h, names):
