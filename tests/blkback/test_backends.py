@@ -165,3 +165,38 @@ def test_block_device_on_a_loop_device(image):
                             ("discard", 8, 8), ("read", 0, 64)], 1)
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def _short(real, limit):
+    """os.preadv/os.pwritev that move at most `limit` bytes per call, as the kernel may."""
+    def call(fd, iovs, offset):
+        out, left = [], limit
+        for b in iovs:
+            if left <= 0:
+                break
+            b = memoryview(b)[:left]
+            out.append(b)
+            left -= len(b)
+        return real(fd, out, offset)
+    return call
+
+
+@pytest.mark.parametrize("limit", [1, 511, 4096, 5000])
+def test_short_transfers_are_completed(tmp_path, monkeypatch, limit):
+    from xapi_storage.blkback.backends import StorageError, full_preadv, full_pwritev
+    path = tmp_path / "f"
+    data = bytes(range(256)) * 48                       # 12 KiB
+    path.write_bytes(bytes(len(data) + 4096))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        monkeypatch.setattr(os, "pwritev", _short(os.pwritev, limit))
+        monkeypatch.setattr(os, "preadv", _short(os.preadv, limit))
+        full_pwritev(fd, [data[:1000], data[1000:9000], data[9000:]], 512)
+        bufs = [bytearray(3000), bytearray(7000), bytearray(len(data) - 10000)]
+        full_preadv(fd, bufs, 512)
+        assert b"".join(bufs) == data
+        with pytest.raises(StorageError, match="end of file"):   # reading past the end
+            full_preadv(fd, [bytearray(8192)], len(data))
+    finally:
+        os.close(fd)
+    assert path.read_bytes()[512:512 + len(data)] == data

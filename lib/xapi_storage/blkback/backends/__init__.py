@@ -73,6 +73,24 @@ class Storage:
                                f"{self.size()}-byte {self.kind} storage")
 
 
+def _advance(iovs, n, offset, want):
+    """After a short preadv/pwritev that moved `n` bytes: the buffers, offset and byte count
+    still to do."""
+    while n and len(iovs[0]) <= n:
+        k = len(iovs[0])
+        n -= k
+        want -= k
+        offset += k
+        iovs = iovs[1:]
+    if n:
+        # a view, never a slice: slicing a bytearray copies, and the rest of a read would
+        # land in the copy
+        iovs = [memoryview(iovs[0])[n:]] + list(iovs[1:])
+        want -= n
+        offset += n
+    return iovs, offset, want
+
+
 def full_preadv(fd, iovs, offset, want=None):
     """os.preadv until every buffer is full; a short read at end of file is an error."""
     n = os.preadv(fd, iovs, offset)
@@ -83,16 +101,7 @@ def full_preadv(fd, iovs, offset, want=None):
     while n < want:
         if n == 0:
             raise StorageError(errno.EIO, f"unexpected end of file at {offset}")
-        # drop the bytes already read
-        while n and len(iovs[0]) <= n:
-            n -= len(iovs[0])
-            want -= len(iovs[0])
-            offset += len(iovs[0])
-            iovs = iovs[1:]
-        if n:
-            iovs = [iovs[0][n:]] + list(iovs[1:])
-            want -= n
-            offset += n
+        iovs, offset, want = _advance(iovs, n, offset, want)
         if not iovs:
             return
         n = os.preadv(fd, iovs, offset)
@@ -107,15 +116,7 @@ def full_pwritev(fd, iovs, offset, want=None):
     while n < want:
         if n == 0:
             raise StorageError(errno.EIO, f"write made no progress at {offset}")
-        while n and len(iovs[0]) <= n:
-            n -= len(iovs[0])
-            want -= len(iovs[0])
-            offset += len(iovs[0])
-            iovs = iovs[1:]
-        if n:
-            iovs = [iovs[0][n:]] + list(iovs[1:])
-            want -= n
-            offset += n
+        iovs, offset, want = _advance(iovs, n, offset, want)
         if not iovs:
             return
         n = os.pwritev(fd, iovs, offset)
