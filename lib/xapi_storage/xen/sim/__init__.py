@@ -97,7 +97,7 @@ def start(d, timeout=20, log=None):
     """Start a daemon on directory `d` and wait until it is ready; return a Sim."""
     d = os.path.abspath(d)
     pid = _pid(d)
-    if pid is not None and _alive(pid):
+    if pid is not None and layout.pid_alive(pid):
         raise XenError(17, f"{d} is already served by a simulated Xen (pid {pid})")
     if pid is not None:
         os.unlink(layout.pid_file(d))          # stale: its daemon died without cleaning up
@@ -123,16 +123,6 @@ def _pid(d):
             return int(f.read().strip() or 0) or None
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def leftovers(d):

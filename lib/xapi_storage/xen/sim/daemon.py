@@ -398,7 +398,7 @@ class Daemon:
             self.created_dir = True
         if os.path.exists(L.pid_file(d)):
             pid = int(open(L.pid_file(d)).read().strip() or 0)
-            if pid and _alive(pid):
+            if pid and L.pid_alive(pid):
                 raise SystemExit(f"simxen: {d} is already served by pid {pid}")
         for sub in L.SUBDIRS:
             p = os.path.join(d, sub)
@@ -580,16 +580,6 @@ def _unlink(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def run(d):

@@ -85,3 +85,14 @@ def open_regular(path, min_size=0):
         os.close(fd)
         raise
     return fd
+
+
+def pid_alive(pid):
+    """True if process `pid` exists (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
