@@ -613,7 +613,8 @@ def test_stat_gives_no_uri_for_data_that_is_not_a_regular_file(V, SR, sr, sr_dir
     """Volume.stat precedes every datapath call, which opens the path of the volume's URI. If
     the data file was replaced (a symlink planted on the NFS server, say), stat must not hand
     out a URI that leads outside the SR; but xapi's VDI.destroy stats first, so stat still
-    answers (no URI, sizes 0) and the volume can be destroyed. Nothing outside is touched."""
+    answers (no URI, sizes 0) and the volume can be destroyed. Nothing outside is touched, and
+    a directory is left in place (destroy removes files, never someone's directory tree)."""
     v = make(V, sr)
     path = img(sr_dir, v["key"])
     os.unlink(path)
@@ -624,10 +625,19 @@ def test_stat_gives_no_uri_for_data_that_is_not_a_regular_file(V, SR, sr, sr_dir
         os.mkdir(path)
     for got in (V.stat(dbg=DBG, sr=sr, key=v["key"]), SR.ls(dbg=DBG, sr=sr)[0]):
         assert (got["uri"], got["virtual_size"], got["physical_utilisation"]) == ([], 0, 0)
-    V.destroy(dbg=DBG, sr=sr, key=v["key"]) if kind != "directory" else None
+    if kind == "directory":
+        with open(os.path.join(path, "theirs"), "w") as f:
+            f.write("not ours")
+    V.destroy(dbg=DBG, sr=sr, key=v["key"])
+    assert SR.ls(dbg=DBG, sr=sr) == []
+    assert not os.path.exists(os.path.join(sr_dir, v["key"] + ".json"))
     if kind == "symlink":
         assert (tmp_path / "outside").read_bytes() == b"secret"
-        assert SR.ls(dbg=DBG, sr=sr) == []
+        assert not os.path.lexists(path)
+    elif kind == "directory":
+        # not ours to remove: left in place, with what it holds
+        with open(os.path.join(path, "theirs")) as f:
+            assert f.read() == "not ours"
 
 
 def test_entries_planted_in_the_sr_neither_followed_nor_fatal(V, SR, sr, sr_dir, tmp_path):

@@ -317,8 +317,18 @@ def _read_volume_record(store, key):
 
 def _remove_volume_files(store, key):
     """Data first, then the record, then the lock: a crash between two steps leaves a record
-    (state creating or destroying) that the next SR.ls or locked call finishes removing."""
-    if store.unlink(_img(key)):
+    (state creating or destroying) that the next SR.ls or locked call finishes removing.
+    A directory in place of the data file is not ours to remove (it was put there by someone
+    else, and may hold anything): it is left in place, said in the log, and the volume goes."""
+    try:
+        removed = store.unlink(_img(key))
+    except OSError as e:
+        if e.errno not in (errno.EISDIR, errno.EPERM):
+            raise
+        _log(30, f"{store.path}/{_img(key)}: not the volume's data file ({e.strerror}): "
+             "left in place")
+        removed = False
+    if removed:
         store.fsync_dir()
     faultpoint("remove:data-gone")
     store.unlink(_rec(key))
