@@ -91,11 +91,9 @@ def serve(xen_spec, domain, path, backend="raw", readonly=False, size=None, stat
             storage = open_storage(backend, path, readonly=readonly, size=size)
         else:
             storage, backend = backend, backend.kind
-        devid, name = toolstack.free_devid(xs, guest, xen.domid)
-        fe, be, created = toolstack.create_vbd(xs, guest, devid,
-                                      f"{backend}:{path}" if path else backend,
-                                      backend_domid=xen.domid, readonly=readonly,
-                                      dev_name=name)
+        devid, name, fe, be, created = toolstack.plug_vbd(
+            xs, guest, f"{backend}:{path}" if path else backend, backend_domid=xen.domid,
+            readonly=readonly)
         device = server.add_device(be, storage, stats_path=stats_path, **device_options)
         storage = None                           # the device owns it now
         served = Served(xen, guest, devid, name, fe, be, server, device, xen_spec)

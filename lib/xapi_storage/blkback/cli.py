@@ -139,10 +139,9 @@ def run(args):
     rc = 0
     try:
         guest = toolstack.resolve_domain(xs, args.domain)
-        devid, name = toolstack.free_devid(xs, guest, xen.domid, args.kind)
         params = f"{args.backend}:{os.path.abspath(args.path)}" if args.path else args.backend
-        fe, be, created = toolstack.create_vbd(xs, guest, devid, params, backend_domid=xen.domid,
-                                      kind=args.kind, readonly=args.readonly, dev_name=name)
+        devid, name, fe, be, created = toolstack.plug_vbd(
+            xs, guest, params, backend_domid=xen.domid, kind=args.kind, readonly=args.readonly)
         dev = server.add_device(be, storage, max_queues=args.max_queues,
                                 max_ring_page_order=args.max_ring_page_order,
                                 max_indirect=args.max_indirect_segments,

@@ -14,6 +14,10 @@ class ToolstackError(Exception):
     """The domain or device asked for does not exist or cannot be used (caller's fault)."""
 
 
+class DeviceExists(ToolstackError):
+    """The virtual device number is taken (by the guest's config or a concurrent plug)."""
+
+
 def xvd_devid(disk):
     """The virtual-device number of xvd<disk> (spec §3.6): 202<<8|disk<<4, extended above 15."""
     if disk < 16:
@@ -86,7 +90,7 @@ def create_vbd(xs, guest, devid, params, *, backend_domid=0, kind=KIND, readonly
 
     def tx():
         if xs.read(f"{fe}/state") is not None or xs.read(f"{be}/state") is not None:
-            raise ToolstackError(f"virtual device {devid} of domain {guest} exists already")
+            raise DeviceExists(f"virtual device {devid} of domain {guest} exists already")
         created[:] = [p for p in _ancestors(fe, f"/local/domain/{g}")
                       + _ancestors(be, f"/local/domain/{b}") if xs.read(p) is None]
         xs.mkdir(fe)
@@ -107,6 +111,21 @@ def create_vbd(xs, guest, devid, params, *, backend_domid=0, kind=KIND, readonly
     return fe, be, created
 
 
+def plug_vbd(xs, guest, params, *, backend_domid=0, kind=KIND, attempts=16, **options):
+    """`free_devid` then `create_vbd`; if another plug took that number between the two (the
+    transaction found the directory there), pick again. Returns (devid, name, fe, be, created)."""
+    for _ in range(attempts):
+        devid, name = free_devid(xs, guest, backend_domid, kind)
+        try:
+            fe, be, created = create_vbd(xs, guest, devid, params, backend_domid=backend_domid,
+                                         kind=kind, dev_name=name, **options)
+        except DeviceExists:
+            continue
+        return devid, name, fe, be, created
+    raise ToolstackError(f"could not plug a virtual device into domain {guest}: every free "
+                         f"number was taken by a concurrent plug ({attempts} attempts)")
+
+
 def unplug(xs, be):
     """What `xl block-detach` does first: online=0 and (unless Closed) state=5, together."""
     def tx():
@@ -120,7 +139,9 @@ def unplug(xs, be):
 
 def remove_vbd(xs, fe, be, created=()):
     """Remove both directories; then, if empty, the parents `create_vbd` created and our
-    private `backend/<kind>/<G>` and `backend/<kind>` (deepest first)."""
+    private `backend/<kind>/<G>` and `backend/<kind>` (deepest first). A parent made by one
+    plug and still holding another plug's device when the maker leaves stays (empty, once
+    that other device goes: nothing records who made it)."""
     errors = []
     for p in (fe, be):
         try:
