@@ -203,10 +203,13 @@ class _Attached:
             raise
         return self.store, rec
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type=None, exc=None, tb=None):
         if self.lock is not None:
             self.lock.release()
         self.store.close()
+        if is_enospc(exc):      # a full SR (or quota) from any step of the call
+            raise _no_space(exc) from None
+        return False
 
 
 def _ready_store(sr):
@@ -313,6 +316,16 @@ def _read_volume_record(store, key):
     if type(rec) is not dict or rec.get("key") != key:
         return None
     return rec
+
+
+def _write_new_record(store, key, rec):
+    """The first record of a new volume, under its lock (just made). If it cannot be written
+    (a full SR, say), the lock file goes too: nothing of the new volume is left."""
+    try:
+        store.write(_rec(key), rec, owner=key, exclusive=True)
+    except BaseException:
+        store.unlink(key + LOCK_SUFFIX)
+        raise
 
 
 def _remove_volume_files(store, key):
@@ -475,9 +488,11 @@ class SR(base.SR):
             # the directory's entry survives a crash (also on the retry of a killed call)
             _fsync_path(os.path.dirname(path))
             _create_sr(path, uuid, name, description, datapath)
-        except BaseException:
+        except BaseException as e:
             if made:        # leave nothing behind: remove what this call made
                 _undo_mkdir(path)
+            if is_enospc(e):
+                raise _no_space(e) from None
             raise
         result = dict(configuration)
         result["path"] = path
@@ -709,7 +724,7 @@ class Volume(base.Volume):
             key = new_uuid()
             with store.lock(key + LOCK_SUFFIX):
                 rec = _new_record(key, name, description, True, sharable)
-                store.write(_rec(key), rec, owner=key, exclusive=True)
+                _write_new_record(store, key, rec)
                 try:
                     faultpoint("create:pending")
                     fd = store.open(_img(key), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -901,7 +916,7 @@ def _copy_volume(sr, key, read_write):
             with _Closing(src), store.lock(new + LOCK_SUFFIX):
                 rec = _new_record(new, src_rec["name"], src_rec["description"], read_write,
                                   src_rec["sharable"], origin={"kind": kind, "of": key})
-                store.write(_rec(new), rec, owner=new, exclusive=True)
+                _write_new_record(store, new, rec)
                 try:
                     faultpoint(f"{kind}:pending")
                     dst = store.open(_img(new), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
