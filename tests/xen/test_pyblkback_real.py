@@ -178,8 +178,8 @@ def test_guest_writes_and_reads_a_file_served_by_pyblkback(bed, guest):
     # every node it wrote is gone, nothing else changed
     assert s.snapshot() == s.before
     # the guest saw the disk go away cleanly: no device, no error from blkfront
-    guest.run("for i in $(seq 50); do [ -b /dev/%s ] || break; sleep 0.2; done; "
-              "[ ! -b /dev/%s ]" % (s.name, s.name), timeout=30, check=True)
+    guest.run("for i in $(seq 150); do [ -b /dev/%s ] || break; sleep 0.2; done; "
+              "[ ! -b /dev/%s ]" % (s.name, s.name), timeout=60, check=True)
     new = _guest_dmesg(guest).splitlines()[dmesg_before:]
     assert not _dmesg_problems(new), "\n".join(new)
 
@@ -189,8 +189,8 @@ def _stop_and_check_clean(s, guest, dmesg_before):
     assert res.rc == 0, res.stderr
     assert "removed %s and %s" % (s.fe, s.be) in res.stderr, res.stderr
     assert s.snapshot() == s.before
-    guest.run("for i in $(seq 50); do [ -b /dev/%s ] || break; sleep 0.2; done; "
-              "[ ! -b /dev/%s ]" % (s.name, s.name), timeout=30, check=True)
+    guest.run("for i in $(seq 150); do [ -b /dev/%s ] || break; sleep 0.2; done; "
+              "[ ! -b /dev/%s ]" % (s.name, s.name), timeout=60, check=True)
     new = _guest_dmesg(guest).splitlines()[dmesg_before:]
     assert not _dmesg_problems(new), "\n".join(new)
     return res
