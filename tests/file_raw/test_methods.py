@@ -753,3 +753,28 @@ def test_files_leased_by_a_file_server_are_waited_for(V, sr, sr_dir, leased, kin
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_destroy_of_an_immutable_data_file_keeps_the_volume(V, SR, sr, sr_dir):
+    """unlink refused with EPERM on a regular file (chattr +i, here): destroy fails with the
+    error and the volume stays whole (record and data), rather than dropping its record and
+    leaking the data file. Only a directory in the data file's place is left behind."""
+    import subprocess
+    v = make(V, sr)
+    path = img(sr_dir, v["key"])
+    r = subprocess.run(["chattr", "+i", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = f"cannot make a file immutable here (chattr +i): {r.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        with pytest.raises(PermissionError):
+            V.destroy(dbg=DBG, sr=sr, key=v["key"])
+    finally:
+        subprocess.run(["chattr", "-i", path], check=True)
+    # the record says destroying; the data file is still there; a retry finishes the job
+    assert os.path.exists(path)
+    V.destroy(dbg=DBG, sr=sr, key=v["key"])
+    assert SR.ls(dbg=DBG, sr=sr) == []
+    assert not os.path.exists(path)

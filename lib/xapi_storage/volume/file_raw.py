@@ -16,7 +16,7 @@ The SR key is "file://" + the percent-encoded absolute path; a volume key is a l
 
 import errno
 import os
-from stat import S_ISREG
+from stat import S_ISDIR, S_ISREG
 
 from ..sdk import base, log
 from ..sdk.errors import SR_does_not_exist, Volume_does_not_exist, XenAPIError
@@ -336,9 +336,10 @@ def _remove_volume_files(store, key):
     try:
         removed = store.unlink(_img(key))
     except OSError as e:
-        if e.errno not in (errno.EISDIR, errno.EPERM):
-            raise
-        _log(30, f"{store.path}/{_img(key)}: not the volume's data file ({e.strerror}): "
+        st = store.stat(_img(key)) if e.errno in (errno.EISDIR, errno.EPERM) else None
+        if st is None or not S_ISDIR(st.st_mode):
+            raise           # e.g. an immutable data file: the volume stays, nothing leaks
+        _log(30, f"{store.path}/{_img(key)}: a directory, not the volume's data file: "
              "left in place")
         removed = False
     if removed:
