@@ -15,6 +15,7 @@ The SR key is "file://" + the percent-encoded absolute path; a volume key is a l
 """
 
 import errno
+import functools
 import os
 from stat import S_ISDIR, S_ISREG
 
@@ -68,6 +69,25 @@ def _size_error(why):
 
 def _no_space(exc):
     return XenAPIError("SR_BACKEND_FAILURE_44", ["There is insufficient space", str(exc)])
+
+
+def _space_errors(cls):
+    """Class decorator: a full SR (ENOSPC, or EDQUOT over a quota) from any step of any method
+    the class defines answers SR_BACKEND_FAILURE_44, after the method's own clean-up ran."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def method(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:
+                if is_enospc(e):
+                    raise _no_space(e) from None
+                raise
+        return method
+    for name, fn in list(vars(cls).items()):
+        if callable(fn) and not name.startswith("_"):
+            setattr(cls, name, wrap(fn))
+    return cls
 
 
 def _log(level, msg):
@@ -203,13 +223,10 @@ class _Attached:
             raise
         return self.store, rec
 
-    def __exit__(self, exc_type=None, exc=None, tb=None):
+    def __exit__(self, *exc):
         if self.lock is not None:
             self.lock.release()
         self.store.close()
-        if is_enospc(exc):      # a full SR (or quota) from any step of the call
-            raise _no_space(exc) from None
-        return False
 
 
 def _ready_store(sr):
@@ -430,6 +447,7 @@ class Plugin(base.Plugin):
                 f"reflink {'disabled by XAPI_STORAGE_NO_REFLINK' if reflink_disabled() else 'tried first'}")
 
 
+@_space_errors
 class SR(base.SR):
     def probe(self, dbg, configuration):
         path = _config_path(configuration)
@@ -489,11 +507,9 @@ class SR(base.SR):
             # the directory's entry survives a crash (also on the retry of a killed call)
             _fsync_path(os.path.dirname(path))
             _create_sr(path, uuid, name, description, datapath)
-        except BaseException as e:
+        except BaseException:
             if made:        # leave nothing behind: remove what this call made
                 _undo_mkdir(path)
-            if is_enospc(e):
-                raise _no_space(e) from None
             raise
         result = dict(configuration)
         result["path"] = path
@@ -715,6 +731,7 @@ def _list_volumes(store, srrec):
     return result
 
 
+@_space_errors
 class Volume(base.Volume):
     def create(self, dbg, sr, name, description, size, sharable):
         _want_str("name", name)
@@ -745,8 +762,6 @@ class Volume(base.Volume):
                     if isinstance(e, OSError) and e.errno == errno.EFBIG:
                         raise _size_error(f"size {size} is too large for this filesystem") \
                             from None
-                    if is_enospc(e):
-                        raise _no_space(e) from None
                     raise
             return _volume(store.path, srrec.get("datapath", DEFAULT_DATAPATH), rec, st)
 
@@ -859,10 +874,8 @@ class Volume(base.Volume):
                     faultpoint("revert:copied")
                     os.rename(tmp, _img(key), src_dir_fd=store.dfd, dst_dir_fd=store.dfd)
                     store.fsync_dir()
-                except BaseException as e:
+                except BaseException:
                     store.unlink(tmp)
-                    if is_enospc(e):
-                        raise _no_space(e) from None
                     raise
                 finally:
                     os.close(src)
@@ -934,10 +947,8 @@ def _copy_volume(sr, key, read_write):
                     rec["state"] = "ready"
                     store.write(_rec(new), rec, owner=new)
                     faultpoint(f"{kind}:ready")
-                except BaseException as e:
+                except BaseException:
                     _remove_volume_files(store, new)
-                    if is_enospc(e):
-                        raise _no_space(e) from None
                     raise
             return _volume(store.path, srrec.get("datapath", DEFAULT_DATAPATH), rec, st)
 
