@@ -60,8 +60,8 @@ def test_connect_serve_and_clean_up(simxen_guest, disk, tmp_path, how):
         assert devid == toolstack.xvd_devid(1)                     # xvdb, the first free
         fe_path, be_path = toolstack.paths(g, devid)
         assert xs.read(f"{be_path}/frontend") == fe_path
-        assert xs.client.get_perms(fe_path.encode()) == [f"n{g}".encode(), b"r0"]
-        assert xs.client.get_perms(be_path.encode()) == [b"n0", f"r{g}".encode()]
+        assert xs.get_perms(fe_path) == [f"n{g}", "r0"]
+        assert xs.get_perms(be_path) == ["n0", f"r{g}"]
         if how == "sigterm-before-connect":
             wait_for(lambda: xs.read(f"{be_path}/state") == "2", what="InitWait")
             p.send_signal(signal.SIGTERM)

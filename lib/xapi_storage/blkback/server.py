@@ -6,8 +6,8 @@ The server is given its edges and nothing else:
     dev = server.add_device(be_path, storage)   # BE directory already written by a toolstack
     server.run()                                # until stop() or every device is destroyed
 
-`xen` supplies grants, event channels and the XenStore socket path (pyxs speaks the wire
-protocol to it); `storage` is a `backends.Storage`. There is no branch on which Xen it is.
+`xen` supplies grants, event channels and the XenStore socket path (`xen/xsclient.py` speaks
+the wire protocol to it); `storage` is a `backends.Storage`. There is no branch on which Xen it is.
 
 One thread runs everything: a selector over the event-channel fd, a wake-up fd that XenStore
 watch events and stop() write to, and a 100 ms timer (re-check every ring: belt and braces
@@ -18,15 +18,11 @@ Per device the XenBus state machine (`xenbus.py`) decides, this module acts.
 import errno
 import logging
 import os
-import queue as _queue
 import selectors
 import threading
 import time
 
-from pyxs import Client
-from pyxs.client import Monitor
-from pyxs.exceptions import PyXSError
-
+from ..xen.xsclient import XenStore, XenStoreError, XenStoreLost  # noqa: F401 (re-exported)
 from . import blkif, xenbus
 from .blkif import Limits
 from .queue import FatalRingError, Queue
@@ -36,143 +32,9 @@ log = logging.getLogger("xapi_storage.blkback")
 
 TICK = 0.1
 RESIZE_CHECK = 1.0
-
-
-def _s(v):
-    return v if isinstance(v, bytes) else str(v).encode()
-
-
-class _WakingQueue(_queue.Queue):
-    """pyxs puts watch events here from its router thread; we also poke an eventfd."""
-
-    def __init__(self, wake_fd):
-        super().__init__()
-        self.wake_fd = wake_fd
-
-    def put(self, item, block=True, timeout=None):
-        super().put(item, block, timeout)
-        try:
-            os.eventfd_write(self.wake_fd, 1)
-        except OSError:
-            pass
-
-
-class _Monitor(Monitor):
-    def __init__(self, client, wake_fd):
-        super().__init__(client)
-        self.events = _WakingQueue(wake_fd)
-
-
-class XenStoreError(OSError):
-    """A XenStore request failed (errno from the XS_ERROR reply)."""
-
-
-def _oserror(e, what):
-    code = e.args[0] if e.args and isinstance(e.args[0], int) else errno.EIO
-    return XenStoreError(code, f"XenStore {what}: {os.strerror(code)}")
-
-
-class XenStore:
-    """The few XenStore operations we need, on one pyxs connection, with str paths.
-    Failures are XenStoreError (an OSError with the errno XenStore answered)."""
-
-    def __init__(self, path, wake_fd=None):
-        self.client = Client(unix_socket_path=path)
-        self.client.connect()
-        self.monitor = _Monitor(self.client, wake_fd) if wake_fd is not None else None
-
-    def read(self, path, default=None):
-        """The value, or `default` if the node does not exist (or we may not read it)."""
-        try:
-            return self.client.read(_s(path)).decode(errors="replace")
-        except PyXSError as e:
-            if e.args and e.args[0] in (errno.ENOENT, errno.EACCES):
-                return default
-            raise _oserror(e, f"read {path}") from None
-
-    def list(self, path):
-        try:
-            return [x.decode() for x in self.client.list(_s(path))]
-        except PyXSError as e:
-            if e.args and e.args[0] in (errno.ENOENT, errno.EACCES):
-                return []
-            raise _oserror(e, f"directory {path}") from None
-
-    def write(self, path, value):
-        try:
-            self.client.write(_s(path), _s(value))
-        except PyXSError as e:
-            raise _oserror(e, f"write {path}") from None
-
-    def mkdir(self, path):
-        try:
-            self.client.mkdir(_s(path))
-        except PyXSError as e:
-            raise _oserror(e, f"mkdir {path}") from None
-
-    def rm(self, path):
-        try:
-            self.client.delete(_s(path))
-        except PyXSError as e:
-            if not (e.args and e.args[0] == errno.ENOENT):
-                raise _oserror(e, f"rm {path}") from None
-
-    def set_perms(self, path, perms):
-        try:
-            self.client.set_perms(_s(path), [_s(p) for p in perms])
-        except PyXSError as e:
-            raise _oserror(e, f"set_perms {path}") from None
-
-    def transaction(self, fn, attempts=50):
-        """Run fn() inside a transaction; redo it on EAGAIN. fn's result is returned."""
-        for _ in range(attempts):
-            try:
-                self.client.transaction()
-            except PyXSError as e:
-                raise _oserror(e, "transaction start") from None
-            try:
-                result = fn()
-            except BaseException:
-                try:
-                    self.client.rollback()
-                except PyXSError:
-                    pass
-                raise
-            try:
-                if self.client.commit():
-                    return result
-            except PyXSError as e:
-                raise _oserror(e, "transaction commit") from None
-            time.sleep(0.001)
-        raise XenStoreError(errno.EAGAIN, "XenStore transaction kept conflicting")
-
-    def watch(self, path, token):
-        try:
-            self.monitor.watch(_s(path), _s(token))
-        except PyXSError as e:
-            raise _oserror(e, f"watch {path}") from None
-
-    def unwatch(self, path, token):
-        try:
-            self.monitor.unwatch(_s(path), _s(token))
-        except (PyXSError, KeyError, ValueError):
-            pass
-
-    def events(self):
-        """Watch events that arrived, without blocking: [(path, token), ...]."""
-        out = []
-        q = self.monitor.events
-        while True:
-            try:
-                out.append(q.get_nowait())
-            except _queue.Empty:
-                return out
-
-    def close(self):
-        try:
-            self.client.close()
-        except Exception:                                  # noqa: BLE001 - best effort
-            pass
+XS_TIMEOUT = 10.0          # the longest any XenStore call may take
+RECONNECT_MIN = 0.1        # first XenStore reconnect attempt after a loss, then doubling
+RECONNECT_MAX = 2.0        # up to this
 
 
 class Device:
@@ -242,9 +104,9 @@ class Device:
                 xs.write(f"{self.be_path}/{k}", str(v))
             xs.write(f"{self.be_path}/state", str(state))
             return True
-        self.written_state = str(state)
-        ok = xs.transaction(tx)
         self.stats.state = xenbus.STATE_NAMES.get(state, str(state))
+        ok = xs.transaction(tx)
+        self.written_state = str(state)      # only once committed: see resync()
         return ok
 
     def refresh(self):
@@ -268,6 +130,29 @@ class Device:
         if changed and m.state != xenbus.DESTROYED:
             self._apply(*m.on_frontend_state(fe_state))
 
+    def resync(self):
+        """After a XenStore reconnect: write again the state we could not write while it was
+        gone (unless the toolstack has written that node since), then re-read everything as
+        if every watch had fired, the frontend's state included."""
+        m = self.machine
+        if m.state == xenbus.DESTROYED:
+            return
+        be_state = self.server.xs.read(f"{self.be_path}/state")
+        if be_state is None:
+            self._apply(*m.feed(xenbus.BE_GONE))
+            return
+        if be_state == self.written_state and be_state != str(m.state):
+            log.info("%s: writing state %s again after the XenStore reconnect", self.name,
+                     xenbus.STATE_NAMES[m.state])
+            if m.state == xenbus.INITWAIT:
+                self._publish()
+            elif m.state == xenbus.CONNECTED:
+                self._announce()
+            else:
+                self.switch_state(m.state)
+        m.fe_state = -1                      # re-feed the frontend's state, whatever it is
+        self.refresh()
+
     def feed(self, event):
         self._apply(*self.machine.feed(event))
 
@@ -282,6 +167,8 @@ class Device:
             if a == xenbus.CONNECT:
                 try:
                     self._connect()
+                except XenStoreLost:
+                    raise                    # not the frontend's fault: resync() retries
                 except Exception as e:                       # noqa: BLE001 - reported
                     log.warning("%s: connect failed: %s", self.name, e)
                     self._report_error(str(e))
@@ -457,13 +344,13 @@ class Device:
             return
         if size == self.last_size:
             return
-        self.last_size = size
         self.limits.sectors = size // 512
         self.stats.sectors_size = self.limits.sectors
         if self.machine.state == xenbus.CONNECTED:
             log.info("%s: resized to %d sectors", self.name, self.limits.sectors)
             # new `sectors`, then state=4 again: the write fires blkfront's watch
             self.switch_state(xenbus.CONNECTED, {"sectors": self.limits.sectors})
+        self.last_size = size                # announced (a failed write is tried again)
 
     def resize(self):
         """Announce the storage's current size to a connected frontend (online resize)."""
@@ -487,12 +374,22 @@ class Device:
 
 
 class Server:
-    """The service loop (see the module docstring)."""
+    """The service loop (see the module docstring).
 
-    def __init__(self, xen):
+    XenStore is not needed to serve rings: if its connection is lost (xenstored restarted,
+    stalled past `xs_timeout`, or our socket broke) the rings keep being served, every
+    device keeps its state, and the server reconnects (after 0.1 s, then backing off to
+    RECONNECT_MAX), registers its watches again and re-reads every device (Device.resync).
+    While a XenStore call waits for its reply, the rings are served too. A Xen that is gone
+    for good (`xen.gone()`: a simulated Xen's daemon exited) ends every device at once
+    (grants unmapped, storage closed) and `run()` returns. A stop with XenStore unreachable
+    ends the devices at once too: nothing could be written anyway."""
+
+    def __init__(self, xen, xs_timeout=None):
         self.xen = xen
-        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.xs = XenStore(xen.xenstore_path, self.wake_fd)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.xs = XenStore(xen.xenstore_path,
+                           timeout=xs_timeout if xs_timeout is not None else XS_TIMEOUT)
         self.evtchn = xen.event_channels()
         self.mapper = xen.grant_mapper()
         self.devices = {}
@@ -503,20 +400,37 @@ class Server:
         self.later = []
         self.ready = []
         self._stop = False
+        self._stopping = False
         self._force = False
         self._lock = threading.Lock()
+        self._idle_busy = False
+        self._idle_tick = 0.0
+        self.xs_lost_since = None           # monotonic time the connection was lost
+        self.xs_reconnects = 0
+        self._retry_at = 0.0
+        self._retry_delay = RECONNECT_MIN
         self.sel = selectors.DefaultSelector()
-        self.sel.register(self.wake_fd, selectors.EVENT_READ, "wake")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
         self.sel.register(self.evtchn.fileno(), selectors.EVENT_READ, "evtchn")
+        self.sel.register(self.xs.fileno(), selectors.EVENT_READ, "xs")
+        self.xs.on_drop = self._xs_dropped
+        self.xs.idle = self._idle
+        self.xs.idle_fds = (self.evtchn.fileno(),)
         self._last_slow = 0.0
 
     def add_device(self, be_path, storage, **options):
         """Serve the device whose backend directory is `be_path` (state must be 1)."""
         dev = Device(self, be_path, storage, **options)
         self.devices[dev.token] = dev
-        for p in (f"{dev.be_path}/state", f"{dev.be_path}/online", f"{dev.fe_path}/state"):
-            self.xs.watch(p, dev.token)
-        dev.feed(xenbus.START)
+        try:
+            for p in (f"{dev.be_path}/state", f"{dev.be_path}/online", f"{dev.fe_path}/state"):
+                self.xs.watch(p, dev.token)
+            dev.feed(xenbus.START)
+        except BaseException:
+            self.devices.pop(dev.token, None)
+            for p in (f"{dev.be_path}/state", f"{dev.be_path}/online", f"{dev.fe_path}/state"):
+                self.xs.unwatch(p, dev.token)
+            raise
         return dev
 
     def _forget(self, dev):
@@ -529,33 +443,120 @@ class Server:
         self._stop = True
         self._force = self._force or force
         try:
-            os.eventfd_write(self.wake_fd, 1)
+            os.write(self.wake_w, b"x")
         except OSError:
             pass
 
+    # -- XenStore connection ----------------------------------------------------------------
+    def _xs_dropped(self, fd):
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _xs_lost(self, e):
+        if self.xs.connected:                # an error that did not drop it: drop it now
+            self.xs.close()
+        if self.xs_lost_since is None:
+            self.xs_lost_since = time.monotonic()
+            self._retry_at = self.xs_lost_since + RECONNECT_MIN
+            self._retry_delay = RECONNECT_MIN
+            log.warning("XenStore connection lost (%s); serving the rings and reconnecting",
+                        e)
+
+    def _xs_reconnect(self):
+        """One reconnect attempt (when due). A Xen gone for good ends every device."""
+        now = time.monotonic()
+        if now < self._retry_at:
+            return
+        try:
+            self.xs.reconnect()
+        except XenStoreLost as e:
+            if self.xen.gone():
+                log.error("Xen is gone (%s): ending every device", e)
+                self._end_all()
+                return
+            self._retry_delay = min(self._retry_delay * 2, RECONNECT_MAX)
+            self._retry_at = time.monotonic() + self._retry_delay
+            return
+        self.sel.register(self.xs.fileno(), selectors.EVENT_READ, "xs")
+        self.xs_reconnects += 1
+        log.warning("XenStore reconnected after %.1f s; re-reading %d device(s)",
+                    now - self.xs_lost_since, len(self.devices))
+        self.xs_lost_since = None
+        for dev in list(self.devices.values()):
+            self._guarded(dev, dev.resync)
+
+    def _end_all(self):
+        """End every device now, without waiting for anyone (grants unmapped, storage
+        closed); XenStore writes are attempted and their failures ignored."""
+        for dev in list(self.devices.values()):
+            try:
+                dev.feed(xenbus.FORCE)
+            except Exception:                      # noqa: BLE001 - forget it anyway
+                log.exception("%s: ending it", dev.name)
+                dev._disconnect()
+                self.devices.pop(dev.token, None)
+
+    def _idle(self, waited):
+        """Run while a XenStore call waits for its reply: serve the rings (errors are handled
+        after the call, by step()). True abandons the call (we are asked to stop)."""
+        if not self._idle_busy:
+            self._idle_busy = True
+            try:
+                for port in self.evtchn.pending():
+                    q = self.ports.get(port)
+                    if q is not None:
+                        self._service(q, defer=True)
+                now = time.monotonic()
+                if now - self._idle_tick >= TICK:
+                    self._idle_tick = now
+                    for dev in list(self.devices.values()):
+                        for q in list(dev.queues):
+                            self._service(q, defer=True)
+            finally:
+                self._idle_busy = False
+        return self._stop and waited >= 1.0
+
+    # -- the loop ---------------------------------------------------------------------------
     def step(self, timeout=TICK):
         """Wait up to `timeout` for something to do, then do it."""
         if self.ready:
             timeout = 0
+        xs_ready = False
         for key, _ in self.sel.select(timeout):
             if key.data == "evtchn":
                 for port in self.evtchn.pending():
                     q = self.ports.get(port)
                     if q is not None:
                         self._service(q)
+            elif key.data == "xs":
+                xs_ready = True
             else:
                 try:
-                    os.eventfd_read(self.wake_fd)
-                except BlockingIOError:
+                    while os.read(self.wake_r, 64):
+                        pass
+                except (BlockingIOError, InterruptedError):
                     pass
         if self._stop:
             self._stop = False
+            self._stopping = True
             ev = xenbus.FORCE if self._force else xenbus.SHUTDOWN
             for dev in list(self.devices.values()):
                 self._guarded(dev, lambda d=dev: d.feed(ev))
-        events = self.xs.events()
-        if events:
-            tokens = {t.decode() if isinstance(t, bytes) else t for _p, t in events}
+        if self.xs_lost_since is not None:
+            if self._stopping:
+                log.warning("stopping with XenStore unreachable: ending every device now")
+                self._end_all()
+            else:
+                self._xs_reconnect()
+        if self.xs.connected and (xs_ready or self.xs.pending_events):
+            try:
+                events = self.xs.events()
+            except XenStoreLost as e:
+                self._xs_lost(e)
+                events = []
+            tokens = {t for _p, t in events}
             for tok in tokens:
                 dev = self.devices.get(tok)
                 if dev is not None:
@@ -579,19 +580,26 @@ class Server:
                     dev.write_stats()
 
     def _guarded(self, dev, fn):
-        """Run fn() for one device; an unexpected error closes that device, not the server."""
+        """Run fn() for one device; an unexpected error closes that device, not the server.
+        A lost XenStore connection is nobody's fault: the device is re-read on reconnect."""
         try:
             fn()
+        except XenStoreLost as e:
+            self._xs_lost(e)
         except Exception as e:                     # noqa: BLE001 - one device, not the server
             log.exception("%s: internal error", dev.name)
             try:
                 dev.fatal(f"internal error: {e!r}")
+            except XenStoreLost as e2:
+                self._xs_lost(e2)
             except Exception:                      # noqa: BLE001
                 log.exception("%s: cannot close it; forgetting it", dev.name)
                 dev._disconnect()
                 self._forget(dev)
 
-    def _service(self, q):
+    def _service(self, q, defer=False):
+        """Serve one ring. With `defer` (inside a XenStore call) a ring error is handled
+        later by step(): handling it writes to XenStore."""
         if q.dead:
             return
         try:
@@ -599,12 +607,18 @@ class Server:
                 self.ready.append(q)
         except FatalRingError as e:
             why = str(e)
-            self._guarded(q.dev, lambda: q.dev.fatal(why))
+            if defer:
+                self.later.append((q.dev, lambda: q.dev.fatal(why)))
+            else:
+                self._guarded(q.dev, lambda: q.dev.fatal(why))
         except Exception as e:                     # noqa: BLE001 - one device, not the server
             log.exception("%s: internal error serving queue %d", q.dev.name, q.index)
             q.dead = True
             why = f"internal error: {e!r}"
-            self._guarded(q.dev, lambda: q.dev.fatal(why))
+            if defer:
+                self.later.append((q.dev, lambda: q.dev.fatal(why)))
+            else:
+                self._guarded(q.dev, lambda: q.dev.fatal(why))
 
     def run(self, until=None):
         """Serve until every device is destroyed (or `until()` is true)."""
@@ -612,12 +626,12 @@ class Server:
             self.step()
 
     def close(self):
-        for dev in list(self.devices.values()):
-            dev.feed(xenbus.FORCE)
+        self._end_all()
         self.sel.close()
         try:
             self.mapper.close()
         finally:
             self.evtchn.close()
             self.xs.close()
-            os.close(self.wake_fd)
+            os.close(self.wake_r)
+            os.close(self.wake_w)

@@ -23,6 +23,7 @@ The interface (see the classes below for the exact contract):
     port = e.alloc_unbound(remote_domid)           # frontend side
     e.fileno()                         # readable when some bound port has fired
     e.pending() -> list of ports       # consume the pending events (and unmask them)
+    xen.gone()                         # True once a simulated Xen's daemon has exited
     a = xen.grant_allocator()          # frontend side: share our own pages with a peer
     ga = a.grant(domid, npages, writable=True)     # -> GrantAllocation: .refs, .buffer
     ga.revoke()
@@ -144,6 +145,11 @@ class Xen(abc.ABC):
 
     @abc.abstractmethod
     def event_channels(self) -> EventChannels: ...
+
+    def gone(self) -> bool:
+        """True if this Xen has stopped for good (a simulated Xen whose daemon exited). A real
+        xenstored that restarts is not gone: a server waits for it and reconnects."""
+        return False
 
 
 def open_xen(spec=None, domid=None) -> Xen:

@@ -45,6 +45,11 @@ class SimXen(Xen):
         from .evtchn import SimEventChannels
         return SimEventChannels(self.dir, self.domid)
 
+    def gone(self):
+        """The daemon has exited (its pid file is gone, or names a dead process)."""
+        pid = _pid(self.dir)
+        return pid is None or not layout.pid_alive(pid)
+
     def __repr__(self):
         return f"SimXen({self.dir!r}, domid={self.domid})"
 
