@@ -42,7 +42,7 @@ class Device:
 
     def __init__(self, server, be_path, storage, *, max_ring_page_order=4, max_queues=4,
                  max_indirect=256, persistent=True, max_persistent=16384, stats_path=None,
-                 on_destroy=None, sector_size=512, io_threads=2):
+                 on_destroy=None, sector_size=512, io_threads=2, owns_nodes=True):
         self.server = server
         self.be_path = be_path.rstrip("/")
         self.storage = storage
@@ -54,6 +54,7 @@ class Device:
         self.max_persistent = max_persistent
         self.stats_path = stats_path
         self.on_destroy = on_destroy
+        self.owns_nodes = owns_nodes        # we wrote the directories (connect, serve())
         self.sector_size = sector_size
         self.mapper = server.mapper
         self.io_pool = None
@@ -185,7 +186,12 @@ class Device:
                 self._destroy()
                 return
         if new != old and xenbus.PUBLISH not in actions and xenbus.ANNOUNCE not in actions:
-            self.switch_state(new)
+            extra = None
+            if new == xenbus.CLOSING and self.machine.stopping and self.owns_nodes:
+                # we plugged it, we unplug it as a toolstack does: online=0 with state=5 in
+                # one transaction (the Windows PV drivers eject the disk only then)
+                extra = {"online": 0}
+            self.switch_state(new, extra)
 
     def _publish(self):
         keys = {"feature-max-indirect-segments": self.max_indirect,
