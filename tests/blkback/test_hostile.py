@@ -361,7 +361,7 @@ def test_indirect_plan_cache_memory_is_bounded(served):
             (rid, _op, st), = fe.raw_responses(1)
             assert (rid, st) == (k, 0)
         plans = served.device.queues[0].plans
-        cached = sum(len(iovs) for _n, iovs in plans.values())
+        cached = sum(len(iovs) for _n, iovs, _g in plans.values())
         assert cached <= 32768, f"{cached} buffer views cached for {len(plans)} lists"
         fe.pool.put(data + [(iref, ipage)])
 

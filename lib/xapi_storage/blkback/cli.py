@@ -48,6 +48,9 @@ def add_arguments(parser):
                    "backends; 0: everything in the service thread (default 2)")
     p.add_argument("--no-persistent", action="store_true",
                    help="do not offer persistent grants")
+    p.add_argument("--max-persistent-grants", type=int, default=1056, metavar="N",
+                   help="persistent grants kept mapped per ring, least recently used "
+                   "unmapped past it (default 1056, as Linux blkback)")
     p.add_argument("--raw-read", choices=("preadv", "mmap"), default="preadv",
                    help="raw: how reads of 64 KiB and more are done; mmap copies from a "
                    "mapping of the file (faster; the process dies of SIGBUS if someone else "
@@ -93,6 +96,9 @@ def run(args):
     if not 0 <= args.max_indirect_segments <= 4096:
         print("error: --max-indirect-segments must be 0..4096 (8 pages of 512)",
               file=sys.stderr)
+        return 2
+    if args.max_persistent_grants < 0:
+        print("error: --max-persistent-grants must be 0 or more", file=sys.stderr)
         return 2
     if args.io_threads < 0:
         print("error: --io-threads must be 0 or more", file=sys.stderr)
@@ -146,6 +152,7 @@ def run(args):
                                 max_ring_page_order=args.max_ring_page_order,
                                 max_indirect=args.max_indirect_segments,
                                 persistent=not args.no_persistent, stats_path=args.stats,
+                                max_persistent=args.max_persistent_grants,
                                 io_threads=args.io_threads)
         storage = None
         tty = sys.stderr.isatty() and not args.quiet

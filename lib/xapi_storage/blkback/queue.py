@@ -8,7 +8,12 @@ then the final check. Everything is answered synchronously, so req_cons == rsp_p
 between batches and a slot never owes a response when we read it.
 
 Grants: with persistent grants negotiated, each gref is mapped once (RW, as blkif.h says) and
-kept, up to `max_persistent` per ring (beyond that, mapped per request). Without, the grefs
+kept, up to `max_persistent` per ring (1056 by default, as Linux blkback). A grant that does
+not fit is mapped for its request only, and after the turn the least recently used mappings
+are unmapped to make room (`_evict`), as Linux blkback purges its LRU persistent grants.
+Use is tracked by the 100 ms generation: a set of grefs used now and one of the generation
+before; a mapping is evicted whole (its grefs came in one request), the least recently used
+first, then the oldest. Without, the grefs
 of a request are mapped in one call (read-only for writes to disk) and unmapped before its
 response is pushed (blkfront checks that). Indirect segment lists are copied out of their
 pages once; validated lists of persistent grants are cached by content (a frontend with a
@@ -50,6 +55,8 @@ PARALLEL_MIN = 256 * 1024        # runs of >= 256 KiB may go to the I/O threads
 # ~65530): per ring, and the server's total is Server.max_persistent_maps. Past either,
 # grants are mapped per request.
 MAX_PMAPS = 1024
+MAX_PERSISTENT = 1056            # default per ring: Linux blkback's xen_blkif_max_pgrants
+EVICT_EXTRA = 20                 # evict 1/20 (5%) of the bound more than needed, as Linux
 
 
 def _chunked(fn, start, iovs, length):
@@ -77,7 +84,12 @@ class Queue:
         self.port = port
         self.ring = BackRing(mapping.buffer, abi.entry_size)
         self.persistent = {}            # gref -> memoryview of its page
-        self.pmaps = []                 # GrantMappings that back self.persistent
+        self.pmaps = {}                 # mapping id -> GrantMapping backing self.persistent
+        self.pgroups = {}               # mapping id -> the grefs it maps
+        self.next_pmap = 0
+        self.used = set()               # grefs used in this 100 ms generation
+        self.used_prev = set()          # ... and in the one before
+        self.evict_wanted = 0           # grants that did not fit since the last eviction
         self.where = {}                 # gref -> (index in pmaps, byte offset in it)
         self.plans = {}                 # indirect segment bytes -> (nsect, iovs)
         self.plan_iovs = 0              # len(iovs) summed over self.plans
@@ -89,7 +101,7 @@ class Queue:
             self.jobs = bytearray(PIO_JOB.size * self.ring.size)
             self.jobs_c = _pio_ffi.from_buffer(self.jobs)
         self.paddr = {}                 # gref -> address of its persistent page (for C)
-        self.pbases = []                # cdata keeping those addresses valid
+        self.pbases = {}                # mapping id -> cdata keeping those addresses valid
 
     # -- grants -----------------------------------------------------------------------------
     def _pages(self, segs, writable, temps):
@@ -99,6 +111,7 @@ class Queue:
         if dev.use_persistent:
             pc = self.persistent
             missing = [g for g, _f, _l in segs if g not in pc]
+            self.used.update([g for g, _f, _l in segs])
             if missing:
                 missing = list(dict.fromkeys(missing))
                 server = dev.server
@@ -108,8 +121,10 @@ class Queue:
                     m = dev.mapper.map(dev.fe_domid, missing, writable=True)
                     dev.stats.grant_maps += 1
                     server.persistent_maps += 1
-                    k = len(self.pmaps)
-                    self.pmaps.append(m)
+                    k = self.next_pmap
+                    self.next_pmap += 1
+                    self.pmaps[k] = m
+                    self.pgroups[k] = missing
                     buf = m.buffer
                     where = self.where
                     for i, g in enumerate(missing):
@@ -117,13 +132,14 @@ class Queue:
                         where[g] = (k, i * 4096)
                     if self.pio_fd is not None and not buf.readonly:
                         cd = _pio_ffi.from_buffer(buf, require_writable=True)
-                        self.pbases.append(cd)
+                        self.pbases[k] = cd
                         base = int(_pio_ffi.cast("uintptr_t", cd))
                         paddr = self.paddr
                         for i, g in enumerate(missing):
                             paddr[g] = base + i * 4096
                     dev.stats.persistent_grants = len(pc)
                 else:
+                    self.evict_wanted += len(missing)
                     return self._map_temp(segs, True, temps)
             return [pc[g] for g, _f, _l in segs]
         return self._map_temp(segs, writable, temps)
@@ -146,6 +162,7 @@ class Queue:
         if dev.use_persistent:
             # blkfront takes indirect pages from its persistent pool too
             if all(g in pc for g in grefs):
+                self.used.update(grefs)
                 return b"".join([pc[g] for g in grefs])[:nbytes]      # the one copy
             tmp = []
             try:
@@ -192,9 +209,13 @@ class Queue:
             n = (rp - cons) & M32
             if n == 0:
                 if not ring.final_check_for_requests():
+                    if self.evict_wanted:
+                        self._evict()
                     return False
                 continue
             if batches >= MAX_BATCHES or sects[0] + sects[1] - moved0 >= TURN_SECTORS:
+                if self.evict_wanted:
+                    self._evict()
                 return True
             batches += 1
             if n > size - ((cons - ring.rsp_prod_pvt) & M32):
@@ -252,6 +273,7 @@ class Queue:
         nj = 0                         # jobs queued for C
         pio_ids = []
         pio_ops = []
+        used_add = self.used.add
         ro = limits.readonly
         nsectors = limits.sectors
         amask = limits.logical_sectors - 1
@@ -276,6 +298,7 @@ class Queue:
                             run_op = -1
                         job_pack(jobs, nj * 32, addr + fs * 512, nsect * 512, op, sector * 512,
                                  0)
+                        used_add(f[5])
                         nj += 1
                         pio_ids.append(f[3])
                         pio_ops.append(op)
@@ -291,6 +314,7 @@ class Queue:
                     ls = f[7]
                     ok = page is not None and fs <= ls <= 7
                     if ok:
+                        used_add(f[5])
                         nsect = ls - fs + 1
                         fast = [page if nsect == 8 else page[fs * 512:(ls + 1) * 512]]
                 elif 1 < nseg <= 11:
@@ -304,6 +328,7 @@ class Queue:
                         if page is None or fs > ls or ls > 7:
                             ok = False
                             break
+                        used_add(f[k])
                         nsect += ls - fs + 1
                         fast.append(page if fs == 0 and ls == 7
                                     else page[fs * 512:(ls + 1) * 512])
@@ -348,7 +373,8 @@ class Queue:
                         nsect = full[4]
                         segs = full[5]
                     else:
-                        nsect, iovs = plan
+                        nsect, iovs, grefs = plan
+                        self.used.update(grefs)
                         kind = req[2]
                         blkif.check_range(limits, req[3], nsect, rid, kind)
                 elif kind <= K_WRITE:
@@ -397,7 +423,7 @@ class Queue:
                                 or self.plan_iovs + len(iovs) > PLAN_CACHE_IOVS):
                             plans.clear()
                             self.plan_iovs = 0
-                        plans[segbytes] = (nsect, iovs)
+                        plans[segbytes] = (nsect, iovs, [g for g, _f, _l in segs])
                         self.plan_iovs += len(iovs)
                 run_op = kind
                 run_iovs += iovs
@@ -613,6 +639,49 @@ class Queue:
                 self.dev.flush_failed(e)
             return RSP_ERROR
 
+    def age(self):
+        """A new 100 ms generation of use (the server's tick)."""
+        self.used_prev = self.used
+        self.used = set()
+
+    def _evict(self):
+        """Unmap whole persistent mappings, least recently used first, to make room for the
+        grants that did not fit (plus 5% of the bound). Only between batches: nothing of
+        this ring's is in flight or referenced then."""
+        dev = self.dev
+        pc = self.persistent
+        bound = dev.max_persistent
+        need = len(pc) + self.evict_wanted + bound // EVICT_EXTRA - bound
+        need = max(need, len(self.pmaps) + 1 - MAX_PMAPS)
+        self.evict_wanted = 0
+        if need <= 0 or not self.pmaps:
+            return
+        used, prev = self.used, self.used_prev
+
+        def recency(k):
+            grefs = self.pgroups[k]
+            if not used.isdisjoint(grefs):
+                return 2, k
+            return (1 if not prev.isdisjoint(grefs) else 0), k
+        self.plans.clear()                       # their buffers may point into a victim
+        self.plan_iovs = 0
+        freed = 0
+        server = dev.server
+        for k in sorted(self.pmaps, key=recency):
+            if freed >= need:
+                break
+            grefs = self.pgroups.pop(k)
+            for g in grefs:
+                pc.pop(g).release()
+                self.where.pop(g, None)
+                self.paddr.pop(g, None)
+            self.pbases.pop(k, None)
+            self.pmaps.pop(k).unmap()
+            server.persistent_maps -= 1
+            freed += len(grefs)
+        dev.stats.persistent_evicted += freed
+        dev.stats.persistent_grants = len(pc)
+
     @staticmethod
     def _unmap(temps):
         while temps:
@@ -629,11 +698,12 @@ class Queue:
         self.persistent.clear()
         self.where.clear()
         self.paddr.clear()
-        self.pbases = []
+        self.pbases = {}
+        self.pgroups = {}
         self.dev.server.persistent_maps -= len(self.pmaps)
-        for m in self.pmaps:
+        for m in self.pmaps.values():
             m.unmap()
-        self.pmaps = []
+        self.pmaps = {}
         if self.ring is not None and self.ring.buf is not None:
             self.ring.release()
         if self.mapping is not None:

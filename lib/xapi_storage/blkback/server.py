@@ -25,7 +25,7 @@ import time
 from ..xen.xsclient import XenStore, XenStoreError, XenStoreLost  # noqa: F401 (re-exported)
 from . import blkif, xenbus
 from .blkif import Limits
-from .queue import FatalRingError, Queue
+from .queue import MAX_PERSISTENT, FatalRingError, Queue
 from .stats import Stats, write_json_atomically
 
 log = logging.getLogger("xapi_storage.blkback")
@@ -41,7 +41,8 @@ class Device:
     """One virtual block device: BE directory, state machine, rings, storage, stats."""
 
     def __init__(self, server, be_path, storage, *, max_ring_page_order=4, max_queues=4,
-                 max_indirect=256, persistent=True, max_persistent=16384, stats_path=None,
+                 max_indirect=256, persistent=True, max_persistent=MAX_PERSISTENT,
+                 stats_path=None,
                  on_destroy=None, sector_size=512, io_threads=2, owns_nodes=True):
         self.server = server
         self.be_path = be_path.rstrip("/")
@@ -580,6 +581,7 @@ class Server:
             for dev in list(self.devices.values()):
                 for q in list(dev.queues):
                     self._service(q)
+                    q.age()
                 if now >= dev.next_resize:
                     dev.next_resize = now + RESIZE_CHECK
                     self._guarded(dev, dev.check_resize)

@@ -27,6 +27,7 @@ class Stats:
         self.lat_max_ns = 0
         self.lat_hist = [0] * (len(LAT_BUCKETS_US) + 1)
         self.persistent_grants = 0
+        self.persistent_evicted = 0         # persistent grants unmapped to make room
         self.grant_maps = 0                 # map calls made (persistent and not)
         self.c_batched = 0                  # requests done by the C batch (_pio)
         self.state = "Initialising"
@@ -72,6 +73,7 @@ class Stats:
                                          zip(LAT_BUCKETS_US, self.lat_hist)}
                            | {"more": self.lat_hist[-1]}},
             "persistent_grants": self.persistent_grants,
+            "persistent_evicted": self.persistent_evicted,
             "grant_map_calls": self.grant_maps,
             "c_batched_requests": self.c_batched,
         }
