@@ -472,9 +472,9 @@ def test_a_busy_ring_yields_after_a_bounded_amount_of_io(simxen_guest, disk):
             orig = q.service
             calls = []
 
-            def counting():
+            def counting(*args):
                 b0 = s.device.stats.batches
-                r = orig()
+                r = orig(*args)
                 calls.append(s.device.stats.batches - b0)
                 return r
             q.service = counting

@@ -22,6 +22,7 @@ re-slicing 256 segments per 1 MiB request.
 """
 
 import errno
+import logging
 import os
 import struct
 import time
@@ -44,6 +45,8 @@ PIO_JOB = struct.Struct("<QIIqq")        # addr, len, op, offset, result
 # header + first segment only: op, nseg, handle, id, sector, gref, first, last
 REQ1 = {112: struct.Struct("<BBH4xQQIBB"), 108: struct.Struct("<BBHQQIBB")}
 
+log = logging.getLogger("xapi_storage.blkback")
+
 IOV_MAX = 1024
 DISCARD_CHUNK = 1 << 30
 MAX_BATCHES = 16                  # per service() call, then let other rings run
@@ -57,6 +60,12 @@ PARALLEL_MIN = 256 * 1024        # runs of >= 256 KiB may go to the I/O threads
 MAX_PMAPS = 1024
 MAX_PERSISTENT = 1056            # default per ring: Linux blkback's xen_blkif_max_pgrants
 EVICT_EXTRA = 20                 # evict 1/20 (5%) of the bound more than needed, as Linux
+# Floods: a bad request or an event that finds nothing costs one token, a good request gives
+# one back; tokens come back at FLOOD_RATE per second up to FLOOD_BURST. A ring out of tokens
+# is not looked at for THROTTLE_PAUSE (events from it are consumed and ignored meanwhile).
+FLOOD_RATE = 1000
+FLOOD_BURST = 2000
+THROTTLE_PAUSE = 0.1
 
 
 def _chunked(fn, start, iovs, length):
@@ -90,6 +99,9 @@ class Queue:
         self.used = set()               # grefs used in this 100 ms generation
         self.used_prev = set()          # ... and in the one before
         self.evict_wanted = 0           # grants that did not fit since the last eviction
+        self.tokens = float(FLOOD_BURST)
+        self.tokens_t = time.monotonic()
+        self.throttled_until = 0.0
         self.where = {}                 # gref -> (index in pmaps, byte offset in it)
         self.plans = {}                 # indirect segment bytes -> (nsect, iovs)
         self.plan_iovs = 0              # len(iovs) summed over self.plans
@@ -185,7 +197,7 @@ class Queue:
             m.unmap()
 
     # -- the hot loop -----------------------------------------------------------------------
-    def service(self):
+    def service(self, event=False):
         """Answer what is on the ring. Returns False when it is empty and the frontend has
         been asked to notify us; True after MAX_BATCHES batches or TURN_SECTORS moved with
         more still there (so a busy ring cannot starve the others: the server comes back
@@ -208,6 +220,11 @@ class Queue:
             cons = ring.req_cons
             n = (rp - cons) & M32
             if n == 0:
+                if event and not batches:
+                    event = False
+                    stats.spurious_events += 1
+                    if self._charge(1):
+                        return False
                 if not ring.final_check_for_requests():
                     if self.evict_wanted:
                         self._evict()
@@ -232,11 +249,17 @@ class Queue:
                 k = size - first
                 raw = bytes(buf[start:start + k * esz]) + bytes(buf[64:64 + (n - k) * esz])
             ring.req_cons = rp
+            bad0 = dev.bad_logged
             self._batch(raw, n)
+            bad = dev.bad_logged - bad0
             if ring.push_responses_and_check_notify():
                 evtchn.notify(self.port)
                 stats.notifies += 1
             stats.batch(n, time.monotonic_ns() - t0)
+            if bad and self._charge(2 * bad - n):
+                return True                   # throttled: the server comes back later
+            if not bad and self.tokens < FLOOD_BURST:
+                self.tokens = min(FLOOD_BURST, self.tokens + n)
 
     def _batch(self, raw, n):
         """Parse and execute `n` requests copied in `raw`, writing responses."""
@@ -638,6 +661,25 @@ class Queue:
             if kind != K_DISCARD:
                 self.dev.flush_failed(e)
             return RSP_ERROR
+
+    def _charge(self, cost):
+        """Take `cost` tokens (see FLOOD_RATE); True if the ring is now throttled."""
+        now = time.monotonic()
+        t = min(FLOOD_BURST, self.tokens + (now - self.tokens_t) * FLOOD_RATE) - cost
+        self.tokens = min(FLOOD_BURST, t)
+        self.tokens_t = now
+        if self.tokens >= 0:
+            return False
+        self.throttled_until = now + THROTTLE_PAUSE
+        self.tokens = 0.0
+        stats = self.dev.stats
+        if stats.throttled % 100 == 0:
+            log.warning("%s: queue %d: a flood of bad requests or spurious events "
+                        "(%d bad, %d spurious so far): served at most every %d ms",
+                        self.dev.name, self.index, self.dev.bad_logged,
+                        stats.spurious_events, THROTTLE_PAUSE * 1000)
+        stats.throttled += 1
+        return True
 
     def age(self):
         """A new 100 ms generation of use (the server's tick)."""

@@ -514,7 +514,7 @@ class Server:
                 for port in self.evtchn.pending():
                     q = self.ports.get(port)
                     if q is not None:
-                        self._service(q, defer=True)
+                        self._service(q, defer=True, event=True)
                 now = time.monotonic()
                 if now - self._idle_tick >= TICK:
                     self._idle_tick = now
@@ -536,7 +536,7 @@ class Server:
                 for port in self.evtchn.pending():
                     q = self.ports.get(port)
                     if q is not None:
-                        self._service(q)
+                        self._service(q, event=True)
             elif key.data == "xs":
                 xs_ready = True
             else:
@@ -605,13 +605,15 @@ class Server:
                 dev._disconnect()
                 self._forget(dev)
 
-    def _service(self, q, defer=False):
-        """Serve one ring. With `defer` (inside a XenStore call) a ring error is handled
-        later by step(): handling it writes to XenStore."""
-        if q.dead:
+    def _service(self, q, defer=False, event=False):
+        """Serve one ring (`event`: because its event channel fired). With `defer` (inside a
+        XenStore call) a ring error is handled later by step(): handling it writes to
+        XenStore. A throttled ring (a flood: queue.FLOOD_RATE) waits for its pause to end;
+        the 100 ms timer looks at it then."""
+        if q.dead or (q.throttled_until and q.throttled_until > time.monotonic()):
             return
         try:
-            if q.service() and q not in self.ready:
+            if q.service(event) and q not in self.ready:
                 self.ready.append(q)
         except FatalRingError as e:
             why = str(e)

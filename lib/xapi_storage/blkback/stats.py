@@ -28,6 +28,8 @@ class Stats:
         self.lat_hist = [0] * (len(LAT_BUCKETS_US) + 1)
         self.persistent_grants = 0
         self.persistent_evicted = 0         # persistent grants unmapped to make room
+        self.spurious_events = 0            # events that found nothing on the ring
+        self.throttled = 0                  # times a ring was paused for a flood
         self.grant_maps = 0                 # map calls made (persistent and not)
         self.c_batched = 0                  # requests done by the C batch (_pio)
         self.state = "Initialising"
@@ -74,6 +76,8 @@ class Stats:
                            | {"more": self.lat_hist[-1]}},
             "persistent_grants": self.persistent_grants,
             "persistent_evicted": self.persistent_evicted,
+            "spurious_events": self.spurious_events,
+            "throttled": self.throttled,
             "grant_map_calls": self.grant_maps,
             "c_batched_requests": self.c_batched,
         }
