@@ -9,7 +9,8 @@ set -euo pipefail
 # e2fsprogs: mkfs.ext4 -d (no loop mount); cpio + zstd: guest initramfs and the image cache.
 # xfsprogs: an XFS image on a loop device, where file-raw's reflink path runs for real;
 # xen-utils-4.17 + gcc: the real oxenstored that the simulated XenStore is compared with.
-PACKAGES=(qemu-system-x86 debootstrap e2fsprogs cpio zstd xfsprogs xen-utils-4.17 gcc)
+# qemu-utils: qemu-img and qemu-io, real NBD clients of pyblkback's NBD export.
+PACKAGES=(qemu-system-x86 debootstrap e2fsprogs cpio zstd xfsprogs xen-utils-4.17 gcc qemu-utils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -56,6 +56,12 @@ def add_arguments(parser):
                    "mapping of the file (faster; the process dies of SIGBUS if someone else "
                    "truncates the file while it runs) (default preadv)")
     p.add_argument("--overlay-dir", help="cow: where the (unlinked) overlay file lives")
+    p.add_argument("--nbd", metavar="SOCKET",
+                   help="also export the disk over NBD (fixed newstyle) on this unix socket "
+                   "(owner-only, removed at exit), to dom0 tools such as qemu-img and "
+                   "nbd-client: the same storage the guest uses")
+    p.add_argument("--nbd-name", default="disk", metavar="NAME",
+                   help="the NBD export name (default: disk)")
     p.add_argument("--stats", metavar="FILE",
                    help="write the device's statistics here as JSON, once a second")
     p.add_argument("--quiet", action="store_true", help="no status line")
@@ -155,6 +161,10 @@ def run(args):
                                 max_persistent=args.max_persistent_grants,
                                 io_threads=args.io_threads)
         storage = None
+        if args.nbd:
+            server.listen_nbd(args.nbd).add_export(args.nbd_name, dev.storage,
+                                                   readonly=dev.readonly)
+            print(f"NBD export {args.nbd_name!r} on {args.nbd}", file=sys.stderr)
         tty = sys.stderr.isatty() and not args.quiet
         label = f"{name} of domain {guest}"
         print(f"serving {args.backend} {args.path or ''} as {name} (vbd {devid}) to domain "

@@ -401,6 +401,7 @@ class Server:
         self.mapper = xen.grant_mapper()
         self.devices = {}
         self.ports = {}
+        self.nbd = []                       # nbdsock.NbdListener: NBD exports in this loop
         # persistent grant mappings held by all rings (each is a VMA; see queue.MAX_PMAPS)
         self.persistent_maps = 0
         self.max_persistent_maps = 32768
@@ -531,8 +532,10 @@ class Server:
         if self.ready:
             timeout = 0
         xs_ready = False
-        for key, _ in self.sel.select(timeout):
-            if key.data == "evtchn":
+        for key, mask in self.sel.select(timeout):
+            if not isinstance(key.data, str):
+                self._nbd_event(key.data, mask)
+            elif key.data == "evtchn":
                 for port in self.evtchn.pending():
                     q = self.ports.get(port)
                     if q is not None:
@@ -631,11 +634,30 @@ class Server:
                 self._guarded(q.dev, lambda: q.dev.fatal(why))
 
     def run(self, until=None):
-        """Serve until every device is destroyed (or `until()` is true)."""
-        while self.devices and not (until and until()):
+        """Serve until every device is destroyed and no NBD export is left (or `until()`
+        is true)."""
+        while (self.devices or any(n.exports for n in self.nbd)) and not (until and until()):
             self.step()
 
+    @staticmethod
+    def _nbd_event(endpoint, mask):
+        """An NBD listener or client is ready; an unexpected error drops that client (or
+        stops that listener), never the server."""
+        try:
+            endpoint.on_event(mask)
+        except Exception:                          # noqa: BLE001 - one client, not the server
+            log.exception("NBD: internal error; dropping %r", endpoint)
+            endpoint.close()
+
+    def listen_nbd(self, path):
+        """Serve NBD on the unix socket `path` in this loop; returns the NbdListener, whose
+        add_export(name, storage, readonly=None) exports a storage (see nbdsock.py)."""
+        from .nbdsock import NbdListener
+        return NbdListener(self, path)
+
     def close(self):
+        for listener in list(self.nbd):
+            listener.close()
         self._end_all()
         self.sel.close()
         try:
