@@ -5,6 +5,7 @@ the base implements the seven Datapath calls the toolstack makes, with every rul
 
     class MyDatapath(Lifecycle):
         SCHEME = "mydp"                             # state lives under <root>/mydp/
+        def validate(self, uri): ...                # optional: refuse a malformed URI early
         def setup(self, uri, readonly):             # first attach of the volume on this host
             return {"dev": "/dev/..."}              #   -> resources (a JSON object)
         def backend(self, uri, domain, resources):  # each attach: the attach result
@@ -248,6 +249,10 @@ class Lifecycle(base.Datapath):
     SCHEME = None
 
     # hooks ------------------------------------------------------------------------------------
+    def validate(self, uri):
+        """Raise (a structured error) if `uri` is not one this datapath can serve; runs before
+        any state is read or written."""
+
     def setup(self, uri, readonly=False):
         """Acquire what the volume needs on this host (first attach); return a JSON object
         (stored, then given to the other hooks). Must find and reuse what a killed earlier
@@ -356,6 +361,7 @@ class Lifecycle(base.Datapath):
     def _run(self, uri, call, domain=None, persistent=None):
         if not isinstance(uri, str) or not uri:
             raise datapath_error("Datapath_invalid_uri", str(uri), "the URI is empty")
+        self.validate(uri)
         with self._store() as store:
             vid = volume_id(uri)
             lock = self._lock(store, vid, uri)
