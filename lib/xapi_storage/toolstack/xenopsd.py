@@ -324,8 +324,11 @@ def clean_unplug(xs, vbd, timeout=UNPLUG_TIMEOUT):
     close, remove it, then the rest. DeviceError (nodes left in place, as xenopsd leaves
     them) if the frontend does not close within `timeout`."""
     def tx():
+        state = xs.read(f"{vbd.be}/state")
+        if state is None:
+            return                      # gone already: never re-create a node by writing it
         xs.write(f"{vbd.be}/online", "0")
-        if xs.read(f"{vbd.be}/state") not in (None, "6"):
+        if state != "6":
             xs.write(f"{vbd.be}/state", "5")
     xs.transaction(tx)
 
