@@ -72,6 +72,14 @@ def wait_disk(dp, name, timeout=60):
           "sleep .2; done", timeout=timeout + 30)
 
 
+def plugged(dp, size, **ctx):
+    """A new volume of `size`, hot-plugged into the guest: (key, ctx, device name)."""
+    key = dp.create(size)["key"]
+    ctx = dp.run("vbd-plug", key, **ctx)["ctx"]
+    wait_disk(dp, ctx["device"])
+    return key, ctx, ctx["device"]
+
+
 def assert_clean(dp, key):
     """No loop device of the volume, no datapath state, no node beyond the bed's own, no plugin
     process."""
@@ -130,11 +138,7 @@ def test_fio_verify_survives_vm_shutdown_and_start(dp):
 
 
 def test_a_read_only_plug_refuses_writes_in_the_guest(dp):
-    vol = dp.create(8 * MIB)
-    key = vol["key"]
-    ctx = dp.run("vbd-plug", key, readonly=True)["ctx"]
-    name = ctx["device"]
-    wait_disk(dp, name)
+    key, ctx, name = plugged(dp, 8 * MIB, readonly=True)
     assert dp.sh(f"cat /sys/block/{name}/ro").stdout.strip() == "1"
     r = dp.sh(f"dd if=/dev/zero of=/dev/{name} bs=4k count=1 oflag=direct", check=False)
     assert r.rc != 0, r
@@ -144,11 +148,7 @@ def test_a_read_only_plug_refuses_writes_in_the_guest(dp):
 
 
 def test_the_guest_sees_a_volume_grown_while_attached(dp):
-    vol = dp.create(8 * MIB)
-    key = vol["key"]
-    ctx = dp.run("vbd-plug", key)["ctx"]
-    name = ctx["device"]
-    wait_disk(dp, name)
+    key, ctx, name = plugged(dp, 8 * MIB)
     dp.call(op="resize", sr=dp.sr, key=key, size=24 * MIB)
     want = str(24 * MIB // 512)
     dp.sh(f"i=0; until [ \"$(cat /sys/block/{name}/size)\" = {want} ]; do i=$((i+1)); "
