@@ -242,8 +242,13 @@ class Lifecycle(base.Datapath):
     """Base of a datapath plugin: the seven Datapath calls, idempotent and crash-safe.
 
     Subclasses set SCHEME and override `setup`, `backend`, `teardown` (and optionally
-    `activate_hook`, `deactivate_hook`, `open_hook`, `close_hook`). Hooks must be idempotent:
-    after a crash they may run again for the same step."""
+    `validate`, `activate_hook`, `deactivate_hook`, `open_hook`, `close_hook`). Hooks must be
+    idempotent: after a crash they may run again for the same step. While a hook runs,
+    `self.state` is the volume's state record as it was before the step (read it, do not
+    change it): e.g. `self.state["opened"]` is None or {"persistent": bool} (Datapath.open),
+    `self.state["domains"]` the domains attached and how they are active."""
+
+    state = None
 
     #: the URI scheme = the plugin's directory name; names the state directory
     SCHEME = None
@@ -392,6 +397,7 @@ class Lifecycle(base.Datapath):
             self._save(store, vid, intent)
             faultpoint(f"datapath:{kind}:intent")
         output = None
+        self.state = state
         res = state["resources"]
         if res is None and state["teardown_failed"] is not None:
             res = state["teardown_failed"]["resources"]    # retrying a failed teardown
