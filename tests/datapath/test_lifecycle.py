@@ -359,3 +359,21 @@ def test_hooks_see_the_state_before_their_step(state_root):
         dp.detach("t", URI, d)
     dp.close("t", URI)
     assert leftovers(state_root) == []
+
+
+def test_a_tampered_state_file_refuses_attach_and_detach_does_no_harm(state_root):
+    dp = Toy()
+    dp.attach("t", URI, "1")
+    path = os.path.join(dp.state_dir(), lifecycle.volume_id(URI) + ".json")
+    for junk in (b"{not json", b'{"format": 1, "uri": "toy:///other"}', b"[]"):
+        with open(path, "wb") as f:
+            f.write(junk)
+        with pytest.raises(errors.XenAPIError) as e:
+            dp.attach("t", URI, "2")
+        assert e.value.params[0] == "Datapath_state_corrupt"
+        dp.deactivate("t", URI, "1")                         # no exception, nothing released
+        dp.detach("t", URI, "1")
+        assert resource_exists()
+        with open(path, "rb") as f:
+            assert f.read() == junk                          # left for someone to look at
+    assert [e[0] for e in journal()] == ["setup", "backend"]

@@ -371,7 +371,16 @@ class Lifecycle(base.Datapath):
             vid = volume_id(uri)
             lock = self._lock(store, vid, uri)
             try:
-                state = self._read(store, vid, uri)
+                try:
+                    state = self._read(store, vid, uri)
+                except errors.StorageError as e:
+                    if call not in ("deactivate", "detach"):
+                        raise
+                    # detach never fails, but a state file it cannot read tells it nothing
+                    # safe to release (other domains may use the volume): leave it all as it
+                    # is, say so loudly; attach keeps refusing until someone looks
+                    log.error("%s of %s for domain %r: %s; nothing done", call, uri, domain, e)
+                    return empty_state(uri)
                 for step in recovery(state):
                     state = self._step(store, vid, state, step)
                 state = dict(state, pending=None)    # a redone step's intent is moot now
