@@ -179,3 +179,23 @@ def test_a_plugin_killed_during_attach_or_detach_is_completed_or_cleaned(dp, poi
         dp.run("vbd-unplug", key, vbd=ctx["vbd"])
     assert killed, point
     assert_clean(dp, key)
+
+
+def test_operator_attach_and_detach_commands(dp):
+    """`xapi-storage attach URI --vm NAME` prints the guest's device, which the guest uses;
+    `xapi-storage detach` unplugs it cleanly (the guest lets go) and releases the loop device."""
+    vol = dp.create(8 * MIB)
+    key, uri = vol["key"], vol["uri"][0]
+    xs = VENV + "/bin/xapi-storage"
+    rc, out, err = dp.bed.dom0([xs, "attach", uri, "--vm", dp.guest.name, "--root", ROOT],
+                               timeout=180)
+    assert rc == 0, err
+    name = out.strip()
+    wait_disk(dp, name)
+    assert dp.sh(f"cat /sys/block/{name}/size").stdout.strip() == str(8 * MIB // 512)
+    dp.sh(f"dd if=/dev/urandom of=/dev/{name} bs=4k count=8 oflag=direct")
+    rc, out, err = dp.bed.dom0([xs, "detach", uri, "--vm", dp.guest.name, "--root", ROOT],
+                               timeout=180)
+    assert rc == 0, err
+    dp.sh(f"i=0; while [ -b /dev/{name} ]; do i=$((i+1)); [ $i -gt 150 ] && exit 1; sleep .2; done")
+    assert_clean(dp, key)
