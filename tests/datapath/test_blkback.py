@@ -164,3 +164,35 @@ def test_sigkill_at_each_step_leaves_no_loop_device(dpenv, plugin_root, point):
     assert killed, point
     assert loops_of(data_path(env, vol)) == []
     assert env.state_files() == []
+
+
+@pytest.mark.parametrize("sr_parent", ["disk"], indirect=True)
+def test_sequences_run_as_the_table_says_and_leave_nothing(dpenv, simxen_guest):
+    """Every operation of toolstack.sequences performed against the installed plugins and the
+    simulated XenStore: the executables run are exactly plugin_calls(operation), and the
+    whole life of a volume leaves no node, loop device or state behind."""
+    from xapi_storage.toolstack import sequences, xenopsd
+    sim, guest = simxen_guest
+    env = dpenv
+    vol = env.create()
+    xs = xenopsd.open_xenstore(sim.xenstore_path(0))
+    ts = sequences.Toolstack(env.daemon, xs, hotplug_timeout=5, unplug_timeout=0.5)
+    ctx = {"plugin": FILE_RAW, "sr": env.sr, "key": vol["key"], "domain": str(guest)}
+    try:
+        for op in ("vm-start", "vm-shutdown", "vbd-plug", "dom0-plug", "dom0-unplug"):
+            if op == "dom0-plug":
+                ctx["dp"] = "vbd/0/xvdc"
+            del env.daemon.calls[:]
+            ts.run(op, dict(ctx) if op.startswith("dom0") else ctx)
+            assert [c[1] for c in env.daemon.calls] == sequences.plugin_calls(op), op
+        ctx["src_domain"], ctx["domain"] = str(guest), "99"
+        del env.daemon.calls[:]
+        ts.run("live-migration", ctx)
+        assert [c[1] for c in env.daemon.calls] == sequences.plugin_calls("live-migration")
+        ctx["domain"] = str(guest)
+        xenopsd.hard_unplug(xs, ctx["vbd"], timeout=0.5)
+        env.daemon.dp_destroy(D, FILE_RAW, env.sr, vol["key"], "99")
+        assert loops_of(data_path(env, vol)) == [] and env.state_files() == []
+        assert not xs.list("/local/domain/0/backend") and not xs.list("/xapi")
+    finally:
+        xs.close()
