@@ -137,8 +137,8 @@ def test_plug_writes_xenopsd_nodes_and_both_unplugs_remove_them(sim_xs):
     assert xs.read(be + "/mode") == "w" and xs.read(be + "/type") == "phy"
     assert xs.read(vbd.fe + "/backend") == be and xs.read(vbd.fe + "/state") == "1"
     assert xs.read(vbd.fe_ro + "/backend") == be
-    assert xs.client.get_perms(vbd.fe.encode()) == [f"n{guest}".encode(), b"r0"]
-    assert xs.client.get_perms(be.encode()) == [b"n0", f"r{guest}".encode()]
+    assert xs.get_perms(vbd.fe) == [f"n{guest}", "r0"]
+    assert xs.get_perms(be) == ["n0", f"r{guest}"]
     # a second plug takes the next number, never the guest's disk
     vbd2 = xenopsd.plug(xs, guest, RESULT, readonly=True, timeout=5)
     assert vbd2.name == "xvdb" and xs.read(vbd2.be + "/mode") == "r"
