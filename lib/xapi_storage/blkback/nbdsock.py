@@ -21,7 +21,6 @@ import socket
 import stat
 
 from . import nbd
-from .backends import StorageError
 
 log = logging.getLogger("xapi_storage.blkback")
 
@@ -46,21 +45,8 @@ class NbdListener:
         self.path = path
         self.exports = {}
         self.clients = set()
-        _remove_stale(path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            old = os.umask(0o077)                 # the socket is born owner-only (0700)
-            try:
-                s.bind(path)
-            finally:
-                os.umask(old)
-            s.listen(64)
-            s.setblocking(False)
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
-        server.sel.register(s, selectors.EVENT_READ, self)
+        self.sock = listen_unix(path)
+        server.sel.register(self.sock, selectors.EVENT_READ, self)
         server.nbd.append(self)
 
     def add_export(self, name, storage, readonly=None):
@@ -96,17 +82,41 @@ class NbdListener:
     def close(self):
         for c in list(self.clients):
             c.close("server stopping")
-        try:
-            self.server.sel.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        close_unix(self.server.sel, self.sock, self.path)
         if self in self.server.nbd:
             self.server.nbd.remove(self)
+
+
+def listen_unix(path, backlog=64):
+    """A non-blocking listening unix socket at `path`, owner-only (born 0700 under umask
+    077); a stale socket there (nobody accepts on it) is replaced, anything else refused."""
+    _remove_stale(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o077)
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        s.listen(backlog)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def close_unix(sel, sock, path):
+    """Undo listen_unix: out of the selector, closed, its path removed."""
+    try:
+        sel.unregister(sock)
+    except (KeyError, ValueError):
+        pass
+    sock.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _remove_stale(path):

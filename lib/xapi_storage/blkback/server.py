@@ -15,7 +15,6 @@ against a lost wake-up; re-read the storage size for online resize; write the st
 Per device the XenBus state machine (`xenbus.py`) decides, this module acts.
 """
 
-import errno
 import logging
 import os
 import selectors
@@ -83,6 +82,12 @@ class Device:
         if "w" not in mode:
             self.readonly = True
             self.limits.readonly = True
+        # a cdrom is announced as one (VDISK_CDROM), and is never written; like Linux's
+        # blkback we read `device-type` where the toolstack writes it: in the frontend
+        self.cdrom = xs.read(f"{self.fe_path}/device-type", "disk").strip() == "cdrom"
+        if self.cdrom:
+            self.readonly = True
+            self.limits.readonly = True
         # the toolstack may turn discard off (libxl: discard-enable, default on if writable)
         self.discard = storage.can_discard and not self.readonly and \
             xs.read(f"{self.be_path}/discard-enable", "1").strip() != "0"
@@ -131,6 +136,17 @@ class Device:
             changed = True
         if changed and m.state != xenbus.DESTROYED:
             self._apply(*m.on_frontend_state(fe_state))
+
+    def adopt(self, be_state):
+        """Take the device over in the state another backend (or our dead self) left it."""
+        m = self.machine
+        m.state = {2: xenbus.INITWAIT, 3: xenbus.INITWAIT, 4: xenbus.INITWAIT,
+                   5: xenbus.CLOSING, 6: xenbus.CLOSED}[be_state]
+        self.written_state = str(be_state)
+        self.stats.state = xenbus.STATE_NAMES[m.state]
+        log.info("%s: adopted in state %s", self.name, be_state)
+        m.fe_state = -1                      # feed the frontend's state, whatever it is
+        self.refresh()
 
     def resync(self):
         """After a XenStore reconnect: write again the state we could not write while it was
@@ -206,7 +222,8 @@ class Device:
 
     def _announce(self):
         st = self.storage
-        info = blkif.VDISK_READONLY if self.readonly else 0
+        info = (blkif.VDISK_READONLY if self.readonly else 0) | (
+            blkif.VDISK_CDROM if self.cdrom else 0)
         keys = {"feature-flush-cache": int(st.write_cache),
                 "feature-barrier": int(st.write_cache),
                 "feature-discard": int(self.discard),
@@ -402,6 +419,8 @@ class Server:
         self.devices = {}
         self.ports = {}
         self.nbd = []                       # nbdsock.NbdListener: NBD exports in this loop
+        self.extra_watch = {}               # watch token -> fn([paths]) (volume_server)
+        self.xen_gone = False
         # persistent grant mappings held by all rings (each is a VMA; see queue.MAX_PMAPS)
         self.persistent_maps = 0
         self.max_persistent_maps = 32768
@@ -426,14 +445,26 @@ class Server:
         self.xs.idle_fds = (self.evtchn.fileno(),)
         self._last_slow = 0.0
 
-    def add_device(self, be_path, storage, **options):
-        """Serve the device whose backend directory is `be_path` (state must be 1)."""
+    def add_device(self, be_path, storage, adopt=False, **options):
+        """Serve the device whose backend directory is `be_path` (state must be 1).
+
+        `adopt`: the device may be further on (a server restarted, or another backend
+        stopped): its state is taken as written. A device Connected (4) whose frontend is
+        Initialised or Connected has its rings mapped again and its event channels bound
+        again (the dead backend's end closed, so they are unbound again, as in Xen); requests
+        published and not answered are served again from the ring's `rsp_prod` (reads and
+        writes may run twice, as after a backend crash). InitWait (2) waits for the
+        frontend; Closing and Closed go on closing."""
         dev = Device(self, be_path, storage, **options)
         self.devices[dev.token] = dev
         try:
             for p in (f"{dev.be_path}/state", f"{dev.be_path}/online", f"{dev.fe_path}/state"):
                 self.xs.watch(p, dev.token)
-            dev.feed(xenbus.START)
+            be_state = self.xs.read(f"{dev.be_path}/state", "1") if adopt else "1"
+            if be_state.strip() in ("2", "3", "4", "5", "6"):
+                dev.adopt(int(be_state))
+            else:
+                dev.feed(xenbus.START)
         except BaseException:
             self.devices.pop(dev.token, None)
             for p in (f"{dev.be_path}/state", f"{dev.be_path}/online", f"{dev.fe_path}/state"):
@@ -445,6 +476,27 @@ class Server:
         self.devices.pop(dev.token, None)
         for p in (f"{dev.be_path}/state", f"{dev.be_path}/online", f"{dev.fe_path}/state"):
             self.xs.unwatch(p, dev.token)
+
+    def stop_soon(self):
+        """Wake the loop (safe from signal handlers) without asking the devices anything:
+        the caller's loop condition decides (volume_server)."""
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    def let_go_all(self):
+        """Stop serving every device without a word to XenStore: rings unmapped, ports
+        unbound, storage closed; the nodes stay as they are, for a backend that takes the
+        devices over (a restarted volume server adopts them)."""
+        for dev in list(self.devices.values()):
+            dev._disconnect()
+            self.devices.pop(dev.token, None)
+            for p in (f"{dev.be_path}/state", f"{dev.be_path}/online", f"{dev.fe_path}/state"):
+                self.xs.unwatch(p, dev.token)
+            if dev.io_pool is not None:
+                dev.io_pool.shutdown(wait=True)
+            dev.storage.close()
 
     def stop(self, force=False):
         """Ask every device to close (safe from signal handlers and other threads)."""
@@ -482,6 +534,7 @@ class Server:
         except XenStoreLost as e:
             if self.xen.gone():
                 log.error("Xen is gone (%s): ending every device", e)
+                self.xen_gone = True
                 self._end_all()
                 return
             self._retry_delay = min(self._retry_delay * 2, RECONNECT_MAX)
@@ -571,6 +624,11 @@ class Server:
                 dev = self.devices.get(tok)
                 if dev is not None:
                     self._guarded(dev, dev.refresh)
+                elif tok in self.extra_watch:
+                    try:
+                        self.extra_watch[tok]([p for p, t in events if t == tok])
+                    except XenStoreLost as e:
+                        self._xs_lost(e)
         while self.later:
             dev, fn = self.later.pop(0)
             self._guarded(dev, fn)

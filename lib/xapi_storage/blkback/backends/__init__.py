@@ -122,6 +122,30 @@ def full_pwritev(fd, iovs, offset, want=None):
         n = os.pwritev(fd, iovs, offset)
 
 
+class Borrowed(Storage):
+    """Another owner's open storage, used by one device: every call goes to it, close()
+    does not close it (the volume server shares one storage between its devices and its NBD
+    export). `readonly=True` makes this user read-only whatever the storage is."""
+
+    def __init__(self, storage, readonly=False):
+        self.inner = storage
+        self.kind = storage.kind
+        self.readonly = storage.readonly or readonly
+        self.can_discard = storage.can_discard
+        self.write_cache = storage.write_cache
+        self.discard_zeroes = storage.discard_zeroes
+        self.parallel_io = storage.parallel_io
+        self.pio_fd = storage.pio_fd
+        self.size = storage.size
+        self.readv = storage.readv
+        self.writev = storage.writev
+        self.flush = storage.flush
+        self.discard = storage.discard
+
+    def close(self):
+        pass
+
+
 KINDS = ("raw", "cow", "null", "block")
 
 
