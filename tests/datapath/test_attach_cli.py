@@ -109,7 +109,7 @@ def test_clean_detach_of_a_disk_the_guest_keeps_fails_then_force_works(setup, pl
 def test_errors_leave_nothing(setup, plugin_root, capsys, tmp_path):
     env, sim, guest, vol, calls, xs = setup
     uri = vol["uri"][0]
-    assert run(sim, plugin_root, "attach", "pyblkback" + uri[len("blkback"):], "--vm",
+    assert run(sim, plugin_root, "attach", "nosuchdp" + uri[len("blkback"):], "--vm",
                "guest1") == 1
     assert "MISSING_URI" in capsys.readouterr().err
     assert run(sim, plugin_root, "attach", uri, "--vm", "nosuchvm") == 1

@@ -35,7 +35,7 @@ def impls(result):
 
 
 def test_registers_with_api_5(dpenv):
-    assert dpenv.daemon.datapaths == {"blkback": []}
+    assert dpenv.daemon.datapaths["blkback"] == []
     q = dpenv.daemon.datapath("blkback", "Plugin.Query", {"dbg": "register"})
     assert q["required_api_version"] == "5.0" and q["plugin"] == "blkback"
 

@@ -14,8 +14,8 @@ its control socket `<run-dir>/<ID>.ctl` (the run directory is 0700: root only). 
   xenopsd's nodes, `hotplug-status` or `physical-device*`. A clean unplug (online=0, state 5)
   ends with state 6; a backend directory that vanishes (hard unplug) unmaps every grant at
   once. Started again, it re-adopts the devices it finds connected (Server.add_device adopt);
-* exports the volume over NBD on `<run-dir>/<ID>.nbd`, export name ID (not with
-  --nonpersistent: each guest has its own overlay there, there is no one disk to export);
+* exports the volume over NBD on `<run-dir>/<ID>.nbd`, export name ID (read-only with
+  --nonpersistent: the volume itself, as no guest's writes reach it);
 * with --nonpersistent serves each device from its own copy-on-write overlay over FILE
   (opened read-only, never written): a guest's writes vanish when its device goes;
 * answers on the control socket, one JSON object per line: {"op": "ping"} ->
@@ -78,9 +78,9 @@ class VolumeServer:
         self._Borrowed = Borrowed
         self._open_storage = open_storage
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
-        self.storage = None
-        if not nonpersistent:
-            self.storage = open_storage(backend, path, readonly=readonly)
+        # the one open storage of the volume (devices borrow it; with nonpersistent only
+        # the NBD export uses it, read-only: each device has its own overlay)
+        self.storage = open_storage(backend, path, readonly=readonly or nonpersistent)
         self.server = Server(xen, xs_timeout=xs_timeout)
         self.ctl = None
         self.nbd = None
@@ -89,9 +89,9 @@ class VolumeServer:
             self.token = f"adopt:{vid}"
             self.server.xs.watch(self.base, self.token)
             self.server.extra_watch[self.token] = self._on_event
-            if nbd and self.storage is not None:
+            if nbd:
                 self.nbd = self.server.listen_nbd(nbd_path(run_dir, vid))
-                self.nbd.add_export(vid, self.storage, readonly=readonly)
+                self.nbd.add_export(vid, self.storage, readonly=readonly or nonpersistent)
             self.ctl = _Control(self, ctl_path(run_dir, vid))
             self.scan()
         except BaseException:
@@ -273,7 +273,7 @@ def main(argv=None):
                     help="raw: a regular file; block: a block device (default raw)")
     ap.add_argument("--nonpersistent", action="store_true",
                     help="each device gets its own copy-on-write overlay over --path, dropped "
-                    "with the device (the file is never written); no NBD export")
+                    "with the device (the file is never written); the NBD export is read-only")
     ap.add_argument("--readonly", action="store_true", help="serve read-only")
     ap.add_argument("--domains", default="",
                     help="comma-separated domains attached already (a respawn)")

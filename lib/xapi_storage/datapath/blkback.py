@@ -55,20 +55,28 @@ def _run(argv, uri):
     return out
 
 
-def path_of(uri):
-    """The absolute path a blkback URI names (percent-decoded)."""
+def path_of(uri, scheme=SCHEME):
+    """The absolute path a `<scheme>:///<path>` URI names (percent-decoded)."""
     try:
         parts = urlsplit(uri)
     except ValueError as e:
         raise datapath_error("Datapath_invalid_uri", uri, str(e)) from None
-    if parts.scheme != SCHEME or parts.netloc or parts.query or parts.fragment:
+    if parts.scheme != scheme or parts.netloc or parts.query or parts.fragment:
         raise datapath_error("Datapath_invalid_uri", uri,
-                             f"expected {SCHEME}:///<absolute path> (percent-encoded)")
+                             f"expected {scheme}:///<absolute path> (percent-encoded)")
     path = unquote_path(parts.path)
     if not path or not path.startswith("/") or "\0" in path:
         raise datapath_error("Datapath_invalid_uri", uri,
-                             f"expected {SCHEME}:///<absolute path> (percent-encoded)")
+                             f"expected {scheme}:///<absolute path> (percent-encoded)")
     return path
+
+
+def stat_volume(uri, path):
+    """os.stat of the volume's path, or Datapath_volume_missing."""
+    try:
+        return os.stat(path)
+    except OSError as e:
+        raise datapath_error("Datapath_volume_missing", uri, f"{path}: {e.strerror}") from None
 
 
 # --- loop devices --------------------------------------------------------------------------------
@@ -172,10 +180,7 @@ class Datapath(Lifecycle):
 
     def setup(self, uri, readonly=False):
         path = path_of(uri)
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise datapath_error("Datapath_volume_missing", uri, f"{path}: {e.strerror}") from None
+        st = stat_volume(uri, path)
         if stat.S_ISBLK(st.st_mode):
             return {"dev": path, "loop": False, "path": path}
         if not stat.S_ISREG(st.st_mode):

@@ -76,7 +76,9 @@ def _setup(args):
     scheme = uri_scheme(args.uri)
     if scheme is None:
         raise Failed("SR_BACKEND_FAILURE", ["Invalid_uri", args.uri, "the URI has no scheme"])
-    daemon = Daemon(args.root, timeout=args.timeout)
+    # the plugins serve the Xen we plug into (pyblkback's server talks to its XenStore)
+    env = dict(os.environ, XAPI_STORAGE_XEN=args.xen) if args.xen else None
+    daemon = Daemon(args.root, timeout=args.timeout, env=env)
     if scheme not in daemon.datapaths:
         raise Failed("MISSING_URI", [args.uri, f"no datapath plugin {scheme!r} registered under "
                                      f"{os.path.join(args.root, 'datapath')} (installed: "
