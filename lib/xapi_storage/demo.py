@@ -3,8 +3,12 @@
 Installs the plugins into a temporary root, then drives the `file-raw` volume plugin through its
 executables exactly as xapi-storage-script would (argv [path, "--json"], JSON on stdin): create
 an SR in a temporary directory, a volume, write to it, serve it to a guest of the simulated Xen
-through pyblkback (the guest's blkfront reads and writes it over the shared ring), snapshot and
-clone it, list the SR, and destroy it all again (unless --keep).
+through the `pyblkback` datapath plugin (Datapath.attach/activate start the volume's server,
+xenopsd's nodes are written by the toolstack emulation, the guest's blkfront reads and writes
+over the shared ring, then unplug, deactivate, detach), boot it once more non-persistent (the
+guest's writes vanish), snapshot and clone it, list the SR, and destroy it all again (unless
+--keep). The volume's file is served under a `pyblkback:///` URI: file-raw answers one URI per
+volume (`blkback:///`), so the demo names the same file for the other datapath itself.
 """
 
 import json
@@ -15,7 +19,8 @@ import sys
 import tempfile
 
 HELP = ("the main job with no Xen: a file-raw SR through the plugin executables, its volume "
-        "served to a simulated guest by pyblkback, then snapshot, clone, list, destroy")
+        "served to a simulated guest through the pyblkback datapath (and once non-persistent), "
+        "then snapshot, clone, list, destroy")
 
 PLUGIN_DIR = "volume/org.xen.xapi.storage.file-raw"
 
@@ -25,7 +30,8 @@ def add_arguments(parser):
     parser.add_argument("--keep", action="store_true",
                         help="keep the SR and the installed plugins afterwards")
     parser.add_argument("--no-ring", action="store_true",
-                        help="skip serving the volume through pyblkback on the simulated Xen")
+                        help="skip serving the volume through the pyblkback datapath on the "
+                        "simulated Xen")
 
 
 class _Failed(Exception):
@@ -55,40 +61,92 @@ def _gib(n):
 GUEST_SECTOR = 2048                     # 1 MiB into the volume
 
 
-def _serve_through_ring(path, work):
-    """Serve the volume file to a guest of a simulated Xen with pyblkback; the guest reads what
-    the demo wrote and writes 64 KiB of its own. Returns the bytes the guest wrote."""
-    from .blkback import serve
+def _serve_through_datapath(root, path, work):
+    """Serve the volume file to a guest of a simulated Xen through the installed `pyblkback`
+    datapath plugin, as the toolstack does: Datapath.attach and activate (the plugin starts
+    the volume's server), the qdisk nodes written as xenopsd writes them, the guest's
+    blkfront reads what the demo wrote and writes 64 KiB of its own, a clean unplug,
+    deactivate and detach (the server stops). Then the same volume booted non-persistent: the
+    guest's writes vanish at close. Returns the bytes the guest wrote."""
+    import threading
+
+    from .blkback.frontend import Frontend
+    from .toolstack import xenopsd
+    from .toolstack.daemon import Daemon
     from .xen.sim import running
 
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else work
     simdir = tempfile.mkdtemp(prefix="xapi-storage-demo-xen-", dir=shm)
     os.rmdir(simdir)                    # the simulated Xen makes its own directory
+    run_dir = tempfile.mkdtemp(prefix="pbb-", dir="/tmp")   # short: unix socket paths
     data = bytes(range(256)) * 256      # 64 KiB
-    print(f"\n$ pyblkback: serve {path} to a guest of a simulated Xen ({simdir})")
-    with running(simdir) as sim:
-        domid = sim.create_domain("demo-guest")
-        with serve(f"sim:{sim.dir}", "demo-guest", path, backend="raw") as served:
-            with served.frontend() as fe:       # the guest's blkfront, acting as domain domid
-                print(f"  guest d{domid} connected to {served.name}: "
-                      f"{fe.sectors * 512 >> 20} MiB, {fe.sector_size}-byte sectors")
-                print(f"  guest reads sector 0: {fe.read(0, 1)[:20]!r}")
-                fe.write(GUEST_SECTOR, data)
+    uri = "pyblkback://" + os.path.abspath(path)
+    try:
+        with running(simdir) as sim:
+            env = dict(os.environ, XAPI_STORAGE_XEN=f"sim:{sim.dir}",
+                       XAPI_STORAGE_PYBLKBACK_RUN=run_dir,
+                       XAPI_STORAGE_PYBLKBACK_LOG=os.path.join(work, "log"),
+                       XAPI_STORAGE_DATAPATH_STATE=os.path.join(work, "datapath-state"),
+                       XAPI_STORAGE_SYSLOG="0")
+            daemon = Daemon(root, timeout=120, env=env)
+            domid = sim.create_domain("demo-guest")
+            xs = xenopsd.open_xenstore(sim.xenstore_path(0))
+
+            def dp(method, **params):
+                shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+                print(f"$ datapath/pyblkback/Datapath.{method} {shown}")
+                return daemon.datapath("pyblkback", f"Datapath.{method}",
+                                       dict(dbg="demo", **params))
+
+            def boot(write):
+                r = dp("attach", uri=uri, domain=str(domid))
+                disk = dict(r["implementations"])["XenDisk"]
+                print(f"  -> XenDisk backend_type={disk['backend_type']} params={disk['params']}"
+                      f"; Nbd {dict(r['implementations'])['Nbd']['uri']}")
+                dp("activate", uri=uri, domain=str(domid))
+                vbd = xenopsd.plug(xs, domid, r)
+                print(f"  xenopsd plugged {vbd.be} ({vbd.name}); the volume's server adopted it")
+                fe = Frontend(sim.xen(domid), vbd.devid)
+                fe.connect()
+                got = fe.read(0, 1)[:20]
+                fe.write(GUEST_SECTOR, write)
                 fe.flush()
-                if fe.read(GUEST_SECTOR, len(data) // 512) != data:
+                back = fe.read(GUEST_SECTOR, len(write) // 512)
+                print(f"  guest d{domid} read sector 0: {got!r}; wrote {len(write) >> 10} KiB "
+                      f"at sector {GUEST_SECTOR}, flushed, read it back")
+                if back != write:
                     raise _Failed("read back through the ring")
-                print(f"  guest wrote {len(data) >> 10} KiB at sector {GUEST_SECTOR}, flushed, "
-                      "read it back")
-            st = served.stats()
-        req = ", ".join(f"{n} {c}" for n, c in st["requests"].items() if c)
-        print(f"  server stats: requests {req}; {st['bytes']['read']} B read, "
-              f"{st['bytes']['write']} B written; {st['errors']} errors; "
-              f"{st['notifies']} notifies for {st['batches']} batches")
-    with open(path, "rb") as f:
-        f.seek(GUEST_SECTOR * 512)
-        if f.read(len(data)) != data:
-            raise _Failed("the guest's data is not in the volume file")
-    print("  the guest's data is in the volume file; the server and the simulated Xen are gone\n")
+                t = threading.Thread(target=xenopsd.clean_unplug, args=(xs, vbd))
+                t.start()                       # online=0, state 5; the guest closes
+                fe.close()
+                t.join()
+                print("  xenopsd unplugged it cleanly")
+                dp("deactivate", uri=uri, domain=str(domid))
+                dp("detach", uri=uri, domain=str(domid))
+
+            print(f"\n$ pyblkback datapath: {uri} to a guest of a simulated Xen ({simdir})")
+            boot(data)
+            with open(path, "rb") as f:
+                f.seek(GUEST_SECTOR * 512)
+                if f.read(len(data)) != data:
+                    raise _Failed("the guest's data is not in the volume file")
+            print("  the guest's data is in the volume file\n")
+
+            print("$ the same volume, booted non-persistent")
+            dp("open", uri=uri, persistent=False)
+            boot(b"scratch!" * 8192)
+            dp("close", uri=uri)
+            with open(path, "rb") as f:
+                f.seek(GUEST_SECTOR * 512)
+                if f.read(len(data)) != data:
+                    raise _Failed("a non-persistent boot changed the volume")
+            print("  the non-persistent guest's writes vanished: the volume is as before\n")
+            xs.close()
+    finally:
+        left = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if left:
+            raise _Failed(f"left in the run directory: {left}")
     return data
 
 
@@ -123,7 +181,7 @@ def run(args):
         print(f"  wrote 20 bytes into {data}")
         guest_data = None
         if not args.no_ring:
-            guest_data = _serve_through_ring(data, work)
+            guest_data = _serve_through_datapath(root, data, work)
         snap = _call(plugin, "Volume.snapshot", sr=sr, key=vol["key"])
         clone = _call(plugin, "Volume.clone", sr=sr, key=snap["key"])
         with open(clone["uri"][0].split("://", 1)[1], "rb") as f:

@@ -15,10 +15,16 @@ def test_demo(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "the clone reads: b'hello from the demo\\n'" in r.stdout
     assert "snapshot  False" in r.stdout and "SR destroyed" in r.stdout
-    # the ring part: the simulated guest read the demo's bytes through pyblkback, and its own
-    # write reached the volume and the clone taken after it
-    assert "guest reads sector 0: b'hello from the demo\\n'" in r.stdout
-    assert "the guest's 64 KiB: identical" in r.stdout
+    # the ring part, through the pyblkback datapath plugin: the simulated guest read the
+    # demo's bytes, and its own write reached the volume and the clone taken after it; then
+    # a non-persistent boot whose writes vanished
+    out = r.stdout
+    assert out.count("read sector 0: b'hello from the demo\\n'") == 2
+    assert "XenDisk backend_type=qdisk params=pyblkback:" in out
+    for call in ("open", "attach", "activate", "deactivate", "detach", "close"):
+        assert f"datapath/pyblkback/Datapath.{call} " in out, call
+    assert "the non-persistent guest's writes vanished" in out
+    assert "the guest's 64 KiB: identical" in out
     leftovers = [n for n in os.listdir("/dev/shm") if n.startswith("xapi-storage-demo-xen-")]
     assert leftovers == []
 
