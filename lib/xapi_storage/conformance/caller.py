@@ -1,0 +1,169 @@
+"""How the conformance run reaches a plugin: through its executables, as the daemon does.
+
+The checks only see `Caller.call(method, params)` (JSON mode, what xapi-storage-script uses) and
+`Caller.call_cli(method, args)` (command-line mode, what static-vdis uses), each returning an
+`Outcome`. This is the one seam between the checks and the calling convention: the convention
+itself (argv [path, "--json"], cwd /, the request on stdin then EOF, the call done only when
+stdout and stderr reach EOF and the process exited, case-insensitive lookup of the executable)
+is what xen-api's ocaml/xapi-storage-script/main.ml (`fork_exec_rpc`) does.
+
+Unlike the daemon, the caller never waits forever: a call that does not finish within `timeout`
+seconds has its whole process group killed and is reported as such.
+"""
+
+import os
+import signal
+import subprocess
+import time
+
+from ..sdk import jsonio
+
+
+class Outcome:
+    """What one call gave: exit status, raw stdout/stderr, and the parsed stdout.
+
+    `value` is the parsed JSON (None if stdout was not one strict JSON value: `parse_error`
+    then says why); `ok` is exit status 0 with a parsed value; `record` is the error record
+    when the exit status is not 0 and stdout parsed as an object."""
+
+    def __init__(self, method, request, rc, stdout, stderr, seconds, timed_out=False,
+                 argv=None):
+        self.method = method
+        self.request = request
+        self.argv = argv
+        self.rc = rc
+        self.stdout = stdout
+        self.stderr = stderr
+        self.seconds = seconds
+        self.timed_out = timed_out
+        self.value = None
+        self.parse_error = None
+        try:
+            self.value = jsonio.loads(stdout)
+        except (jsonio.JSONError, ValueError) as e:
+            self.parse_error = str(e)
+
+    @property
+    def ok(self):
+        return self.rc == 0 and self.parse_error is None
+
+    @property
+    def record(self):
+        if self.rc != 0 and isinstance(self.value, dict):
+            return self.value
+        return None
+
+    def error_name(self):
+        """params[0] of the error record (e.g. "Volume_does_not_exist"), or None."""
+        rec = self.record
+        params = rec.get("params") if rec else None
+        if isinstance(params, list) and params and isinstance(params[0], str):
+            return params[0]
+        return None
+
+    def describe(self, limit=400):
+        """One line for a report: the call and what came back."""
+        if self.argv is not None:
+            call = " ".join([self.method] + list(self.argv))
+        else:
+            req = self.request if isinstance(self.request, str) else jsonio.dumps(self.request)
+            call = f"{self.method} {_short(req, limit // 2)}"
+        if self.timed_out:
+            return f"{call} -> no answer within the timeout (process group killed)"
+        if self.rc < 0:
+            got = f"killed by signal {-self.rc}"
+        else:
+            got = f"exit {self.rc}"
+        out = self.stdout.strip()
+        text = f"{call} -> {got}, stdout {_short(out, limit) if out else '(empty)'}"
+        if self.rc != 0 and self.stderr.strip():
+            text += f", stderr ...{self.stderr.strip()[-limit // 2:]}"
+        return text
+
+
+def _short(text, limit):
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def find_executable(plugin_dir, method):
+    """The executable for `method` in plugin_dir, found case-insensitively as the daemon does
+    (the lexicographically smallest name wins a collision), or None. Plugin.query is
+    looked up as Plugin.Query first (the name static-vdis calls without case folding)."""
+    try:
+        names = sorted(os.listdir(plugin_dir))
+    except OSError:
+        return None
+    want = method.lower()
+    for name in names:
+        if name.lower() == want:
+            path = os.path.join(plugin_dir, name)
+            if os.path.isfile(path) and os.access(path, os.X_OK):
+                return path
+            return None
+    return None
+
+
+class Caller:
+    """Run a plugin's executables as the daemon does. `env` is the environment of every call
+    (default: this process's, as the daemon passes its own)."""
+
+    def __init__(self, plugin_dir, timeout=60.0, env=None):
+        self.plugin_dir = os.path.abspath(plugin_dir)
+        self.timeout = timeout
+        self.env = env
+        self.calls = []          # every Outcome, in order (the run's log)
+
+    def has(self, method):
+        return find_executable(self.plugin_dir, method) is not None
+
+    def call(self, method, params):
+        """JSON mode: argv [path, "--json"], the request as one line on stdin."""
+        return self._run(method, ["--json"], jsonio.dumps(params).encode("utf-8"), params, None)
+
+    def call_stdin(self, method, data):
+        """JSON mode with `data` (bytes) as stdin, as it is: for requests that are not JSON."""
+        return self._run(method, ["--json"], data, data.decode("utf-8", "replace"), None)
+
+    def call_cli(self, method, args):
+        """Command-line mode (static-vdis): positional arguments, nothing on stdin."""
+        return self._run(method, list(args), b"", None, list(args))
+
+    def _run(self, method, args, stdin, request, shown_argv):
+        path = find_executable(self.plugin_dir, method)
+        t0 = time.monotonic()
+        if path is None:
+            out = Outcome(method, request, 127, "", f"no executable {method} in {self.plugin_dir}",
+                          0.0, argv=shown_argv)
+            self.calls.append(out)
+            return out
+        proc = subprocess.Popen([path] + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd="/", env=self.env,
+                                start_new_session=True)
+        timed_out = False
+        try:
+            stdout, stderr = proc.communicate(stdin, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            try:
+                stdout, stderr = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:  # a child outside the group holds the pipes
+                stdout, stderr = b"", b""
+                proc.kill()
+                proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            proc.wait()
+            raise
+        out = Outcome(method, request, proc.returncode,
+                      stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"),
+                      time.monotonic() - t0, timed_out, argv=shown_argv)
+        self.calls.append(out)
+        return out
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
