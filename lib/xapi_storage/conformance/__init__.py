@@ -51,6 +51,13 @@ class Report:
     def ok(self):
         return not self.failed and not self.teardown
 
+    def assert_ok(self):
+        """Raise AssertionError with the table unless every check passed or was skipped and
+        the teardown removed everything (for tests)."""
+        if not self.ok:
+            raise AssertionError("conformance failed:\n" + self.table())
+        return self
+
     def table(self):
         from .report import table
         return table(self)
