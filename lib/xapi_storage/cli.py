@@ -17,6 +17,7 @@ import sys
 SUBCOMMANDS = {
     "install": ".installer",          # lay out plugin executables under a root (issue: SDK)
     "conformance": ".conformance.cli",  # check an installed volume plugin as the daemon calls it
+    "new-plugin": ".newplugin",       # write a plugin package wired to install and conformance
     "demo": ".demo",                  # the README's main job on a default that needs no Xen
     "blkback": ".blkback.cli",        # userspace blkback ring server (connect, ...)
     "simxen": ".xen.sim.cli",         # the simulated Xen (XenStore, grants, event channels)

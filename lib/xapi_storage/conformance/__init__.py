@@ -112,7 +112,7 @@ def _run_check(ctx, chk):
     missing = [m for m in chk.needs if not ctx.caller.has(m)]
     unfeatured = [f for f in chk.features if f not in ctx.features]
     if missing:
-        status, detail = SKIP, f"no {', '.join(missing)} executable"
+        status, detail = SKIP, f"no executable {', '.join(missing)}"
     elif unfeatured:
         status, detail = SKIP, f"Plugin.Query does not declare {', '.join(unfeatured)}"
     else:

@@ -134,7 +134,7 @@ class Context:
 
     def need(self, method):
         if not self.caller.has(method):
-            raise Skipped(f"no {method} executable")
+            raise Skipped(f"no executable {method}")
 
     def need_sr(self):
         if self.sr is None:
