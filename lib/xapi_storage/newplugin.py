@@ -135,8 +135,16 @@ def _module(kind, name, vendor, schema):
            "",
            "from xapi_storage.sdk import base, errors",
            "", ""]
+    if kind == "datapath":
+        out[out.index("from xapi_storage.sdk import base, errors")] = (
+            "from xapi_storage.datapath.lifecycle import Lifecycle\n"
+            "from xapi_storage.sdk import base, errors")
     for itf_name in kinds:
         itf = schema.interface(itf_name)
+        if itf_name == "Datapath":
+            out.extend(_DATAPATH_CLASS.format(name=name).splitlines())
+            out.append("")
+            continue
         out.append(f"class {itf_name}(base.{itf_name}):")
         for m in itf.methods.values():
             params = ", ".join(["self"] + m.param_names)
@@ -177,8 +185,11 @@ def _query_body(kind, name, vendor):
         f'            "copyright": "(C) {vendor}",',
         '            "version": "0.1",',
         '            "required_api_version": "5.0",',
-        "            # features xapi may use; declare one only once its methods work (see",
-        "            # docs/vendors/guide.md): e.g. VDI_SNAPSHOT needs Volume.snapshot",
+        ("            # features xapi may use; declare one only once its methods work (see\n"
+         "            # docs/vendors/guide.md): e.g. VDI_SNAPSHOT needs Volume.snapshot"
+         if kind == "volume" else
+         "            # NONPERSISTENT once open_hook/close_hook discard a non-persistent disk's\n"
+         "            # writes; VDI_MIRROR_IN with Datapath.import_activate (see docs/vendors/)"),
         '            "features": [],',
         f"            \"configuration\": {config},",
         '            "required_cluster_stack": [],',
@@ -190,6 +201,41 @@ def _test(kind, entry, module):
     if kind == "volume":
         return _VOLUME_TEST.format(entry=entry, module=module)
     return _DATAPATH_TEST.format(entry=entry, module=module)
+
+
+_DATAPATH_CLASS = '''\
+class Datapath(Lifecycle):
+    """The seven Datapath calls (open, attach, activate, activate_readonly, deactivate, detach,
+    close) are written once in xapi_storage.datapath.lifecycle.Lifecycle: idempotent,
+    reference-counted per (volume URI, domain), read-only and read-write activations never
+    together, detach never failing, crash-safe state. Fill in the hooks below."""
+
+    SCHEME = "{name}"
+
+    def setup(self, uri, readonly=False):
+        """First attach of the volume `uri` on this host: acquire what it needs (a device, a
+        connection) and return it as a JSON object, given to the other hooks. Must find and
+        reuse what a killed earlier setup of the same uri left."""
+        raise errors.Unimplemented("Datapath.attach: setup not written yet in the {name} plugin")
+
+    def backend(self, uri, domain, resources):
+        """The attach result for `domain`: {{"implementations": [["XenDisk", {{...}}],
+        ["BlockDevice", {{"path": "/dev/..."}}]]}}. A guest needs XenDisk; dom0 (xapi's copies,
+        static-vdis) needs BlockDevice, File (under /dev/) or Nbd."""
+        raise errors.Unimplemented("Datapath.attach: backend not written yet in the {name} plugin")
+
+    def activate_hook(self, uri, domain, resources, readonly):
+        """Just before I/O for `domain` (inside a migration's downtime: be fast)."""
+
+    def deactivate_hook(self, uri, domain, resources):
+        """I/O has ended for `domain` (inside a migration's downtime: be fast)."""
+
+    def teardown(self, uri, resources):
+        """After the last detach: release what setup acquired (resources None: a setup was
+        killed before it finished; find what it left by uri). Raise if something is left:
+        the next call retries it."""
+        raise errors.Unimplemented("Datapath.detach: teardown not written yet in the {name} plugin")
+'''
 
 
 _SETUP_CFG = """\

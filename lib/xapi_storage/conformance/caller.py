@@ -2,21 +2,22 @@
 
 The checks only see `Caller.call(method, params)` (JSON mode, what xapi-storage-script uses) and
 `Caller.call_cli(method, args)` (command-line mode, what static-vdis uses), each returning an
-`Outcome`. This is the one seam between the checks and the calling convention: the convention
-itself (argv [path, "--json"], cwd /, the request on stdin then EOF, the call done only when
-stdout and stderr reach EOF and the process exited, case-insensitive lookup of the executable)
-is what xen-api's ocaml/xapi-storage-script/main.ml (`fork_exec_rpc`) does.
+`Outcome`. The convention itself (argv [path, "--json"], cwd /, the request on stdin then EOF,
+the call done only when stdout and stderr reach EOF and the process exited, case-insensitive
+lookup of the executable) and the daemon's reading of the answer (SCRIPT_FAILED, SCRIPT_MISSING,
+the plugin's error record) are xapi_storage.toolstack.daemon's, the project's one emulation of
+xapi-storage-script: the Outcome keeps the raw exit status and output as well, for the checks
+that look at them.
 
 Unlike the daemon, the caller never waits forever: a call that does not finish within `timeout`
-seconds has its whole process group killed and is reported as such.
+seconds has its whole session killed and is reported as such.
 """
 
 import os
-import signal
-import subprocess
 import time
 
 from ..sdk import jsonio
+from ..toolstack import daemon
 
 
 class Outcome:
@@ -38,6 +39,7 @@ class Outcome:
         self.timed_out = timed_out
         self.value = None
         self.parse_error = None
+        self.xapi_sees = None    # (code, params) the daemon raises to xapi for a failure
         try:
             self.value = jsonio.loads(stdout)
         except (jsonio.JSONError, ValueError) as e:
@@ -76,6 +78,8 @@ class Outcome:
             got = f"exit {self.rc}"
         out = self.stdout.strip()
         text = f"{call} -> {got}, stdout {_short(out, limit) if out else '(empty)'}"
+        if self.xapi_sees is not None and self.xapi_sees[0].startswith("SCRIPT_"):
+            text += f"; xapi sees {self.xapi_sees[0]}"
         if self.rc != 0 and self.stderr.strip():
             text += f", stderr ...{self.stderr.strip()[-limit // 2:]}"
         return text
@@ -86,21 +90,11 @@ def _short(text, limit):
 
 
 def find_executable(plugin_dir, method):
-    """The executable for `method` in plugin_dir, found case-insensitively as the daemon does
-    (the lexicographically smallest name wins a collision), or None. Plugin.query is
-    looked up as Plugin.Query first (the name static-vdis calls without case folding)."""
+    """The executable for `method` in plugin_dir, found as the daemon finds it, or None."""
     try:
-        names = sorted(os.listdir(plugin_dir))
-    except OSError:
+        return daemon.find_executable(plugin_dir, method)
+    except daemon.ScriptError:
         return None
-    want = method.lower()
-    for name in names:
-        if name.lower() == want:
-            path = os.path.join(plugin_dir, name)
-            if os.path.isfile(path) and os.access(path, os.X_OK):
-                return path
-            return None
-    return None
 
 
 class Caller:
@@ -129,41 +123,26 @@ class Caller:
         return self._run(method, list(args), b"", None, list(args))
 
     def _run(self, method, args, stdin, request, shown_argv):
-        path = find_executable(self.plugin_dir, method)
         t0 = time.monotonic()
-        if path is None:
-            out = Outcome(method, request, 127, "", f"no executable {method} in {self.plugin_dir}",
-                          0.0, argv=shown_argv)
+        try:
+            path = daemon.find_executable(self.plugin_dir, method)
+        except daemon.ScriptError as e:
+            out = Outcome(method, request, 127, "", str(e), 0.0, argv=shown_argv)
+            out.xapi_sees = (e.code, e.params)
             self.calls.append(out)
             return out
-        proc = subprocess.Popen([path] + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd="/", env=self.env,
-                                start_new_session=True)
         timed_out = False
         try:
-            stdout, stderr = proc.communicate(stdin, timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
+            rc, stdout, stderr = daemon._communicate([path] + args, stdin, self.timeout,
+                                                     self.env)
+        except daemon.ScriptTimeout as e:
+            rc, stdout, stderr, timed_out = -9, e.params[2], e.stderr, True
+        out = Outcome(method, request, rc, stdout, stderr, time.monotonic() - t0, timed_out,
+                      argv=shown_argv)
+        if rc != 0 and not timed_out:
             try:
-                stdout, stderr = proc.communicate(timeout=5)
-            except subprocess.TimeoutExpired:  # a child outside the group holds the pipes
-                stdout, stderr = b"", b""
-                proc.kill()
-                proc.wait()
-        except BaseException:
-            _kill_group(proc)
-            proc.wait()
-            raise
-        out = Outcome(method, request, proc.returncode,
-                      stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"),
-                      time.monotonic() - t0, timed_out, argv=shown_argv)
+                daemon._outcome(path, rc, stdout, stderr)
+            except daemon.ScriptError as e:
+                out.xapi_sees = (e.code, e.params)
         self.calls.append(out)
         return out
-
-
-def _kill_group(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass

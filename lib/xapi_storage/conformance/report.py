@@ -21,7 +21,8 @@ def table(report, width=100):
     indent = " " * (name_w + 24)
     for r in report.results:
         head = f"{r.name:<{name_w}}  {r.status:<6}  {r.calls:>5}  {r.seconds:>4.1f}s"
-        detail = textwrap.wrap(r.detail, max(30, width - len(indent))) or [""]
+        detail = textwrap.wrap(r.detail, max(30, width - len(indent)), break_on_hyphens=False,
+                               break_long_words=False) or [""]
         lines.append(f"{head}  {detail[0]}".rstrip())
         lines.extend(indent + d for d in detail[1:])
     counts = {s: sum(1 for r in report.results if r.status == s) for s in ("PASS", "FAIL", "SKIP")}
