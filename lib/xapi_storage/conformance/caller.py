@@ -40,6 +40,7 @@ class Outcome:
         self.value = None
         self.parse_error = None
         self.xapi_sees = None    # (code, params) the daemon raises to xapi for a failure
+        self.daemon_error = None  # that failure, as toolstack.daemon raises it
         try:
             self.value = jsonio.loads(stdout)
         except (jsonio.JSONError, ValueError) as e:
@@ -128,7 +129,7 @@ class Caller:
             path = daemon.find_executable(self.plugin_dir, method)
         except daemon.ScriptError as e:
             out = Outcome(method, request, 127, "", str(e), 0.0, argv=shown_argv)
-            out.xapi_sees = (e.code, e.params)
+            out.xapi_sees, out.daemon_error = (e.code, e.params), e
             self.calls.append(out)
             return out
         timed_out = False
@@ -139,10 +140,25 @@ class Caller:
             rc, stdout, stderr, timed_out = -9, e.params[2], e.stderr, True
         out = Outcome(method, request, rc, stdout, stderr, time.monotonic() - t0, timed_out,
                       argv=shown_argv)
-        if rc != 0 and not timed_out:
+        if timed_out:
+            out.daemon_error = daemon.ScriptTimeout("SCRIPT_TIMEOUT", [path, "timed out"], path,
+                                                    stderr)
+        else:
             try:
                 daemon._outcome(path, rc, stdout, stderr)
             except daemon.ScriptError as e:
+                out.daemon_error = e
                 out.xapi_sees = (e.code, e.params)
         self.calls.append(out)
         return out
+
+    def runner(self, script_dir, name, params, timeout=None, env=None):
+        """The runner of a toolstack.daemon.Daemon (its calls then land in `calls` too):
+        the decoded result, or the daemon's ScriptError."""
+        if os.path.abspath(script_dir) != self.plugin_dir:
+            other = Caller(script_dir, self.timeout, self.env)
+            return other.runner(script_dir, name, params)
+        out = self.call(name, params)
+        if out.daemon_error is not None:
+            raise out.daemon_error
+        return out.value

@@ -12,10 +12,13 @@ main.ml, ocaml/xapi/storage_mux.ml; see docs/vendors/guide.md): the call sequenc
 commands, the metadata keys the daemon writes with Volume.set, its repeated calls.
 """
 
+import os
 import threading
 import uuid as uuidlib
 
 from ..sdk import schema
+from ..toolstack import daemon as _daemon
+from ..toolstack import sequences
 
 CHECKS = []     # [Check], in running order
 
@@ -101,6 +104,27 @@ class Context:
         self.volumes = set()
         self.check_name = "setup"
         self._lock = threading.Lock()
+        d = caller.plugin_dir
+        self.plugin = os.path.basename(d)
+        self.daemon = _daemon.Daemon(os.path.dirname(os.path.dirname(d)), caller.timeout,
+                                     options.env, runner=caller.runner)
+        self.toolstack = sequences.Toolstack(self.daemon)
+
+    def operation(self, op, **values):
+        """Run a toolstack operation of the one table of call sequences
+        (xapi_storage.toolstack.sequences) against the plugin, as the daemon would; returns
+        its ctx (answers land there: "sr", "volume", "snapshot", "virtual_size", ...)."""
+        ctx = dict(values, dbg=self.dbg(), plugin=self.plugin)
+        if "sr" not in ctx and self.sr is not None:
+            ctx["sr"] = self.sr
+        before = len(self.caller.calls)
+        try:
+            return self.toolstack.run(op, ctx)
+        except _daemon.ScriptError as e:
+            failed = [o for o in self.caller.calls[before:] if o.daemon_error is e]
+            what = failed[-1].describe() if failed else str(e)
+            raise Failed(f"{op} (as xapi does it: {' '.join(sequences.plugin_calls(op))}): "
+                         f"{what}{_unimplemented_hint(failed[-1] if failed else None)}") from None
 
     # --- calls ---------------------------------------------------------------------------
 
@@ -115,13 +139,7 @@ class Context:
         """Call; the answer must be exit 0 with one JSON value. Returns the value."""
         out = self.call(method, **params)
         if not out.ok:
-            hint = ""
-            if out.error_name() == "Unimplemented":
-                cap = CAPABILITY_OF_EXECUTABLE.get(method)
-                hint = (" (the executable is installed, so the daemon "
-                        + (f"advertises {cap} and " if cap else "")
-                        + "xapi will call it: implement it or do not install it)")
-            raise Failed(f"{out.describe()}{hint}")
+            raise Failed(f"{out.describe()}{_unimplemented_hint(out)}")
         return out.value
 
     def error(self, method, **params):
@@ -144,9 +162,17 @@ class Context:
 
     def create(self, size=1 << 20, name="conformance", description="made by xapi-storage "
                "conformance", sharable=False):
+        """A new volume as `xe vdi-create` makes it (Volume.create, Volume.set vdi-type)."""
         self.need("Volume.create")
-        vol = self.ok("Volume.create", sr=self.sr, name=name, description=description,
-                      size=size, sharable=sharable)
+        try:
+            vol = self.operation("vdi-create", name=name, description=description, size=size,
+                                 sharable=sharable)["volume"]
+        except Failed:
+            made = [o for o in self.caller.calls if o.method == "Volume.create" and o.ok
+                    and isinstance(o.value, dict) and isinstance(o.value.get("key"), str)]
+            if made and made[-1].request.get("name") == name:
+                self.track(made[-1].value["key"])     # made, but its Volume.set failed
+            raise
         key = _key_of(vol, "Volume.create")
         self.track(key)
         return vol
@@ -192,20 +218,23 @@ class Context:
         config = dict(self.opts.configuration)
         try:
             if self.caller.has("SR.create"):
-                made = self.ok("SR.create", uuid=str(uuidlib.uuid4()), configuration=config,
-                               name="conformance", description="made by xapi-storage conformance")
-                if not isinstance(made, dict):
-                    raise Failed(f"SR.create answered {made!r}, not a configuration map")
+                made = self.operation("sr-create", uuid=str(uuidlib.uuid4()),
+                                      configuration=config, name="conformance",
+                                      description="made by xapi-storage conformance")
                 self.sr_created = True
                 # the daemon gives this to every host's SR.attach (it replaces the PBDs' config)
-                config = made
+                config = made["configuration"]
+                if not isinstance(config, dict):
+                    raise Failed(f"SR.create answered {config!r}, not a configuration map")
+                sr = made["sr"]
+            else:
+                sr = self.operation("sr-attach", configuration=config)["sr"]
             self.sr_config = config
-            sr = self.ok("SR.attach", configuration=config)
             if not isinstance(sr, str):
                 raise Failed(f"SR.attach answered {sr!r}, not a string")
             self.sr = sr
             if self.caller.has("SR.stat"):
-                stat = self.ok("SR.stat", sr=sr)     # the daemon's SR.attach fails if this does
+                stat = self.ok("SR.stat", sr=sr)
                 health = stat.get("health") if isinstance(stat, dict) else None
                 if not (isinstance(health, list) and health and health[0] == "Healthy"):
                     raise Failed(f"SR.stat right after SR.attach reports health {health!r}: "
@@ -247,6 +276,15 @@ class Context:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+def _unimplemented_hint(out):
+    if out is None or out.error_name() != "Unimplemented":
+        return ""
+    cap = CAPABILITY_OF_EXECUTABLE.get(out.method)
+    return (" (the executable is installed, so the daemon "
+            + (f"advertises {cap} and " if cap else "")
+            + "xapi will call it: implement it or do not install it)")
+
 
 def _key_of(vol, method):
     if not isinstance(vol, dict) or not isinstance(vol.get("key"), str) or not vol["key"]:
@@ -447,7 +485,7 @@ def volume_keys(ctx):
             raise Failed(f"Volume.unset of key 'tagsgold' on {key}: Volume.stat still has it")
 
 
-@check("snapshot", needs=("Volume.create", "Volume.snapshot"))
+@check("snapshot", needs=("Volume.create", "Volume.snapshot", "Volume.set"))
 def snapshot(ctx):
     """Volume.snapshot answers a new, read-only volume with its own key and the source's
     virtual_size; the source is unchanged; the daemon's Volume.set calls that follow every
@@ -455,8 +493,15 @@ def snapshot(ctx):
     snapshot, a tag on the source) work; is_a_snapshot is exactly "true" or "false" in SR.ls."""
     ctx.need_sr()
     src = ctx.create(size=(2 << 20) + 512)
-    snap = _volume_of(ctx.ok("Volume.snapshot", sr=ctx.sr, key=src["key"]), "Volume.snapshot")
-    ctx.track(snap["key"])
+    try:
+        snap = ctx.operation("vdi-snapshot", key=src["key"], content_id="c0ffee",
+                             tags=("conformance",))["snapshot"]
+    finally:
+        for o in ctx.caller.calls:
+            if o.method == "Volume.snapshot" and o.ok and isinstance(o.value, dict) \
+                    and isinstance(o.value.get("key"), str):
+                ctx.track(o.value["key"])
+    _volume_of(snap, "Volume.snapshot")
     if snap["key"] == src["key"]:
         raise Failed(f"Volume.snapshot of {src['key']} answered the same key")
     if snap.get("virtual_size") != src["virtual_size"]:
@@ -465,11 +510,6 @@ def snapshot(ctx):
     if snap.get("read_write") is not False:
         raise Failed(f"Volume.snapshot answered read_write {snap.get('read_write')!r}: a "
                      "snapshot is read-only")
-    if ctx.caller.has("Volume.set"):
-        for k, v in (("snapshot_time", "20260101T00:00:00Z"), ("is_a_snapshot", "true"),
-                     ("snapshot_of", src["key"]), ("content_id", "c0ffee"), ("vdi-type", "user")):
-            ctx.ok("Volume.set", sr=ctx.sr, key=snap["key"], k=k, v=v)
-        ctx.ok("Volume.set", sr=ctx.sr, key=src["key"], k="tagsconformance", v="conformance")
     if ctx.caller.has("Volume.stat"):
         after = ctx.stat(src["key"])
         if after.get("virtual_size") != src["virtual_size"] or after.get("read_write") is not True:
@@ -517,26 +557,31 @@ def resize(ctx):
     ctx.need_sr()
     vol = ctx.create(size=1 << 20)
     new = (3 << 20) + 1
-    ctx.ok("Volume.resize", sr=ctx.sr, key=vol["key"], new_size=new)
-    st = ctx.stat(vol["key"])
-    if not isinstance(st.get("virtual_size"), int) or st["virtual_size"] < new:
+    size = ctx.operation("vdi-resize", key=vol["key"], new_size=new)["virtual_size"]
+    if not isinstance(size, int) or size < new:
         raise Failed(f"Volume.resize new_size={new}: Volume.stat then says virtual_size "
-                     f"{st.get('virtual_size')!r}")
-    ctx.ok("Volume.resize", sr=ctx.sr, key=vol["key"], new_size=st["virtual_size"])
-    again = ctx.stat(vol["key"])
-    if again.get("virtual_size") != st["virtual_size"]:
+                     f"{size!r}")
+    again = ctx.operation("vdi-resize", key=vol["key"], new_size=size)["virtual_size"]
+    if again != size:
         raise Failed(f"Volume.resize to the current size changed virtual_size from "
-                     f"{st['virtual_size']} to {again.get('virtual_size')!r}")
+                     f"{size} to {again!r}")
 
 
-@check("destroy-missing", needs=("Volume.create", "Volume.destroy"))
+@check("destroy-missing", needs=("Volume.create", "Volume.destroy", "Volume.set", "Volume.stat"))
 def destroy_missing(ctx):
-    """Volume.destroy of a volume already destroyed succeeds (xapi's VDI.destroy of a disk
-    with clone-on-boot makes the daemon destroy twice), and the volume is no longer listed."""
+    """Volume.destroy of a volume already destroyed succeeds: xe vdi-destroy of a disk with the
+    key clone-on-boot makes the daemon destroy the same key twice, and a retried destroy once
+    more; the volume is no longer listed."""
     ctx.need_sr()
     vol = ctx.create()
-    ctx.ok("Volume.destroy", sr=ctx.sr, key=vol["key"])
-    ctx.destroyed(vol["key"])
+    # a disk that was booted non-persistent keeps the key clone-on-boot: xe vdi-destroy then
+    # makes the daemon destroy the same key twice
+    ctx.ok("Volume.set", sr=ctx.sr, key=vol["key"], k="clone-on-boot", v=vol["key"])
+    try:
+        ctx.operation("vdi-destroy", key=vol["key"])
+    finally:
+        if not ctx.call("Volume.stat", sr=ctx.sr, key=vol["key"]).ok:
+            ctx.destroyed(vol["key"])       # gone: nothing left for the teardown
     ctx.ok("Volume.destroy", sr=ctx.sr, key=vol["key"])
     if ctx.caller.has("SR.ls") and vol["key"] in ctx.listing():
         raise Failed(f"SR.ls still lists {vol['key']} after Volume.destroy")
