@@ -107,6 +107,16 @@ DAEMON_CALLS = {
     "epoch_end_clone": ("Volume.stat", "Volume.destroy", "Volume.unset"),
 }
 
+#: the SMAPIv2 call xapi (or xenopsd) makes to the daemon for each daemon step (for the docs)
+SMAPIV2 = {
+    "epoch_begin": "VDI.epoch_begin", "epoch_end": "VDI.epoch_end", "attach": "VDI.attach3",
+    "activate": "VDI.activate3", "activate_readonly": "VDI.activate_readonly",
+    "deactivate": "VDI.deactivate", "detach": "VDI.detach", "dp_destroy": "DP.destroy2",
+    "sr_create": "SR.create", "sr_attach": "SR.attach", "sr_scan": "SR.scan2",
+    "vdi_create": "VDI.create", "vdi_snapshot": "VDI.snapshot", "vdi_resize": "VDI.resize",
+    "vdi_destroy": "VDI.destroy",
+}
+
 #: the steps of the volume plugin alone, and the ctx keys (beyond dbg and plugin) their
 #: Daemon methods take, in order
 VOLUME_STEPS = {
