@@ -380,7 +380,7 @@ def _same_volume(a, b, what):
 @check("plugin-query", needs=("Plugin.query",))
 def plugin_query(ctx):
     """Plugin.Query answers a query record with required_api_version "5.0", a `plugin` equal
-    to the SR type of the directory name (org.xen.xapi.storage.<srtype>), and no feature
+    to the SR type of the directory name (`org.xen.xapi.storage.<srtype>`), and no feature
     whose executable is missing."""
     q = ctx.ok("Plugin.query")
     if not isinstance(q, dict):
