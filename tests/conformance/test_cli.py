@@ -91,3 +91,26 @@ def test_a_hung_plugin_is_killed_with_its_children(tmp_path):
         time.sleep(0.05)
     else:
         raise AssertionError(f"the plugin's child {child} survived")
+
+
+def test_sigterm_mid_run_still_destroys_what_the_run_made(install_plugin, tmp_path):
+    import signal
+    d = install_plugin("volume", "org.xen.xapi.storage.file-raw", "xapi_storage.volume.file_raw")
+    sr = tmp_path / "sr"
+    p = subprocess.Popen([sys.executable, "-m", "xapi_storage.cli", "conformance", d,
+                          "-c", f"path={sr}", "--repeat", "50"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True)
+    # wait until the run is inside the checks (volumes exist), then stop it
+    for _ in range(600):
+        if sr.is_dir() and any(n.endswith(".img") for n in os.listdir(str(sr))):
+            break
+        time.sleep(0.05)
+    else:
+        p.kill()
+        raise AssertionError("the run never made a volume")
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, out + err
+    assert "interrupted" in err
+    assert not sr.exists() or os.listdir(str(sr)) == [], os.listdir(str(sr))

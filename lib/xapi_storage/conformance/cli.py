@@ -1,6 +1,7 @@
 """`xapi-storage conformance DIR`: the command-line face of xapi_storage.conformance."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ HELP = ("check an installed volume plugin through its executables as the daemon 
 
 
 def add_arguments(parser):
-    parser.add_argument("plugin_dir", metavar="DIR",
+    parser.add_argument("plugin_dir", metavar="DIR", nargs="?",
                         help="the installed plugin, e.g. /usr/libexec/xapi-storage-script/volume/"
                              "org.xen.xapi.storage.acme")
     parser.add_argument("--configuration", "-c", action="append", default=[], metavar="KEY=VALUE",
@@ -31,6 +32,10 @@ def add_arguments(parser):
                         help="shell command that brings the storage back (same environment)")
     parser.add_argument("--junit", metavar="FILE", help="also write JUnit XML to FILE")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _hook(command):
@@ -58,6 +63,10 @@ def run(args):
         for c in CHECKS:
             print(f"{c.name}\n    {c.doc}")
         return 0
+    if not args.plugin_dir:
+        print("xapi-storage conformance: give the plugin's directory (see --help)",
+              file=sys.stderr)
+        return 2
     kind, _ = plugin_kind(args.plugin_dir)
     if not os.path.isdir(args.plugin_dir) or kind != "volume":
         print(f"xapi-storage conformance: {args.plugin_dir} is not an installed volume plugin "
@@ -90,7 +99,17 @@ def run(args):
     def progress(result):
         print(f"  {result.name}: {result.status}", file=sys.stderr)
 
-    report = run_checks(args.plugin_dir, options, progress=progress)
+    # SIGTERM (a CI job cancelled, a service stopped) ends the run like Ctrl-C: through the
+    # teardown, which destroys what the run made
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report = run_checks(args.plugin_dir, options, progress=progress)
+    except KeyboardInterrupt:
+        print("xapi-storage conformance: interrupted; what the run made was destroyed",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.stdout.write(report.table())
     if args.junit:
         with open(args.junit, "w") as f:
