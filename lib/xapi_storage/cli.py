@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "blkback": ".blkback.cli",        # userspace blkback ring server (connect, ...)
     "simxen": ".xen.sim.cli",         # the simulated Xen (XenStore, grants, event channels)
     "testbed": ".testbed.cli",        # the real-Xen test bed under QEMU
+    "attach": ".toolstack.cli",       # plug a volume into a running guest, as xenopsd does
+    "detach": ".toolstack.detach_cli",  # unplug it and release it in the datapath
 }
 
 

@@ -335,3 +335,45 @@ def test_an_attach_killed_then_given_up_is_cleaned_by_the_detach(state_root, poi
     assert rc == 0, err
     assert not resource_exists(), journal()
     assert leftovers(state_root) == []
+
+
+def test_hooks_see_the_state_before_their_step(state_root):
+    seen = []
+
+    class Peek(Toy):
+        def setup(self, uri, readonly=False):
+            seen.append(("setup", self.state["opened"], sorted(self.state["domains"])))
+            return super().setup(uri, readonly)
+
+        def backend(self, uri, domain, resources):
+            seen.append(("backend", self.state["opened"], sorted(self.state["domains"])))
+            return super().backend(uri, domain, resources)
+    dp = Peek()
+    dp.open("t", URI, False)
+    dp.attach("t", URI, "1")
+    dp.attach("t", URI, "2")
+    assert seen == [("setup", {"persistent": False}, []),
+                    ("backend", {"persistent": False}, []),
+                    ("backend", {"persistent": False}, ["1"])]
+    for d in ("1", "2"):
+        dp.detach("t", URI, d)
+    dp.close("t", URI)
+    assert leftovers(state_root) == []
+
+
+def test_a_tampered_state_file_refuses_attach_and_detach_does_no_harm(state_root):
+    dp = Toy()
+    dp.attach("t", URI, "1")
+    path = os.path.join(dp.state_dir(), lifecycle.volume_id(URI) + ".json")
+    for junk in (b"{not json", b'{"format": 1, "uri": "toy:///other"}', b"[]"):
+        with open(path, "wb") as f:
+            f.write(junk)
+        with pytest.raises(errors.XenAPIError) as e:
+            dp.attach("t", URI, "2")
+        assert e.value.params[0] == "Datapath_state_corrupt"
+        dp.deactivate("t", URI, "1")                         # no exception, nothing released
+        dp.detach("t", URI, "1")
+        assert resource_exists()
+        with open(path, "rb") as f:
+            assert f.read() == junk                          # left for someone to look at
+    assert [e[0] for e in journal()] == ["setup", "backend"]

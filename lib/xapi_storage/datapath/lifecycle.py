@@ -5,6 +5,7 @@ the base implements the seven Datapath calls the toolstack makes, with every rul
 
     class MyDatapath(Lifecycle):
         SCHEME = "mydp"                             # state lives under <root>/mydp/
+        def validate(self, uri): ...                # optional: refuse a malformed URI early
         def setup(self, uri, readonly):             # first attach of the volume on this host
             return {"dev": "/dev/..."}              #   -> resources (a JSON object)
         def backend(self, uri, domain, resources):  # each attach: the attach result
@@ -241,13 +242,22 @@ class Lifecycle(base.Datapath):
     """Base of a datapath plugin: the seven Datapath calls, idempotent and crash-safe.
 
     Subclasses set SCHEME and override `setup`, `backend`, `teardown` (and optionally
-    `activate_hook`, `deactivate_hook`, `open_hook`, `close_hook`). Hooks must be idempotent:
-    after a crash they may run again for the same step."""
+    `validate`, `activate_hook`, `deactivate_hook`, `open_hook`, `close_hook`). Hooks must be
+    idempotent: after a crash they may run again for the same step. While a hook runs,
+    `self.state` is the volume's state record as it was before the step (read it, do not
+    change it): e.g. `self.state["opened"]` is None or {"persistent": bool} (Datapath.open),
+    `self.state["domains"]` the domains attached and how they are active."""
+
+    state = None
 
     #: the URI scheme = the plugin's directory name; names the state directory
     SCHEME = None
 
     # hooks ------------------------------------------------------------------------------------
+    def validate(self, uri):
+        """Raise (a structured error) if `uri` is not one this datapath can serve; runs before
+        any state is read or written."""
+
     def setup(self, uri, readonly=False):
         """Acquire what the volume needs on this host (first attach); return a JSON object
         (stored, then given to the other hooks). Must find and reuse what a killed earlier
@@ -356,11 +366,21 @@ class Lifecycle(base.Datapath):
     def _run(self, uri, call, domain=None, persistent=None):
         if not isinstance(uri, str) or not uri:
             raise datapath_error("Datapath_invalid_uri", str(uri), "the URI is empty")
+        self.validate(uri)
         with self._store() as store:
             vid = volume_id(uri)
             lock = self._lock(store, vid, uri)
             try:
-                state = self._read(store, vid, uri)
+                try:
+                    state = self._read(store, vid, uri)
+                except errors.StorageError as e:
+                    if call not in ("deactivate", "detach"):
+                        raise
+                    # detach never fails, but a state file it cannot read tells it nothing
+                    # safe to release (other domains may use the volume): leave it all as it
+                    # is, say so loudly; attach keeps refusing until someone looks
+                    log.error("%s of %s for domain %r: %s; nothing done", call, uri, domain, e)
+                    return empty_state(uri)
                 for step in recovery(state):
                     state = self._step(store, vid, state, step)
                 state = dict(state, pending=None)    # a redone step's intent is moot now
@@ -386,6 +406,7 @@ class Lifecycle(base.Datapath):
             self._save(store, vid, intent)
             faultpoint(f"datapath:{kind}:intent")
         output = None
+        self.state = state
         res = state["resources"]
         if res is None and state["teardown_failed"] is not None:
             res = state["teardown_failed"]["resources"]    # retrying a failed teardown

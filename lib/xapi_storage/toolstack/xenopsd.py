@@ -135,7 +135,7 @@ def disk_of_devid(devid):
 
 
 def vbd_nodes(vbd, params, extra, mode="w", device_type="disk", removable=False,
-              protocol=None, polling=None):
+              protocol=None, polling=None, private=None):
     """[(directory, perms, [(key, value), ...]), ...] of one plug, in the order xenopsd
     writes them in its transaction. Pure."""
     g, b = vbd.frontend, vbd.backend_domid
@@ -161,7 +161,8 @@ def vbd_nodes(vbd, params, extra, mode="w", device_type="disk", removable=False,
         (vbd.fe_ro, ["n0"], [("backend", vbd.be)]),
         (vbd.be, [f"n{b}", f"r{g}"], list(keys.items())),
         (vbd.hotplug, [f"n{b}"], []),
-        (vbd.private, [f"n{b}"], [("backend-kind", vbd.kind), ("backend-id", str(b))]),
+        (vbd.private, [f"n{b}"], [("backend-kind", vbd.kind), ("backend-id", str(b))]
+         + sorted((private or {}).items())),
         (vbd.xenserver, [f"n{g}"], []),
     ]
 
@@ -230,18 +231,20 @@ def block_remove(xs, vbd):
 
 def plug(xs, guest, result, backend_domid=0, readonly=False, device_type="disk",
          backend_kind=None, default_kind=DEFAULT_KIND, devid=None, protocol=None,
-         polling=None, run_block_script=True, timeout=HOTPLUG_TIMEOUT, attempts=16):
+         polling=None, private=None, run_block_script=True, timeout=HOTPLUG_TIMEOUT,
+         attempts=16):
     """Plug the attach `result` into domain `guest` as xenopsd does; returns the Vbd.
 
     Waits for hotplug-status (or hotplug-error: DeviceError, after removing the nodes) at most
-    `timeout` seconds. A device number taken by a concurrent plug is picked again."""
+    `timeout` seconds. A device number taken by a concurrent plug is picked again. `private`:
+    extra keys of the VBD's private directory (xenopsd's extra_private_keys)."""
     kind, params, extra = backend_of(result, backend_kind, default_kind)
     uuid = vm_uuid(xs, guest)
     for _ in range(attempts if devid is None else 1):
         n = devid if devid is not None else free_devid(xs, guest)
         vbd = Vbd(int(guest), int(backend_domid), kind, n, uuid)
         nodes = vbd_nodes(vbd, params, extra, "r" if readonly else "w", device_type,
-                          protocol=protocol, polling=polling)
+                          protocol=protocol, polling=polling, private=private)
         try:
             write_nodes(xs, nodes)
             break
@@ -321,8 +324,11 @@ def clean_unplug(xs, vbd, timeout=UNPLUG_TIMEOUT):
     close, remove it, then the rest. DeviceError (nodes left in place, as xenopsd leaves
     them) if the frontend does not close within `timeout`."""
     def tx():
+        state = xs.read(f"{vbd.be}/state")
+        if state is None:
+            return                      # gone already: never re-create a node by writing it
         xs.write(f"{vbd.be}/online", "0")
-        if xs.read(f"{vbd.be}/state") not in (None, "6"):
+        if state != "6":
             xs.write(f"{vbd.be}/state", "5")
     xs.transaction(tx)
 
