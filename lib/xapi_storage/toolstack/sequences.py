@@ -190,10 +190,9 @@ class Toolstack:
             # the new VDI of a copy: its own ctx, the same SR and plugin
             sub = ctx.setdefault("copy", {})
             for k in ("dbg", "plugin", "sr", "name", "description", "size", "sharable"):
-                sub.setdefault(k, ctx.get(k))
-            if step == "vdi_create":
-                sub.setdefault("size", ctx.get("size"))
-            else:
+                if k in ctx:
+                    sub.setdefault(k, ctx[k])
+            if step != "vdi_create":
                 sub["key"] = sub["volume"]["key"]
                 sub.setdefault("dp", "copy/" + ctx.get("dp", "0"))
                 sub["domain"] = dom0_token(sub["dp"])
