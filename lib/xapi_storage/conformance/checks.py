@@ -102,6 +102,7 @@ class Context:
         self.setup_problem = None
         self.storage_hidden = False
         self.volumes = set()
+        self.plugged = set()     # (key, domain) a datapath may still hold: the teardown detaches
         self.check_name = "setup"
         self._lock = threading.Lock()
         d = caller.plugin_dir
@@ -252,6 +253,12 @@ class Context:
                 self.storage_hidden = False
             except Exception as e:  # noqa: BLE001 - teardown goes on and says it
                 problems.append(f"restoring the storage: {type(e).__name__}: {e}")
+        for key, domain in sorted(self.plugged):
+            try:
+                self.daemon.dp_destroy(self.dbg(), self.plugin, self.sr, key, domain)
+            except _daemon.ScriptError as e:
+                problems.append(f"teardown: detaching {key} from domain {domain!r}: {e}")
+        self.plugged.clear()
         if self.sr is not None and not self.sr_destroyed:
             for key in sorted(self.volumes):
                 out = self.call("Volume.destroy", sr=self.sr, key=key)
@@ -719,6 +726,55 @@ def static_vdis(ctx):
     want = ctx.stat(vol["key"])
     if not s.ok or not isinstance(s.value, dict) or s.value.get("uri") != want.get("uri"):
         raise Failed(f"{s.describe()}: JSON mode answered uri {want.get('uri')!r}")
+
+
+@check("datapath", needs=("Volume.create", "Volume.stat"))
+def datapath(ctx):
+    """With a datapath plugin installed (in the same root) for one of a volume's URI schemes:
+    the datapath calls as the toolstack repeats them succeed and converge. A dom0 plug (xapi's
+    copies) answers a File or BlockDevice under /dev, the same on every repeated attach and
+    activate; VM shutdown (deactivate, then deactivate again and detach, then epoch_end) runs
+    twice, as a retried shutdown does; static-vdis (command-line mode, domain "0") attaches
+    and detaches when the volume plugin declares VDI_ATTACH_OFFLINE."""
+    ctx.need_sr()
+    vol = ctx.create()
+    schemes = [_daemon.uri_scheme(u) for u in vol.get("uri") or []]
+    if _daemon.choose(vol.get("uri") or [], ctx.daemon.datapaths) is None:
+        raise Skipped(f"no datapath plugin installed beside this one for the volume's URI "
+                      f"schemes {schemes}")
+    key = vol["key"]
+    dom0 = _daemon.dom0_token("vbd/0/xvdz")
+    ctx.plugged.add((key, dom0))
+    plug = ctx.operation("dom0-plug", key=key, dp="vbd/0/xvdz")
+    backend, token = plug["backend"], plug["domain"]
+    for i in range(ctx.opts.repeat):
+        again = ctx.operation("dom0-plug", key=key, dp="vbd/0/xvdz")["backend"]
+        if again != backend:
+            raise Failed(f"dom0-plug #{i + 2}: Datapath.attach answered {again!r}, the first "
+                         f"{backend!r}")
+    ctx.operation("dom0-unplug", key=key, dp="vbd/0/xvdz")
+    ctx.plugged.discard((key, dom0))
+    ctx.operation("dom0-unplug", key=key, dp="vbd/0/xvdz")
+    # a guest's disk, without XenStore: VDI.epoch_begin, attach3, activate3, then the shutdown
+    guest = {"key": key, "domain": "7"}
+    ctx.plugged.add((key, "7"))
+    ctx.daemon.epoch_begin(ctx.dbg(), ctx.plugin, ctx.sr, key)
+    try:
+        for _ in range(min(ctx.opts.repeat, 3)):
+            ctx.daemon.attach(ctx.dbg(), ctx.plugin, ctx.sr, key, "7")
+            ctx.daemon.activate(ctx.dbg(), ctx.plugin, ctx.sr, key, "7")
+    except _daemon.ScriptError as e:
+        raise Failed(f"attach/activate for domain 7, repeated: {e}") from None
+    ctx.operation("vm-shutdown", **guest)
+    ctx.plugged.discard((key, "7"))
+    ctx.operation("vm-shutdown", **guest)
+    if "VDI_ATTACH_OFFLINE" in ctx.features:
+        ctx.plugged.add((key, "0"))
+        first = ctx.operation("static-vdis-attach", key=key)["uri"]
+        if first != vol["uri"][0]:
+            raise Failed(f"static-vdis used {first!r}, the volume's first URI is {vol['uri'][0]!r}")
+        ctx.operation("static-vdis-detach", key=key)
+    ctx.plugged.clear()
 
 
 @check("storage-gone", needs=("Volume.create", "SR.ls"))
