@@ -13,6 +13,7 @@ xapi_storage` in setup.cfg): once the package is installed, any test can ask for
                      report.assert_ok() fails the test with the report's table
 
 The simulated Xen fixtures (simxen, simxen_guest) come from xapi_storage.xen.sim.pytest_plugin.
+need_loop_devices() skips a test (fails it under CI=true) where loop devices cannot be used.
 
 A vendor's whole conformance test, with its package installed:
 
@@ -25,6 +26,24 @@ import os
 import uuid
 
 import pytest
+
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need_loop_devices(what="this test"):
+    """Skip (loudly, with the reason) when loop devices cannot be used here: they need root
+    and the loop driver. Under CI=true, fail instead: CI must run what it claims to."""
+    import shutil
+    why = None
+    if os.geteuid() != 0:
+        why = "loop devices need root"
+    elif not os.path.exists("/dev/loop-control") or not shutil.which("losetup"):
+        why = "no loop driver (/dev/loop-control) or no losetup"
+    if why:
+        if IN_CI:
+            pytest.fail(f"{what} cannot run in CI: {why}", pytrace=False)
+        pytest.skip(f"{what} cannot run here: {why}")
 
 
 def rename_storage(suffix=".conformance-hidden"):
