@@ -156,7 +156,11 @@ class Context:
             raise Skipped(f"no executable {method}")
 
     def need_sr(self):
+        """The check needs the run's SR: a failure if it could not be made (never a silent
+        skip: a run with --only would otherwise pass on a plugin that cannot make an SR)."""
         if self.sr is None:
+            if self.setup_problem and self.caller.has("SR.attach"):
+                raise Failed(f"no attached SR: {self.setup_problem}")
             raise Skipped(f"no attached SR ({self.setup_problem or 'see sr-attach'})")
 
     # --- volumes ---------------------------------------------------------------------------
