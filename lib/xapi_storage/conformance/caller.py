@@ -107,6 +107,7 @@ class Caller:
         self.timeout = timeout
         self.env = env
         self.calls = []          # every Outcome, in order (the run's log)
+        self.others = {}         # {directory: Caller} of the other plugins a Daemon called
 
     def has(self, method):
         return find_executable(self.plugin_dir, method) is not None
@@ -156,8 +157,11 @@ class Caller:
         """The runner of a toolstack.daemon.Daemon (its calls then land in `calls` too):
         the decoded result, or the daemon's ScriptError."""
         if os.path.abspath(script_dir) != self.plugin_dir:
-            other = Caller(script_dir, self.timeout, self.env)
-            return other.runner(script_dir, name, params)
+            d = os.path.abspath(script_dir)
+            other = self.others.get(d)
+            if other is None:
+                other = self.others[d] = Caller(d, self.timeout, self.env)
+            return other.runner(d, name, params)
         out = self.call(name, params)
         if out.daemon_error is not None:
             raise out.daemon_error

@@ -739,13 +739,30 @@ def datapath(ctx):
     copies) answers a File or BlockDevice under /dev, the same on every repeated attach and
     activate; VM shutdown (deactivate, then deactivate again and detach, then epoch_end) runs
     twice, as a retried shutdown does; static-vdis (command-line mode, domain "0") attaches
-    and detaches when the volume plugin declares VDI_ATTACH_OFFLINE."""
+    and detaches when the volume plugin declares VDI_ATTACH_OFFLINE. Every answer of the
+    datapath plugin is one the daemon can read (as results-valid checks the volume plugin's)."""
     ctx.need_sr()
     vol = ctx.create()
     schemes = [_daemon.uri_scheme(u) for u in vol.get("uri") or []]
     if _daemon.choose(vol.get("uri") or [], ctx.daemon.datapaths) is None:
         raise Skipped(f"no datapath plugin installed beside this one for the volume's URI "
                       f"schemes {schemes}")
+    key = vol["key"]
+    seen = {d: len(c.calls) for d, c in ctx.caller.others.items()}
+    try:
+        _datapath_sequences(ctx, vol)
+    finally:
+        bad = []
+        for d, c in sorted(ctx.caller.others.items()):
+            for out in c.calls[seen.get(d, 0):]:
+                problem = result_problem(out)
+                if problem:
+                    bad.append(f"{os.path.basename(d)}: {out.describe(200)}: {problem}")
+    if bad:
+        raise Failed(bad[0] + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+
+def _datapath_sequences(ctx, vol):
     key = vol["key"]
     dom0 = _daemon.dom0_token("vbd/0/xvdz")
     ctx.plugged.add((key, dom0))
