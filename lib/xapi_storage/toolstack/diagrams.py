@@ -36,6 +36,8 @@ def messages(operation):
                     label += " (NONPERSISTENT datapaths)"
                 if count > 1:
                     label += f" ×{count}"
+                    if step.endswith("_clone") and name == "Volume.stat":
+                        label += " (the disk, then its clone-on-boot)"
                 out.append((DAEMON, _plugin_of(label), label + suffix))
         elif kind == "xenopsd":
             out.append((XENOPSD, XENOPSD, _XENOPSD_NOTES.get(step, step)))
