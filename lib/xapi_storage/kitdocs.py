@@ -128,7 +128,7 @@ def main(argv=None):
     for rel, text in generate().items():
         path = os.path.join(argv[0], rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
+        with open(path, "w", encoding="utf-8") as f:
             f.write(text)
     return 0
 

@@ -95,7 +95,7 @@ def write(target, files):
         for rel, text in sorted(files.items()):
             path = os.path.join(tmp, rel)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
+            with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
         os.chmod(tmp, 0o755)
         if os.path.isdir(target):

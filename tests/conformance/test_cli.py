@@ -115,3 +115,13 @@ def test_sigterm_mid_run_still_destroys_what_the_run_made(install_plugin, tmp_pa
     assert p.returncode == 130, out + err
     assert "interrupted" in err
     assert not sr.exists() or os.listdir(str(sr)) == [], os.listdir(str(sr))
+
+
+def test_the_table_reaches_an_ascii_stdout(monkeypatch):
+    """Python 3.6 under the C locale writes ASCII; a detail may hold any character."""
+    import io
+    from xapi_storage.conformance import cli
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    cli._write("key 'ünïcödé' ✓\n")
+    assert raw.getvalue() == b"key '\\xfcn\\xefc\\xf6d\\xe9' \\u2713\n"

@@ -19,7 +19,7 @@ def test_generated_pages_are_current():
     stale = []
     for rel, text in kitdocs.generate().items():
         path = os.path.join(DOCS, rel)
-        if not os.path.exists(path) or open(path).read() != text:
+        if not os.path.exists(path) or open(path, encoding="utf-8").read() != text:
             stale.append(rel)
     assert not stale, f"run: python -m xapi_storage.kitdocs docs/vendors (stale: {stale})"
 
@@ -37,6 +37,6 @@ def test_each_diagram_draws_every_call_of_the_table(op, tmp_path):
     assert drawn == sequences.plugin_calls(op, nonpersistent=True)
     if shutil.which("rsvg-convert"):
         src, png = tmp_path / "d.svg", tmp_path / "d.png"
-        src.write_text(diagrams.svg(op))
+        src.write_text(diagrams.svg(op), encoding="utf-8")
         subprocess.run(["rsvg-convert", str(src), "-o", str(png)], check=True, timeout=60)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

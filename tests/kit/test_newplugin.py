@@ -65,9 +65,9 @@ def test_a_method_filled_in_but_still_unimplemented_fails_conformance(tmp_path, 
     pkg = tmp_path / "pkg"
     newplugin.write(str(pkg), newplugin.plan("volume", "acme2"))
     mod = pkg / "acme2_storage" / "volume.py"
-    text = mod.read_text()
+    text = mod.read_text(encoding="utf-8")
     head, sep, tail = text.partition("    @base.unimplemented\n    def attach(")
-    mod.write_text(head + "    def attach(" + tail)
+    mod.write_text(head + "    def attach(" + tail, encoding="utf-8")
     env = _env(str(pkg))
     r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "install", "--root",
                         str(plugin_root), "--no-compile", "--plugin",

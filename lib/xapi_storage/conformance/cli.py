@@ -34,6 +34,17 @@ def add_arguments(parser):
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
 
 
+def _write(text):
+    """Write to stdout, also when its encoding cannot hold the text (Python 3.6 under the C
+    locale is ASCII; a plugin's answers may hold any character)."""
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode(sys.stdout.encoding or "ascii", "backslashreplace"))
+    sys.stdout.flush()
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -110,8 +121,8 @@ def run(args):
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    sys.stdout.write(report.table())
+    _write(report.table())
     if args.junit:
-        with open(args.junit, "w") as f:
+        with open(args.junit, "w", encoding="utf-8") as f:
             f.write(report.junit() + "\n")
     return 0 if report.ok else 1
