@@ -143,14 +143,6 @@ class Context:
             raise Failed(f"{out.describe()}{_unimplemented_hint(out)}")
         return out.value
 
-    def error(self, method, **params):
-        """Call; the answer must be a failure: exit status not 0 and an error record."""
-        out = self.call(method, **params)
-        if out.rc == 0:
-            raise Failed(f"{out.describe()}: expected a failure (exit 1 and an error record)")
-        _require_record(out)
-        return out
-
     def need(self, method):
         if not self.caller.has(method):
             raise Skipped(f"no executable {method}")
@@ -173,10 +165,11 @@ class Context:
             vol = self.operation("vdi-create", name=name, description=description, size=size,
                                  sharable=sharable)["volume"]
         except Failed:
-            made = [o for o in self.caller.calls if o.method == "Volume.create" and o.ok
-                    and isinstance(o.value, dict) and isinstance(o.value.get("key"), str)]
-            if made and made[-1].request.get("name") == name:
-                self.track(made[-1].value["key"])     # made, but its Volume.set failed
+            for o in list(self.caller.calls):           # made, but its Volume.set failed
+                if o.method == "Volume.create" and o.ok and isinstance(o.value, dict) \
+                        and isinstance(o.value.get("key"), str) \
+                        and isinstance(o.request, dict) and o.request.get("name") == name:
+                    self.track(o.value["key"])
             raise
         key = _key_of(vol, "Volume.create")
         self.track(key)
@@ -376,14 +369,6 @@ def _parallel(fn, args_list):
         if isinstance(r, Exception):
             raise r
     return results
-
-
-def _same_volume(a, b, what):
-    """The fields that must not change between two reports of one volume."""
-    for field in ("key", "virtual_size", "read_write", "sharable", "name", "description",
-                  "keys", "uri"):
-        if a.get(field) != b.get(field):
-            raise Failed(f"{what}: {field} was {a.get(field)!r}, then {b.get(field)!r}")
 
 
 # --- the checks, in running order ------------------------------------------------------------
