@@ -78,6 +78,10 @@ class Outcome:
         else:
             got = f"exit {self.rc}"
         out = self.stdout.strip()
+        rec = self.record
+        if rec is not None and "code" in rec and "params" in rec:
+            # the record's backtrace is for logs: the code and params say what went wrong
+            out = jsonio.dumps({"code": rec["code"], "params": rec["params"]}) + " (backtrace omitted)"
         text = f"{call} -> {got}, stdout {_short(out, limit) if out else '(empty)'}"
         if self.xapi_sees is not None and self.xapi_sees[0].startswith("SCRIPT_"):
             text += f"; xapi sees {self.xapi_sees[0]}"
