@@ -27,10 +27,10 @@ def test_table_junit_and_exit_status(install_plugin, tmp_path):
                "--restore-storage", 'mv "$XAPI_STORAGE_CONFIG_PATH.x" "$XAPI_STORAGE_CONFIG_PATH"')
     assert out.returncode == 0, out.stdout + out.stderr
     # no datapath plugin beside it in this root: the datapath check is skipped
-    assert "16 checks: 15 passed, 0 failed, 1 skipped" in out.stdout
+    assert "17 checks: 16 passed, 0 failed, 1 skipped" in out.stdout
     assert "plugin: file-raw" in out.stdout
     suite = ET.parse(str(junit)).getroot()
-    assert suite.get("tests") == "16" and suite.get("failures") == "0"
+    assert suite.get("tests") == "17" and suite.get("failures") == "0"
     assert [c.get("name") for c in suite.iter("testcase")][:2] == ["plugin-query", "sr-attach"]
     assert os.listdir(str(sr)) == []
 

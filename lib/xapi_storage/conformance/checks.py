@@ -416,6 +416,27 @@ def sr_attach(ctx):
             ctx.ok("SR.stat", sr=ctx.sr)
 
 
+@check("probe", needs=("SR.probe",))
+def probe(ctx):
+    """SR.probe of the configuration the SR was made with (xe sr-probe, before xe
+    sr-introduce on another pool) finds that SR: a complete result with `sr`, whose
+    configuration has the SR's sr_uuid when the configuration has one."""
+    ctx.need_sr()
+    found = ctx.ok("SR.probe", configuration=ctx.sr_config)
+    if not isinstance(found, list):
+        raise Failed(f"SR.probe answered {found!r}, not a list")
+    hits = [r for r in found if isinstance(r, dict) and r.get("complete") is True and "sr" in r]
+    want = ctx.sr_config.get("sr_uuid")
+    if want is not None:
+        hits = [r for r in hits
+                if isinstance(r.get("configuration"), dict)
+                and r["configuration"].get("sr_uuid") == want]
+    if not hits:
+        raise Failed(f"SR.probe of the SR's own configuration {ctx.sr_config!r} answered "
+                     f"{found!r}: no complete result with `sr`"
+                     + (f" and sr_uuid {want}" if want else ""))
+
+
 @check("create-size", needs=("Volume.create",))
 def create_size(ctx):
     """Volume.create gives virtual_size >= the size asked (sizes not multiples of 512
