@@ -59,7 +59,7 @@ def test_every_method_is_written_out_and_only_query_is_installed(tmp_path, insta
             del sys.modules[m]
 
 
-def test_a_method_filled_in_but_still_unimplemented_fails_conformance(tmp_path, plugin_root):
+def test_a_method_filled_in_but_still_unimplemented_fails_conformance(tmp_path, install_plugin):
     """Removing the decorator lays the executable out; while its body still raises
     Unimplemented the conformance run says so and fails."""
     pkg = tmp_path / "pkg"
@@ -69,14 +69,14 @@ def test_a_method_filled_in_but_still_unimplemented_fails_conformance(tmp_path, 
     head, sep, tail = text.partition("    @base.unimplemented\n    def attach(")
     mod.write_text(head + "    def attach(" + tail, encoding="utf-8")
     env = _env(str(pkg))
-    r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "install", "--root",
-                        str(plugin_root), "--no-compile", "--plugin",
-                        "volume:org.xen.xapi.storage.acme2=acme2_storage.volume"],
-                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       universal_newlines=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    d = plugin_root / "volume" / "org.xen.xapi.storage.acme2"
-    assert (d / "SR.attach").exists()
+    sys.path.insert(0, str(pkg))
+    try:
+        d = install_plugin("volume", "org.xen.xapi.storage.acme2", "acme2_storage.volume")
+    finally:
+        sys.path.remove(str(pkg))
+        for m in [m for m in sys.modules if m.startswith("acme2_storage")]:
+            del sys.modules[m]
+    assert os.path.exists(os.path.join(d, "SR.attach"))
     r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "conformance", str(d),
                         "-c", "path=" + str(tmp_path / "sr")], env=env, stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
