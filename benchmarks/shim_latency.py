@@ -40,7 +40,7 @@ def log(msg):
 def install(root):
     exe = shutil.which("xapi-storage", path=os.path.dirname(sys.executable))
     argv = [exe] if exe else [sys.executable, "-m", "xapi_storage.cli"]
-    subprocess.run(argv + ["install", "--root", root], check=True, capture_output=True)
+    subprocess.run(argv + ["install", "--root", root], check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return os.path.join(root, PLUGIN_DIR)
 
 
@@ -70,7 +70,8 @@ def build_sr(path, volumes):
 
 def timed(argv, stdin=None):
     t = time.perf_counter()
-    r = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+    r = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True)
     dt = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"{argv[0]} failed ({r.returncode}): {r.stdout}{r.stderr}")

@@ -85,12 +85,10 @@ class Plugin:
 
 def registered_plugins():
     """Every plugin registered through the entry point groups, sorted."""
-    from importlib.metadata import entry_points
-    eps = entry_points()
+    from .compat import entry_points
     out = []
     for kind, group in GROUPS.items():
-        found = eps.select(group=group) if hasattr(eps, "select") else eps.get(group, [])
-        for ep in found:
+        for ep in entry_points(group):
             out.append(Plugin(kind, ep.name, ep.value.split(":", 1)[0].strip()))
     return sorted(out, key=lambda p: (p.kind, p.name))
 
@@ -324,7 +322,8 @@ def observer_problem(modules, python=None):
     import subprocess
     code = "".join(f"import {m}\n" for m in ["xapi_storage.sdk.wire", *modules])
     try:
-        r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
+        r = subprocess.run([python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
         return f"cannot run {python}: {e}"
     if r.returncode == 0:

@@ -5,15 +5,17 @@ without fraction (3.0 is not an int on the wire)."""
 
 import copy
 
-import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from referencing import Registry, Resource
 
 from xapi_storage.sdk import schema
 
 from . import strategies
+from .helpers import reference_jsonschema
+
+jsonschema = reference_jsonschema(module_level=True)
+from referencing import Registry, Resource  # noqa: E402  (jsonschema 4.18 on)
 
 _type_checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
     "integer", lambda checker, v: type(v) is int)

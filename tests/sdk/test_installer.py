@@ -198,13 +198,15 @@ def test_installer_finds_registered_plugins_from_entry_points():
     plugins = installer.registered_plugins()
     assert installer.Plugin("volume", "org.xen.xapi.storage.file-raw", "xapi_storage.volume.file_raw") in plugins
     r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "install", "--list"],
-                       capture_output=True, text=True, env=plugin_env())
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, env=plugin_env())
     assert "volume\torg.xen.xapi.storage.file-raw\txapi_storage.volume.file_raw" in r.stdout
 
 
 def test_help_mentions_the_default_root():
     r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "install", "--help"],
-                       capture_output=True, text=True)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True)
     assert r.returncode == 0 and "/usr/libexec/xapi-storage-script" in r.stdout
 
 
