@@ -62,7 +62,7 @@ def main(argv=None):
         env["PYTHONPATH"] = os.pathsep.join([mods] + [p for p in [env.get("PYTHONPATH")] if p])
         root = os.path.join(tmp, "root")
         subprocess.run([py, "-m", "xapi_storage.cli", "install", "--root", root,
-                        "--plugin", "datapath:bench=bench_lean"], check=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                        "--plugin", "datapath:bench=bench_lean", "--observer-python", "none"], check=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         d = os.path.join(root, "datapath", "bench")
         cases = {
             "python -c pass": ([py, "-c", "pass"], b""),

@@ -40,7 +40,7 @@ def log(msg):
 def install(root):
     exe = shutil.which("xapi-storage", path=os.path.dirname(sys.executable))
     argv = [exe] if exe else [sys.executable, "-m", "xapi_storage.cli"]
-    subprocess.run(argv + ["install", "--root", root], check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    subprocess.run(argv + ["install", "--root", root, "--observer-python", sys.executable], check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return os.path.join(root, PLUGIN_DIR)
 
 

@@ -100,7 +100,8 @@ def run(args):
     try:
         exe = shutil.which("xapi-storage", path=os.path.dirname(sys.executable))
         argv = [exe] if exe else [sys.executable, "-m", "xapi_storage.cli"]
-        r = subprocess.run(argv + ["install", "--root", root], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # observer mode is checked with this interpreter: the demo's root is not the host's
+        r = subprocess.run(argv + ["install", "--root", root, "--observer-python", sys.executable], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            universal_newlines=True)
         if r.returncode != 0:
             print(f"install failed: {r.stderr.strip()}", file=sys.stderr)

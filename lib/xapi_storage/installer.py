@@ -32,6 +32,12 @@ directory, if any, is left as it was); the other plugins are still installed, an
 status is 1. A directory that exists but was not laid by this installer is never touched.
 The installer also byte-compiles the modules it lays out executables for (a plugin call is
 a new process; without .pyc files each call compiles the SDK again).
+
+Last, it checks observer mode: with smapi tracing on, the daemon runs every executable with
+the host's /usr/bin/python3 (whatever the shebang says) and PYTHONPATH=<plugin dir>. The
+installer runs each laid plugin's Plugin.Query that way (--observer-python names another
+interpreter, or none); a plugin that fails is reported as an error and the exit status is 1
+(its executables stay: they work when tracing is off).
 """
 
 import hashlib
@@ -48,9 +54,16 @@ _SCHEME = re.compile(r"\A[a-z][a-z0-9+.-]*\Z")
 _MODULE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 
-# Under xapi's smapi tracing the daemon runs `/usr/bin/python3 -m observer <exe> --json`
-# (spec 2.1): that interpreter, not the shebang's, must be able to import the plugins.
+# Under xapi's smapi tracing the daemon runs `/usr/bin/python3 -m observer <exe> --json` with
+# PYTHONPATH=<plugin dir> (replacing its own) and cwd /; xen-api's python3/packages/observer.py
+# then runs the executable with runpy.run_path(exe, run_name="__main__"). That interpreter, not
+# the shebang's, must be able to import the SDK and the plugin: on XenServer 8 and XCP-ng 8.3
+# it is Python 3.6.
 OBSERVER_PYTHON = "/usr/bin/python3"
+# what observer.py does with no tracing configured: argv shifted to [exe, --json], then runpy
+_OBSERVER_RUN = ("import runpy, sys\n"
+                 "sys.argv = [sys.argv[1], '--json']\n"
+                 "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
 class InstallError(Exception):
@@ -312,26 +325,56 @@ def precompile(modules):
     return ok
 
 
-def observer_problem(modules, python=None):
-    """None if `python` (default OBSERVER_PYTHON: what xapi-storage-script runs instead of the
-    shebang when smapi tracing is on) can import the SDK and `modules`, or if there is no such
-    interpreter here; else a sentence saying what fails and why it matters."""
-    python = python or OBSERVER_PYTHON
-    if not os.path.exists(python):
-        return None
+def observer_env(plugin_dir):
+    """The environment of an executable run in observer mode: ours, as the daemon's stand-in,
+    without any PYTHON* variable (the daemon's service has none), and PYTHONPATH the plugin
+    directory alone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = plugin_dir
+    return env
+
+
+def observer_problem(plugin_dir, python):
+    """Run the plugin's Plugin.Query as the daemon does in observer mode (`python -m observer
+    <exe> --json`: runpy.run_path of the executable, PYTHONPATH=<plugin dir>, cwd /). None if
+    it answers; else a sentence saying what fails and why it matters."""
+    import json
     import subprocess
-    code = "".join(f"import {m}\n" for m in ["xapi_storage.sdk.wire", *modules])
+    exe = os.path.join(plugin_dir, "Plugin.Query")
+    request = json.dumps({"dbg": "xapi-storage install: observer-mode check"})
     try:
-        r = subprocess.run([python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           universal_newlines=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"cannot run {python}: {e}"
-    if r.returncode == 0:
-        return None
-    last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
-    return (f"{python} cannot import the plugins ({last}). With xapi's smapi tracing enabled "
-            f"the daemon runs every executable as `{python} -m observer <exe> --json`, ignoring "
-            f"the shebang, so those calls would fail: install the package for {python} too")
+        r = subprocess.run([python, "-c", _OBSERVER_RUN, exe], input=request,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, env=observer_env(plugin_dir), cwd="/",
+                           timeout=60)
+    except subprocess.TimeoutExpired:
+        why = "no answer within 60 s"
+    except OSError as e:
+        why = f"cannot run it: {e}"
+    else:
+        try:
+            ok = r.returncode == 0 and isinstance(json.loads(r.stdout), dict)
+        except ValueError:
+            ok = False
+        if ok:
+            return None
+        why = _failure_summary(r)
+    return (f"{python} cannot run {exe} the way xapi-storage-script does with smapi tracing on "
+            f"(`{python} -m observer <exe> --json`, PYTHONPATH={plugin_dir}, ignoring the "
+            f"shebang): {why}. Every call of this plugin would fail while tracing is on: make "
+            f"the package and the plugin importable by {python} (install them for it), or name "
+            "the interpreter the host uses with --observer-python")
+
+
+def _failure_summary(r):
+    """The gist of a failed run: the error record's message, else stderr's last line."""
+    import json
+    try:
+        rec = json.loads(r.stdout)
+        return f"exit status {r.returncode}: " + " ".join(str(p) for p in rec["params"])
+    except (ValueError, KeyError, TypeError):
+        last = (r.stderr.strip().splitlines() or [r.stdout.strip()[-300:]])[-1]
+        return f"exit status {r.returncode}: {last}"
 
 
 def default_interpreter():
@@ -358,6 +401,14 @@ def add_arguments(parser):
                         help="list the registered plugins and exit")
     parser.add_argument("--no-compile", action="store_true",
                         help="do not byte-compile the SDK and the plugins")
+    parser.add_argument("--observer-python", default=OBSERVER_PYTHON, metavar="PATH",
+                        help="after installing, run each plugin's Plugin.Query with this "
+                             "interpreter exactly as xapi-storage-script does with smapi "
+                             "tracing on (`PATH -m observer <exe> --json`, PYTHONPATH=<plugin "
+                             "dir>, cwd /, whatever the shebang says); a plugin that fails is "
+                             "an error (exit status 1). Default %(default)s, the host's, as "
+                             "the daemon runs it (Python 3.6 on XenServer 8 and XCP-ng 8.3); "
+                             "skipped, with a note, where it does not exist; 'none': no check")
 
 
 def laid_plugins(root):
@@ -406,6 +457,7 @@ def run(args):
     root = os.path.abspath(args.root)
     status = 0
     installed = []
+    laid = []
     for p in plugins:
         try:
             p.check()
@@ -414,6 +466,7 @@ def run(args):
             else:
                 changes = converge(root, p, plan(p, args.python), args.python, report)
                 installed.append(p.module)
+                laid.append(os.path.join(root, p.kind, p.name))
         except InstallError as e:
             report(f"xapi-storage install: error: {e}; skipped")
             status = 1
@@ -441,9 +494,15 @@ def run(args):
         print(f"{where}: pruned: " + ", ".join(changes))
     if installed and not args.no_compile and not precompile(installed):
         report("xapi-storage install: warning: byte-compiling failed (calls will be slower)")
-    problem = observer_problem(installed) if installed else None
-    if problem:
-        report(f"xapi-storage install: warning: {problem}")
+    observer = getattr(args, "observer_python", OBSERVER_PYTHON)
+    if laid and observer != "none" and not os.path.exists(observer):
+        report(f"note: no {observer} here: observer mode (smapi tracing) not checked")
+    elif observer != "none":
+        for d in laid:
+            problem = observer_problem(d, observer)
+            if problem:
+                report(f"xapi-storage install: error: {problem}")
+                status = 1
     if not plugins:
         report("xapi-storage install: no plugin registered (entry point groups "
                + ", ".join(GROUPS.values()) + ")")

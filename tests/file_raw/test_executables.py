@@ -24,7 +24,7 @@ METHODS = ["Plugin.Query", "Plugin.diagnostics", "SR.probe", "SR.create", "SR.at
 def plugin_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
     exe = shutil.which("xapi-storage", path=os.path.dirname(sys.executable))
-    subprocess.run([exe, "install", "--root", str(root)], check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    subprocess.run([exe, "install", "--root", str(root), "--observer-python", sys.executable], check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return str(root / PLUGIN_DIR)
 
 

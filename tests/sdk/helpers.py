@@ -29,7 +29,10 @@ def plugin_env(**extra):
 
 
 def install(root, *plugins, uninstall=False, extra=()):
-    cmd = [sys.executable, "-m", "xapi_storage.cli", "install", "--root", str(root)]
+    # the toys live on the tests' PYTHONPATH, which observer mode replaces: its check has its
+    # own tests (test_installer.py)
+    cmd = [sys.executable, "-m", "xapi_storage.cli", "install", "--root", str(root),
+           "--observer-python", "none"]
     for p in plugins:
         cmd += ["--plugin", p]
     if uninstall:

@@ -57,7 +57,7 @@ def test_sdk_md_example_plugin_works(tmp_path):
     env = plugin_env()
     env["PYTHONPATH"] = f"{mod_dir}{os.pathsep}{env['PYTHONPATH']}"
     cmd = [sys.executable, "-m", "xapi_storage.cli", "install", "--root", str(root),
-           "--plugin", "volume:org.xen.xapi.storage.dirvol=vendor_dirvol"]
+           "--plugin", "volume:org.xen.xapi.storage.dirvol=vendor_dirvol", "--observer-python", "none"]
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True, env=env)
     assert r.returncode == 0, r.stderr

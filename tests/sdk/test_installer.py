@@ -222,30 +222,84 @@ def test_prune_removes_plugins_no_longer_registered(tmp_path):
     assert (tmp_path / "volume" / TOY / "Plugin.Query").exists()
 
 
-def test_warns_when_the_observer_interpreter_cannot_import_the_plugins(tmp_path, monkeypatch,
-                                                                      capsys):
-    """With smapi tracing on, the daemon runs `/usr/bin/python3 -m observer <exe> --json`
-    whatever the shebang says (spec 2.1): the installer says so when that interpreter cannot
-    import the plugins (e.g. the package lives in a virtualenv only)."""
-    import argparse
+def _host_python36(tmp_path):
+    """A real CPython 3.6 (pyenv's) set up like a host that has the package and the toys
+    installed for it: a venv whose site-packages holds a .pth naming them. Skips (fails in CI)
+    where there is no 3.6."""
+    import glob
+    import subprocess as sp
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    found = sorted(glob.glob(os.path.join(root, "versions", "3.6.*", "bin", "python3.6")))
+    if not found:
+        msg = f"no CPython 3.6 under {root}/versions: observer mode on 3.6 NOT TESTED"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    venv = tmp_path / "host36"
+    sp.run([found[-1], "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = glob.glob(str(venv / "lib" / "python3.6" / "site-packages"))[0]
     from .helpers import TOYS
-    monkeypatch.setenv("PYTHONPATH", TOYS)
-    assert installer.observer_problem(["sdk_toy"], python=sys.executable) is None
-    assert installer.observer_problem(["sdk_toy"], python=str(tmp_path / "none")) is None
-    problem = installer.observer_problem(["no_such_module_xyz"], python=sys.executable)
-    assert "no_such_module_xyz" in problem and "-m observer" in problem
+    with open(os.path.join(site, "xapi_storage_and_toys.pth"), "w") as f:
+        f.write(os.path.join(REPO, "lib") + "\n" + TOYS + "\n")
+    return str(venv / "bin" / "python3.6")
 
+
+def _install_args(tmp_path, plugin, observer):
+    import argparse
     ap = argparse.ArgumentParser()
     installer.add_arguments(ap)
-    args = ap.parse_args(["--root", str(tmp_path / "root"), "--no-compile",
-                          "--plugin", f"volume:{TOY}=sdk_toy"])
-    cannot = tmp_path / "python3"
-    cannot.write_text("#!/bin/sh\necho 'ModuleNotFoundError: xapi_storage' >&2\nexit 1\n")
-    cannot.chmod(0o755)
-    monkeypatch.setattr(installer, "OBSERVER_PYTHON", str(cannot))
-    assert installer.run(args) == 0
+    return ap.parse_args(["--root", str(tmp_path / "root"), "--no-compile",
+                          "--plugin", plugin, "--observer-python", observer])
+
+
+@pytest.mark.skipif(sys.version_info < (3, 8), reason="the installer's own Python must import "
+                    "the 3.8+ toy; this runs on the newer Pythons of the run")
+def test_observer_mode_check_fails_loudly_for_a_plugin_only_a_newer_python_imports(
+        tmp_path, capsys):
+    """With smapi tracing on, the daemon runs `/usr/bin/python3 -m observer <exe> --json`
+    whatever the shebang says: Python 3.6 on XenServer 8 / XCP-ng 8.3. A plugin that imports
+    on the installer's Python but not on that one is an error (exit 1), not a warning."""
+    host = _host_python36(tmp_path)
+    assert installer.run(_install_args(tmp_path, f"volume:{TOY}=sdk_toy", host)) == 0
+    assert "error" not in capsys.readouterr().err            # the same plugin, 3.6-clean: fine
+    args = _install_args(tmp_path, "volume:org.xen.xapi.storage.toy38=sdk_toy_py38", host)
+    assert installer.run(args) == 1
     err = capsys.readouterr().err
-    assert f"warning: {cannot} cannot import the plugins" in err
-    monkeypatch.setattr(installer, "OBSERVER_PYTHON", sys.executable)
-    assert installer.run(args) == 0
-    assert "cannot import" not in capsys.readouterr().err
+    assert f"xapi-storage install: error: {host} cannot run" in err
+    assert "prod" in err and "-m observer" in err, err       # says what failed, and why
+    # the executables stay: they work while tracing is off
+    assert (tmp_path / "root" / "volume" / "org.xen.xapi.storage.toy38" / "Plugin.Query").exists()
+
+
+def test_observer_mode_replaces_pythonpath_and_runs_from_root(tmp_path, monkeypatch, capsys):
+    """The check runs as the daemon does: PYTHONPATH is the plugin directory alone (a module
+    found only through the installer's own PYTHONPATH does not count) and cwd is /."""
+    host = _host_python36(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "toy_elsewhere.py").write_text("from sdk_toy import IMPLEMENTATIONS\n")
+    monkeypatch.syspath_prepend(str(elsewhere))
+    monkeypatch.setenv("PYTHONPATH", str(elsewhere))
+    monkeypatch.chdir(elsewhere)
+    args = _install_args(tmp_path, "volume:org.xen.xapi.storage.else=toy_elsewhere", host)
+    assert installer.run(args) == 1
+    err = capsys.readouterr().err
+    assert "toy_elsewhere" in err and f"PYTHONPATH={tmp_path / 'root'}" in err, err
+    # the plugin directory itself is on the path: a module there imports
+    d = tmp_path / "root" / "volume" / "org.xen.xapi.storage.else"
+    (d / "toy_elsewhere.py").write_text("from sdk_toy import IMPLEMENTATIONS\n")
+    assert installer.observer_problem(str(d), host) is None
+
+
+def test_observer_mode_check_none_and_missing_interpreter(tmp_path, capsys):
+    """`--observer-python none` skips the check; an interpreter that is not there is a note."""
+    bad = tmp_path / "python3"
+    bad.write_text("#!/bin/sh\necho 'ModuleNotFoundError: xapi_storage' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    assert installer.run(_install_args(tmp_path, f"volume:{TOY}=sdk_toy", str(bad))) == 1
+    assert "ModuleNotFoundError: xapi_storage" in capsys.readouterr().err
+    assert installer.run(_install_args(tmp_path, f"volume:{TOY}=sdk_toy", "none")) == 0
+    assert "observer" not in capsys.readouterr().err
+    missing = str(tmp_path / "nowhere" / "python3")
+    assert installer.run(_install_args(tmp_path, f"volume:{TOY}=sdk_toy", missing)) == 0
+    assert f"note: no {missing} here" in capsys.readouterr().err
