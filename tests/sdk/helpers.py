@@ -83,6 +83,25 @@ def reference_jsonschema(module_level=False):
     return jsonschema
 
 
+def has_reference_jsonschema():
+    import jsonschema
+    return hasattr(jsonschema, "Draft202012Validator")
+
+
+def reference(itf, part, method):
+    """jsonschema's validator of one method's params or result, told the wire's one rule it
+    does not know: an integer is a JSON number without fraction (3.0 is not an int on the
+    wire). Skips where there is no jsonschema 4 (see reference_jsonschema)."""
+    jsonschema = reference_jsonschema()
+    from referencing import Registry, Resource  # jsonschema 4.18 on
+    checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda checker, v: type(v) is int)
+    wire = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=checker)
+    doc = itf.doc
+    registry = Registry().with_resource(doc["$id"], Resource.from_contents(doc))
+    return wire({"$ref": f"{doc['$id']}#/methods/{method}/{part}"}, registry=registry)
+
+
 # the keywords of schemas/error.json: all mean the same in drafts 7 and 2020-12
 _DRAFT7_SAFE = {"$schema", "$id", "title", "description", "type", "required", "properties",
                 "additionalProperties", "items"}
