@@ -12,8 +12,10 @@ For each plugin the installer imports its module, reads IMPLEMENTATIONS, and wri
 ROOT/volume/<name>/ (or ROOT/datapath/<scheme>/) one executable per method that the
 plugin's classes override, named Interface.method (Plugin.Query with a capital Q). Every
 executable is the same small Python 3 source file (runnable by runpy, as xapi's observer
-needs), whose shebang is the interpreter running the installer; the SDK dispatches on the
-file's name. A manifest (.xapi-storage-install.json) in each plugin directory records what
+needs), whose shebang is the interpreter running the installer with `-IS` (isolated, no
+`site`: a call pays for the interpreter and our imports, not for a scan of site-packages);
+the file itself appends to sys.path the directories the installer found the SDK, the plugin
+and site-packages in (see shim_source). The SDK dispatches on the file's name. A manifest (.xapi-storage-install.json) in each plugin directory records what
 was laid, so that:
 
   * running the installer again converges: it rewrites only files that differ, and removes
@@ -106,26 +108,86 @@ def registered_plugins():
     return sorted(out, key=lambda p: (p.kind, p.name))
 
 
-def shim_source(module, interpreter):
-    """The text of every executable of the plugin `module`."""
+def shim_source(module, interpreter, paths=None):
+    """The text of every executable of the plugin `module`.
+
+    With `paths` (install_paths(): where the SDK, the plugin and their dependencies live for
+    the installer's own Python), the executable starts isolated and without `site`
+    (`python -IS`: no scan of site-packages and its .pth files, no PYTHONPATH, no user site;
+    the scan costs a call several times the interpreter's own start on a host with many
+    packages) and appends exactly those directories to sys.path itself, after the standard
+    library as `site` would, - only when the
+    running Python has the installer's version. Observer mode runs the file with the host's
+    python3, PYTHONPATH=<plugin dir> and `site`: on another version (3.6 on XenServer 8) the
+    directories are left out and that Python finds its own installation of the package.
+    Without `paths`: a plain shebang, and the interpreter's usual sys.path."""
     if not _MODULE.match(module):
         raise InstallError(f"{module!r} is not a module name")
     if not interpreter or any(c.isspace() for c in interpreter) or "\0" in interpreter:
         raise InstallError(f"cannot use {interpreter!r} in a shebang line (empty or has spaces)")
+    head = f"#!{interpreter}\n"
+    setup = ""
+    if paths is not None:
+        if any("\n" in p or "\0" in p for p in paths):
+            raise InstallError(f"cannot use a directory with a newline in its name: {paths!r}")
+        head = f"#!{interpreter} -IS\n"
+        setup = ("import sys\n"
+                 f"if sys.version_info[:2] == {tuple(sys.version_info[:2])!r}:  # the installer's Python\n"
+                 f"    sys.path.extend([p for p in {list(paths)!r} if p not in sys.path])\n")
     return (
-        f"#!{interpreter}\n"
+        head +
         "# A SMAPIv3 plugin executable, laid out by `xapi-storage install`: every method of the\n"
         "# plugin is a copy of this file, named Interface.method; the SDK dispatches on the name.\n"
         "# Python 3 source, runnable by runpy (xapi's observer). Do not edit: rerun the installer.\n"
+        + setup +
         "from xapi_storage.sdk.wire import main\n"
         "\n"
         f'main("{module}")\n'
     )
 
 
-def plan(plugin, interpreter):
+def install_paths(modules):
+    """The directories an executable run with `python -IS` needs on sys.path to import the SDK
+    and `modules` with what they import, as this Python finds them now: the directory each
+    one's top-level package or module was found in (the real directory, also for an editable
+    install, whose .pth file or import hook `-S` skips), then this Python's site-packages
+    (dependencies: pyxs, cffi, a vendor's own). In that order, without repeats."""
+    import importlib.util
+    import site
+    out = []
+
+    def add(d):
+        d = os.path.abspath(d)
+        if d not in out and os.path.isdir(d):
+            out.append(d)
+    for mod in list(modules) + ["xapi_storage"]:
+        top = mod.split(".")[0]
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            for loc in spec.submodule_search_locations:
+                add(os.path.dirname(loc))
+        elif spec.origin and os.path.isabs(spec.origin):
+            add(os.path.dirname(spec.origin))
+    getsite = getattr(site, "getsitepackages", None)
+    for d in (getsite() if getsite else []):
+        if d in sys.path:
+            add(d)
+    for d in sys.path:                      # a venv's site-packages (and .pth-added ones)
+        if os.path.basename(d) in ("site-packages", "dist-packages"):
+            add(d)
+    return out
+
+
+def plan(plugin, interpreter, isolated=True):
     """{file name: content} for a plugin: one executable per overridden method.
-    Imports the plugin module; raises InstallError if that fails."""
+    Imports the plugin module; raises InstallError if that fails. isolated: the executables
+    start with `-IS` and their own sys.path (shim_source); only for this very interpreter,
+    whose directories the installer knows."""
     from .sdk import errors, wire
     try:
         table = wire.load_implementations(plugin.module)
@@ -141,7 +203,8 @@ def plan(plugin, interpreter):
     if "Plugin.Query" not in names:
         raise InstallError(f"{plugin.kind} plugin {plugin.name}: it must implement Plugin.query "
                            "(the daemon and xapi call Plugin.Query to learn what it is)")
-    text = shim_source(plugin.module, interpreter)
+    paths = install_paths([plugin.module]) if isolated else None
+    text = shim_source(plugin.module, interpreter, paths)
     return {name: text for name in names}
 
 
@@ -401,6 +464,11 @@ def add_arguments(parser):
                         help="list the registered plugins and exit")
     parser.add_argument("--no-compile", action="store_true",
                         help="do not byte-compile the SDK and the plugins")
+    parser.add_argument("--no-isolate", action="store_true",
+                        help="executables start with the interpreter's full start-up (site-packages "
+                             "scan, PYTHONPATH) instead of `-IS` and the directories this installer "
+                             "found the package and the plugins in (always so with a --python "
+                             "other than this one)")
     parser.add_argument("--observer-python", default=OBSERVER_PYTHON, metavar="PATH",
                         help="after installing, run each plugin's Plugin.Query with this "
                              "interpreter exactly as xapi-storage-script does with smapi "
@@ -464,7 +532,9 @@ def run(args):
             if args.uninstall:
                 changes = uninstall(root, p, report)
             else:
-                changes = converge(root, p, plan(p, args.python), args.python, report)
+                isolated = (not args.no_isolate
+                            and os.path.abspath(args.python) == default_interpreter())
+                changes = converge(root, p, plan(p, args.python, isolated), args.python, report)
                 installed.append(p.module)
                 laid.append(os.path.join(root, p.kind, p.name))
         except InstallError as e:
