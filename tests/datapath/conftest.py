@@ -10,6 +10,7 @@ import tempfile
 
 import pytest
 
+from xapi_storage.testing import need_loop_devices as shipped_need_loop_devices
 from xapi_storage.toolstack.daemon import Daemon
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -18,15 +19,7 @@ FILE_RAW = "org.xen.xapi.storage.file-raw"
 
 def need_loop_devices():
     """Loop devices need root and the loop driver; say so loudly (and fail in CI)."""
-    why = None
-    if os.geteuid() != 0:
-        why = "loop devices need root"
-    elif not os.path.exists("/dev/loop-control") or not shutil.which("losetup"):
-        why = "no loop driver (/dev/loop-control) or no losetup"
-    if why:
-        if IN_CI:
-            pytest.fail(f"the blkback datapath tests cannot run in CI: {why}", pytrace=False)
-        pytest.skip(f"the blkback datapath tests cannot run here: {why}")
+    shipped_need_loop_devices("the blkback datapath tests")
 
 
 def plugin_env(state_root, **extra):
@@ -41,7 +34,10 @@ def plugin_env(state_root, **extra):
 def plugin_root(tmp_path_factory):
     """The registered plugins, installed once per session as `xapi-storage install` lays them."""
     root = tmp_path_factory.mktemp("plugins")
-    r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "install", "--root", str(root)],
+    # the observer-mode check with this interpreter: /usr/bin/python3 of a development machine
+    # need not have the package (nor be this Python version)
+    r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "install", "--root", str(root),
+                        "--observer-python", sys.executable],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
