@@ -21,7 +21,8 @@ def full_dir(tmp_path):
     mnt = tmp_path / "full"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True)
     if r.returncode != 0:
         msg = f"cannot mount a small tmpfs (needs root): {r.stderr.strip()}"
         if os.environ.get("CI"):
