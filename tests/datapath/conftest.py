@@ -41,7 +41,8 @@ def plugin_env(state_root, **extra):
 def plugin_root(tmp_path_factory):
     """The registered plugins, installed once per session as `xapi-storage install` lays them."""
     root = tmp_path_factory.mktemp("plugins")
-    r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "install", "--root", str(root)],
+    r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "install", "--root", str(root),
+                        "--observer-python", sys.executable],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr

@@ -60,7 +60,9 @@ class Dp:
 
 @pytest.fixture(scope="module")
 def dp(bed, guest):
-    bed.dom0([VENV + "/bin/xapi-storage", "install", "--root", ROOT], timeout=300, check=True)
+    # the observer check runs Plugin.Query with the interpreter that can import the package here
+    bed.dom0([VENV + "/bin/xapi-storage", "install", "--root", ROOT, "--observer-python", PY],
+             timeout=300, check=True)
     bed.dom0(["rm", "-rf", SR_PATH], check=True)
     d = Dp(bed, guest)
     d.baseline = d.call(op="check", path=SR_PATH, key="none", guest=guest.domid)
