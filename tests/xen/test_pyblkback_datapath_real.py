@@ -66,7 +66,8 @@ class Pbb:
 
 @pytest.fixture(scope="module")
 def pbb(bed):
-    bed.dom0([VENV + "/bin/xapi-storage", "install", "--root", ROOT], timeout=300, check=True)
+    bed.dom0([VENV + "/bin/xapi-storage", "install", "--root", ROOT, "--observer-python", PY],
+             timeout=300, check=True)
     g = bed.start_guest("pbb")
     yield Pbb(bed, g)
     if bed.alive() and "pbb" in bed.guests:
