@@ -244,3 +244,14 @@ def test_stats_file_is_private_and_never_follows_a_link(tmp_path):
     assert os.stat(str(path)).st_mode & 0o777 == 0o600
     assert sorted(os.listdir(str(tmp_path))) == sorted(
         ["victim", "stats.json", f"stats.json.tmp{os.getpid()}"])
+
+
+def test_real_xen_without_xenstored_is_a_message(tmp_path):
+    """`--xen real` where no xenstored listens (dom0 without Xen running, or a wrong
+    XENSTORED_PATH): a one-line error and exit 1, not a traceback."""
+    env = dict(os.environ, XENSTORED_PATH=str(tmp_path / "no-such-socket"))
+    p = subprocess.run(cli("0", "--backend", "null", "--size", "1048576", "--xen", "real"),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, env=env, timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert "error: cannot reach Xen" in p.stderr and "Traceback" not in p.stderr, p.stderr

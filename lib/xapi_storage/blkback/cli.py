@@ -163,13 +163,17 @@ def run(args):
     except (OSError, ValueError) as e:
         _say(f"error: cannot open the storage: {e}")
         return 1
+    server = None
     try:
         server = Server(xen)
-    except OSError as e:
+        xs = XenStore(xen.xenstore_path)
+    except Exception as e:      # noqa: BLE001 - OSError, or the XenStore client's own errors
+        # (no xenstored: a message, not a traceback)
         storage.close()
+        if server is not None:
+            server.close()
         _say(f"error: cannot reach Xen (XenStore/event channels/grants): {e}")
         return 1
-    xs = XenStore(xen.xenstore_path)
     fe = be = None
     rc = 0
     try:
