@@ -5,7 +5,7 @@ crash behaviour). In short:
 
     <path>/sr.json          SR record; its presence (format "xapi-storage/file-raw") makes <path> an SR
     <path>/sr.lock          flock: shared by every mutating call, exclusive by SR.create/SR.destroy
-    <path>/sr.meta.lock     flock: serialises read-modify-write of sr.json
+    <path>/sr.meta.lock     flock: serialises read-modify-write of sr.json (and lock repairs)
     <path>/<key>.json       volume record (state creating | ready | destroying)
     <path>/<key>.img        volume data: a sparse raw file, size = virtual size
     <path>/<key>.lock       flock: serialises calls on one volume; free = no call in progress
@@ -81,7 +81,7 @@ def _lock_timeout(exc):
     return XenAPIError("SR_BACKEND_FAILURE", ["Timed out waiting for a lock", str(exc)])
 
 
-def _space_errors(cls):
+def _os_errors(cls):
     """Class decorator: what the world does to any step of any method the class defines
     becomes one structured error, after the method's own clean-up ran: a full SR (ENOSPC, or
     EDQUOT over a quota) answers SR_BACKEND_FAILURE_44, a read-only mount (EROFS) "The SR is
@@ -575,7 +575,7 @@ class Plugin(base.Plugin):
                 f"reflink {'disabled by XAPI_STORAGE_NO_REFLINK' if reflink_disabled() else 'tried first'}")
 
 
-@_space_errors
+@_os_errors
 class SR(base.SR):
     def probe(self, dbg, configuration):
         path = _config_path(configuration)
@@ -898,7 +898,7 @@ def _list_volumes(store, srrec):
     return result
 
 
-@_space_errors
+@_os_errors
 class Volume(base.Volume):
     def create(self, dbg, sr, name, description, size, sharable):
         _want_str("name", name)
