@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from xapi_storage.sdk.errors import SR_does_not_exist, Volume_does_not_exist, XenAPIError
+from xapi_storage.sdk.errors import SR_does_not_exist, XenAPIError
 
 from .conftest import DBG, check_accounted, fill, run_child, sr_files
 
