@@ -658,8 +658,8 @@ def test_entries_planted_in_the_sr_neither_followed_nor_fatal(V, SR, sr, sr_dir,
     os.mkfifo(os.path.join(sr_dir, planted[2] + ".json"))
     os.symlink(str(tmp_path / "nowhere"), os.path.join(sr_dir, planted[3] + ".lock"))
     before = sr_files(sr_dir)
-    p = subprocess.run(child_argv("SR", "ls", sr=sr), capture_output=True, text=True,
-                       timeout=30)
+    p = subprocess.run(child_argv("SR", "ls", sr=sr), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
     assert p.returncode == 0, p.stderr
     listed = {v["key"]: v for v in json.loads(p.stdout)}
     assert sorted(listed) == sorted([good["key"], planted[0], planted[2]])
@@ -667,7 +667,8 @@ def test_entries_planted_in_the_sr_neither_followed_nor_fatal(V, SR, sr, sr_dir,
         assert (listed[key]["uri"], listed[key]["read_write"]) == ([], False)
         assert "is not a regular file" in listed[key]["description"]
     p = subprocess.run(child_argv("Volume", "stat", sr=sr, key=planted[2]),
-                       capture_output=True, text=True, timeout=30)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=30)
     assert p.returncode == 0 and json.loads(p.stdout)["uri"] == [], p.stdout + p.stderr
     with pytest.raises(Volume_does_not_exist):
         V.stat(dbg=DBG, sr=sr, key=planted[1])
