@@ -717,8 +717,8 @@ def test_data_that_is_not_a_regular_file_is_refused_without_hanging(V, SR, sr, s
     for method, args in (("snapshot", {"key": v["key"]}), ("clone", {"key": v["key"]}),
                          ("resize", {"key": v["key"], "new_size": 1 << 21}),
                          ("revert", {"snapshot": v["key"], "key": other["key"]})):
-        p = subprocess.run(child_argv("Volume", method, sr=sr, **args), capture_output=True,
-                           text=True, timeout=30)
+        p = subprocess.run(child_argv("Volume", method, sr=sr, **args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=30)
         assert p.returncode == 1, (method, p.stdout, p.stderr)
         code, params = json.loads(p.stdout)["error"]
         assert params[:2] == ["Volume data is not a regular file", v["key"]], (method, params)
@@ -750,7 +750,7 @@ def test_files_leased_by_a_file_server_are_waited_for(V, sr, sr_dir, leased, kin
     v = make(V, sr)
     path = os.path.join(sr_dir, f"{v['key']}.{leased}")
     holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, path, kind],
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, universal_newlines=True)
     try:
         assert holder.stdout.readline().strip() == "leased"
         if leased == "img":
@@ -769,7 +769,8 @@ def test_destroy_of_an_immutable_data_file_keeps_the_volume(V, SR, sr, sr_dir):
     import subprocess
     v = make(V, sr)
     path = img(sr_dir, v["key"])
-    r = subprocess.run(["chattr", "+i", path], capture_output=True, text=True)
+    r = subprocess.run(["chattr", "+i", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True)
     if r.returncode != 0:
         msg = f"cannot make a file immutable here (chattr +i): {r.stderr.strip()}"
         if os.environ.get("CI"):
