@@ -3,6 +3,7 @@ the daemon emulation exactly as the daemon drives it. Volumes are file-raw volum
 local disk and on a tmpfs (no O_DIRECT there: the loop device falls back to buffered I/O)."""
 
 import os
+import time
 import signal
 
 import pytest
@@ -196,3 +197,24 @@ def test_sequences_run_as_the_table_says_and_leave_nothing(dpenv, simxen_guest):
         assert not xs.list("/local/domain/0/backend") and not xs.list("/xapi")
     finally:
         xs.close()
+
+
+@pytest.mark.parametrize("sr_parent", ["disk"], indirect=True)
+def test_detach_of_a_loop_device_still_open_marks_it_autoclear(dpenv):
+    """After a hard unplug the kernel's blkback may hold the device a moment longer: detach
+    succeeds, and the loop device goes at its last close."""
+    env, dm = dpenv, dpenv.daemon
+    vol, key, dev = attached(env, "6")
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        dm.dp_destroy(D, FILE_RAW, env.sr, key, "6")               # waits a few seconds, then ok
+        assert loops_of(data_path(env, vol)) == [dev]
+        assert _sys(dev, "loop", "autoclear") == "1"
+        assert env.state_files() == []
+    finally:
+        os.close(fd)
+    for _ in range(50):
+        if not loops_of(data_path(env, vol)):
+            break
+        time.sleep(0.1)
+    assert loops_of(data_path(env, vol)) == []

@@ -377,3 +377,34 @@ def test_a_tampered_state_file_refuses_attach_and_detach_does_no_harm(state_root
         with open(path, "rb") as f:
             assert f.read() == junk                          # left for someone to look at
     assert [e[0] for e in journal()] == ["setup", "backend"]
+
+
+class NP(Toy):
+    """A toy that declares NONPERSISTENT: open and close do something."""
+
+    def open_hook(self, uri, persistent):
+        self._journal("open", persistent)
+
+    def close_hook(self, uri, persistent):
+        self._journal("close", persistent)
+
+
+@pytest.mark.parametrize("call", ["open", "close"])
+def test_a_killed_open_or_close_is_redone_by_the_next_call(state_root, call):
+    if call == "close":
+        NP().open("t", URI, False)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from test_lifecycle import NP; "
+            + ("NP().open('t', sys.argv[2], False)" if call == "open"
+               else "NP().close('t', sys.argv[2])"))
+    p = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), URI],
+                       env=dict(os.environ, XAPI_STORAGE_FAULT=f"datapath:{call}:done"),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                       timeout=60)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert journal()[-1] == [call, False]                    # the hook ran, its outcome was lost
+    NP().deactivate("t", URI, "nobody")                      # any later call redoes it
+    assert journal()[-1] == [call, False] and len(journal()) == (2 if call == "open" else 3)
+    if call == "open":
+        assert NP().load_state(URI)["opened"] == {"persistent": False}
+        NP().close("t", URI)
+    assert leftovers(state_root) == []

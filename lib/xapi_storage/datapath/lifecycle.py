@@ -116,9 +116,10 @@ def recovery(state):
             steps.append(["undo-setup"])
         elif kind == "activate":
             steps.append(["undo-activate", p[1]])
-        elif kind in ("deactivate", "teardown"):
-            steps.append(list(p))             # redo: hooks are idempotent
-        # backend, open, close: nothing on the host to undo; the call is simply redone
+        elif kind in ("deactivate", "teardown", "open", "close"):
+            steps.append(list(p))             # redo: hooks are idempotent (a non-persistent
+                                              # close must not stay half done)
+        # backend: nothing on the host to undo (a later attach makes it again)
     redo_teardown = any(s[0] in ("teardown", "undo-setup") for s in steps)
     if not redo_teardown and (state["teardown_failed"] is not None or (
             state["resources"] is not None and not state["domains"])):
