@@ -605,6 +605,8 @@ def run(args):
     if installed and not args.no_compile and not precompile(installed):
         report("xapi-storage install: warning: byte-compiling failed (calls will be slower)")
     observer = getattr(args, "observer_python", OBSERVER_PYTHON)
+    if observer != "none" and os.sep in observer:
+        observer = os.path.abspath(observer)   # the check runs it from /, as the daemon does
     if laid and observer != "none" and not os.path.exists(observer):
         report(f"note: no {observer} here: observer mode (smapi tracing) not checked")
     elif observer != "none":

@@ -401,3 +401,12 @@ def test_observer_mode_check_none_and_missing_interpreter(tmp_path, capsys):
     missing = str(tmp_path / "nowhere" / "python3")
     assert installer.run(_install_args(tmp_path, f"volume:{TOY}=sdk_toy", missing)) == 0
     assert f"note: no {missing} here" in capsys.readouterr().err
+
+
+def test_observer_python_given_as_a_relative_path(tmp_path, monkeypatch, capsys):
+    """The check runs the interpreter from / (as the daemon runs plugins): a relative
+    --observer-python is taken from the installer's working directory, not from /."""
+    monkeypatch.chdir(os.path.dirname(sys.executable))
+    rel = os.path.join(".", os.path.basename(sys.executable))
+    assert installer.run(_install_args(tmp_path, f"volume:{TOY}=sdk_toy", rel)) == 0
+    assert "error" not in capsys.readouterr().err
