@@ -126,8 +126,7 @@ def run(args):
         print(f"  wrote 20 bytes into {data}")
         guest_data = None
         if not args.no_ring:
-            uri = next(u for u in vol["uri"] if u.startswith("pyblkback://"))
-            guest_data = _serve_through_ring(uri.split("://", 1)[1], work)
+            guest_data = _serve_through_ring(data, work)
         snap = _call(plugin, "Volume.snapshot", sr=sr, key=vol["key"])
         clone = _call(plugin, "Volume.clone", sr=sr, key=snap["key"])
         with open(clone["uri"][0].split("://", 1)[1], "rb") as f:
