@@ -27,7 +27,7 @@ def test_new_pythons_keep_the_standard_calls():
             assert ours is getattr(mod, name), name
         else:
             assert ours.__name__.startswith(("_libc_", "_fallback_")), name
-    if sys.version_info >= (3, 10):
+    if sys.version_info >= (3, 10):  # novermin
         assert (compat.EFD_CLOEXEC, compat.EFD_NONBLOCK) == (os.EFD_CLOEXEC, os.EFD_NONBLOCK)
     assert compat.EFD_CLOEXEC == os.O_CLOEXEC and compat.EFD_NONBLOCK == os.O_NONBLOCK
 
@@ -122,7 +122,7 @@ def test_randbytes_are_the_seeded_ones(which):
     assert out == f(random.Random(7), 33) != f(random.Random(8), 33)
     assert f(random.Random(7), 0) == b""
     if hasattr(random.Random, "randbytes"):          # the same bytes as the standard call
-        assert out == random.Random(7).randbytes(33)
+        assert out == random.Random(7).randbytes(33)  # novermin
 
 
 @pytest.mark.parametrize("which", ["used", "fallback"])
