@@ -1,0 +1,370 @@
+"""Runs INSIDE dom0 of the test bed (tests/xen/test_lvm_raw.py starts it with the dom0 venv's
+python): the lvm-raw volume plugin through its installed executables, exactly as
+xapi-storage-script calls them (argv [exe, "--json"], the arguments as JSON on stdin), on a
+volume group made of loop devices, with real lvm2 and device-mapper.
+
+`python dom0_volume_plugins.py NAME...` runs the named checks and prints `PASS name` or
+`FAIL name: why` for each (and what it saw), then exits 1 if any failed. Every check makes
+its own loop devices and removes them, whatever happens.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+VENV = "/opt/xapi-storage/venv"
+ROOT = "/tmp/xs-plugins"
+LVM_DIR = ROOT + "/volume/org.xen.xapi.storage.lvm-raw"
+LOCK_DIR = "/run/lock/xapi-storage/lvm"
+MiB = 1 << 20
+
+
+def sh(cmd, check=True):
+    r = subprocess.run(cmd, shell=isinstance(cmd, str), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd}: exit {r.returncode}: {r.stderr}{r.stdout}")
+    return r
+
+
+def install():
+    if not os.path.isdir(LVM_DIR):
+        sh([VENV + "/bin/xapi-storage", "install", "--root", ROOT])
+
+
+def call(method, env=None, **args):
+    """(exit status, JSON value) of one plugin executable; -9 and None if it was killed."""
+    args.setdefault("dbg", "dom0-test")
+    r = subprocess.run([os.path.join(LVM_DIR, method), "--json"], input=json.dumps(args),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=300,
+                       env=dict(os.environ, **(env or {})))
+    if r.returncode < 0:
+        return r.returncode, None
+    try:
+        return r.returncode, json.loads(r.stdout)
+    except ValueError:
+        raise AssertionError(f"{method}: not one JSON value: {r.stdout!r} {r.stderr!r}")
+
+
+def ok(method, **args):
+    rc, out = call(method, **args)
+    assert rc == 0, f"{method} {args}: {out}"
+    return out
+
+
+def fails(method, **args):
+    rc, out = call(method, **args)
+    assert rc == 1, f"{method} {args} should fail: {rc} {out}"
+    assert set(out) == {"code", "params", "backtrace"}, out
+    return out["code"], out["params"]
+
+
+class Loops:
+    """`with Loops(n, size) as devs`: n sparse files on loop devices, all removed after."""
+
+    def __init__(self, n, size=128 * MiB):
+        self.n, self.size = n, size
+        self.dir = tempfile.mkdtemp(prefix="pv.", dir="/root")
+        self.devs = []
+
+    def __enter__(self):
+        for i in range(self.n):
+            f = f"{self.dir}/pv{i}.img"
+            with open(f, "wb") as fh:
+                fh.truncate(self.size)
+            self.devs.append(sh(["losetup", "-f", "--show", f]).stdout.strip())
+        return self.devs
+
+    def __exit__(self, *exc):
+        # whatever a failed check left: our VGs on these devices, then the PVs, then loops
+        for d in self.devs:
+            vg = sh(["pvs", "--noheadings", "-o", "vg_name", d], check=False).stdout.strip()
+            if vg:
+                sh(["vgchange", "-an", vg], check=False)
+                sh(["vgremove", "-ff", "-y", vg], check=False)
+            sh(["pvremove", "-ff", "-y", d], check=False)
+            sh(["losetup", "-d", d], check=False)
+        sh(["rm", "-rf", self.dir], check=False)
+
+
+def lock_files(vg):
+    return sorted(os.path.basename(p) for p in glob.glob(f"{LOCK_DIR}/{vg}.*"))
+
+
+def lv_names(vg):
+    out = sh(["lvs", "--noheadings", "-o", "lv_name", vg]).stdout
+    return sorted(ln.strip() for ln in out.splitlines() if ln.strip())
+
+
+def write_pattern(path, seed, size):
+    data = hashlib.sha256(seed.encode()).digest() * (size // 32)
+    with open(path, "r+b", buffering=0) as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest(path, size):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(size)).hexdigest()
+
+
+def make_sr(devs, uuid, **extra):
+    config = dict({"device": ",".join(devs)}, **extra)
+    cfg = ok("SR.create", uuid=uuid, configuration=config, name="lvm SR", description="d")
+    sr = ok("SR.attach", configuration=cfg)
+    return cfg, sr
+
+
+def accounted(sr):
+    """SR.ls, then: every LV of the VG is ours and listed, or foreign; no lock file but the
+    VG's and those of listed volumes."""
+    listed = {v["key"] for v in ok("SR.ls", sr=sr)}
+    lvs = lv_names(sr)
+    assert set(lvs) >= listed, (lvs, listed)
+    extra = [n for n in lvs if n not in listed and not n.startswith("foreign")]
+    assert not extra, f"LVs neither listed nor foreign: {extra}"
+    locks = set(lock_files(sr)) - {f"{sr}.vg.lock"}
+    stray = locks - {f"{sr}.{k}.lock" for k in listed}
+    assert not stray, f"lock files of no volume: {stray}"
+    return listed
+
+
+# --- checks --------------------------------------------------------------------------------------
+
+def check_lvm_lifecycle():
+    install()
+    with Loops(2) as devs:
+        q = ok("Plugin.Query")
+        assert q["plugin"] == "lvm-raw" and "VDI_SNAPSHOT" in q["features"], q
+        [p] = ok("SR.probe", configuration={"device": ",".join(devs)})
+        assert p["complete"] is True and "sr" not in p, p
+        uuid = "7d0a1d2e-5b5c-4d7e-9a61-3c7f1f0c0b01"
+        cfg, sr = make_sr(devs, uuid)
+        print("  SR key", sr)
+        assert sr == "xapi-sr-" + uuid
+        assert ok("SR.create", uuid=uuid, configuration={"device": ",".join(devs)},
+                  name="lvm SR", description="d")["sr_uuid"] == uuid     # a retry converges
+        [p] = ok("SR.probe", configuration={"device": devs[0]})
+        assert p["complete"] and p["configuration"]["sr_uuid"] == uuid, p
+        assert any(r["configuration"].get("sr_uuid") == uuid
+                   for r in ok("SR.probe", configuration={}))
+        st = ok("SR.stat", sr=sr)
+        assert st["health"] == ["Healthy", ""] and st["uuid"] == uuid, st
+        assert 200 * MiB < st["total_space"] <= 256 * MiB, st
+        assert ok("SR.ls", sr=sr) == []
+        v = ok("Volume.create", sr=sr, name="disk ü", description="desc", size=10 * MiB,
+               sharable=False)
+        key = v["key"]
+        dev = f"/dev/{sr}/{key}"
+        assert v["uri"] == [f"blkback://{dev}", f"pyblkback://{dev}"], v["uri"]
+        assert v["virtual_size"] == 12 * MiB, v        # whole 4 MiB extents
+        assert os.path.exists(dev), dev
+        sum_v = write_pattern(dev, "v", 12 * MiB)
+        for k, val in (("vdi-type", "user"), ("weird key, with = and ü", "x" * 3000)):
+            ok("Volume.set", sr=sr, key=key, k=k, v=val)
+        ok("Volume.unset", sr=sr, key=key, k="vdi-type")
+        ok("Volume.set_name", sr=sr, key=key, new_name="renamed")
+        s = ok("Volume.stat", sr=sr, key=key)
+        assert s["name"] == "renamed" and s["keys"] == {"weird key, with = and ü": "x" * 3000}
+        snap = ok("Volume.snapshot", sr=sr, key=key)
+        assert snap["read_write"] is False and snap["name"] == "renamed", snap
+        assert snap["keys"] == {}, snap
+        snap_dev = f"/dev/{sr}/{snap['key']}"
+        assert digest(snap_dev, 12 * MiB) == sum_v
+        try:
+            os.close(os.open(snap_dev, os.O_WRONLY))
+            raise AssertionError("a snapshot's LV opened for writing")
+        except OSError as e:
+            print("  snapshot LV refuses writes:", e.strerror)
+        clone = ok("Volume.clone", sr=sr, key=snap["key"])
+        assert clone["read_write"] is True
+        clone_dev = f"/dev/{sr}/{clone['key']}"
+        assert digest(clone_dev, 12 * MiB) == sum_v
+        write_pattern(clone_dev, "clone", 4 * MiB)
+        assert digest(dev, 12 * MiB) == sum_v, "writing the clone changed its origin"
+        ok("Volume.resize", sr=sr, key=key, new_size=20 * MiB)
+        assert ok("Volume.stat", sr=sr, key=key)["virtual_size"] == 20 * MiB
+        code, params = fails("Volume.resize", sr=sr, key=key, new_size=4 * MiB)
+        assert params[:2] == ["VDI Invalid size", "shrinking not allowed"], params
+        code, params = fails("Volume.resize", sr=sr, key=snap["key"], new_size=40 * MiB)
+        assert params[0] == "Volume is read-only", params
+        # too big: a structured "no space", nothing left behind
+        before = lv_names(sr)
+        code, params = fails("Volume.create", sr=sr, name="big", description="",
+                             size=10 << 30, sharable=False)
+        assert code == "SR_BACKEND_FAILURE_44", (code, params)
+        assert lv_names(sr) == before
+        # an LV that is not ours: never listed, never touched, and SR.destroy refuses
+        sh(["lvcreate", "-qq", "-Zn", "-L", "4m", "-n", "foreign1", sr])
+        assert {x["key"] for x in ok("SR.ls", sr=sr)} == {key, snap["key"], clone["key"]}
+        code, params = fails("Volume.destroy", sr=sr, key="foreign1")
+        assert code == "Volume_does_not_exist", (code, params)
+        code, params = fails("SR.destroy", sr=sr)
+        assert "not ours" in params[0], params
+        sh(["lvremove", "-qq", "-f", f"{sr}/foreign1"])
+        # metadata lives in the VG: what a reinstalled host sees (vgs/lvs) decodes
+        sh(["vgchange", "-an", sr])
+        assert not os.path.exists(dev)
+        sr2 = ok("SR.attach", configuration=cfg)
+        assert sr2 == sr and os.path.exists(dev), "SR.attach activates our LVs"
+        s = ok("Volume.stat", sr=sr, key=key)
+        assert s["name"] == "renamed" and s["keys"]["weird key, with = and ü"] == "x" * 3000
+        ok("SR.set_name", sr=sr, new_name="new SR name")
+        assert ok("SR.stat", sr=sr)["name"] == "new SR name"
+        # in use: destroy and detach refuse, saying why
+        holder = open(dev, "rb")
+        try:
+            code, params = fails("Volume.destroy", sr=sr, key=key)
+            assert params[0] == "Volume is in use", params
+            code, params = fails("SR.detach", sr=sr)
+            assert params[0] == "SR is in use" and key in params[2], params
+        finally:
+            holder.close()
+        for k in (key, snap["key"], clone["key"]):
+            ok("Volume.destroy", sr=sr, key=k)
+            ok("Volume.destroy", sr=sr, key=k)        # idempotent
+        assert accounted(sr) == set()
+        ok("SR.detach", sr=sr)
+        ok("SR.detach", sr=sr)
+        ok("SR.destroy", sr=sr)
+        assert sh(["vgs", sr], check=False).returncode != 0, "VG still there"
+        assert sh(["pvs", devs[0]], check=False).returncode != 0, "PV still there"
+        assert lock_files(sr) == [], lock_files(sr)
+        code, _ = fails("SR.stat", sr=sr)
+        assert code == "SR_does_not_exist", code
+
+
+def check_lvm_bad_inputs():
+    install()
+    with Loops(2) as devs:
+        sh(["mkfs.ext4", "-q", devs[1]])
+        code, params = fails("SR.create", uuid="6b1c2f7a-0000-4000-8000-000000000001",
+                             configuration={"device": ",".join(devs)}, name="", description="")
+        print("  SR.create over ext4:", params)
+        assert params[0] == "Invalid device-config" and devs[1] in params[2], params
+        assert sh(["pvs", devs[0]], check=False).returncode != 0, "left a PV behind"
+        assert sh(["blkid", devs[1]]).stdout.find("ext4") >= 0, "the filesystem was touched"
+        for config in ({}, {"device": "/etc/passwd"}, {"device": "/dev/nonexistent"},
+                       {"device": f"{devs[0]},{devs[0]}"}):
+            code, params = fails("SR.create", uuid="6b1c2f7a-0000-4000-8000-000000000002",
+                                 configuration=config, name="", description="")
+            assert params[0] == "Invalid device-config", params
+        for sr in ("", "xapi-sr-../x", "vg0", "xapi-sr-a b"):
+            code, _ = fails("SR.ls", sr=sr)
+            assert code == "SR_does_not_exist", (sr, code)
+        cfg, sr = make_sr(devs[:1], "6b1c2f7a-0000-4000-8000-000000000003")
+        for key in ("../x", "", "foreign", "6b1c2f7a-0000-4000-8000-00000000000Z"):
+            code, _ = fails("Volume.stat", sr=sr, key=key)
+            assert code == "Volume_does_not_exist", (key, code)
+        code, params = fails("Volume.create", sr=sr, name="n", description="", size=-1,
+                             sharable=False)
+        assert code in ("SR_BACKEND_FAILURE_79", "Invalid_request"), (code, params)
+        ok("SR.destroy", sr=sr)
+
+
+def check_lvm_concurrent_creates():
+    install()
+    with Loops(2, 256 * MiB) as devs:
+        cfg, sr = make_sr(devs, "0c0c0c0c-1111-4222-8333-444444444444")
+        with ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(lambda i: call("Volume.create", sr=sr, name=f"v{i}",
+                                                   description="", size=4 * MiB,
+                                                   sharable=False), range(32)))
+        bad = [r for r in results if r[0] != 0]
+        assert not bad, bad
+        keys = {r[1]["key"] for r in results}
+        assert len(keys) == 32, len(keys)
+        assert accounted(sr) == keys
+        assert sorted(v["name"] for v in ok("SR.ls", sr=sr)) == sorted(f"v{i}" for i in range(32))
+        with ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(lambda k: call("Volume.destroy", sr=sr, key=k), keys))
+        assert all(r[0] == 0 for r in results), results
+        assert accounted(sr) == set()
+        ok("SR.destroy", sr=sr)
+
+
+# (method, arguments, the fault points it passes)
+def _sweep_cases(sr, src):
+    return [
+        ("Volume.create", dict(sr=sr, name="n", description="", size=4 * MiB, sharable=False),
+         ["create:pending", "create:ready"]),
+        ("Volume.snapshot", dict(sr=sr, key=src), ["snapshot:pending", "copy:started",
+                                                   "snapshot:data", "snapshot:ready"]),
+        ("Volume.clone", dict(sr=sr, key=src), ["clone:pending", "copy:started",
+                                                "clone:data", "clone:ready"]),
+    ]
+
+
+def check_lvm_crash_sweep():
+    """A call killed at every fault point: SR.ls accounts for every LV and lock file, the
+    source volume's data is intact, and repeating the call converges."""
+    install()
+    with Loops(2, 256 * MiB) as devs:
+        cfg, sr = make_sr(devs, "5eed5eed-1111-4222-8333-444444444444")
+        src = ok("Volume.create", sr=sr, name="src", description="", size=8 * MiB,
+                 sharable=False)["key"]
+        sum_src = write_pattern(f"/dev/{sr}/{src}", "src", 8 * MiB)
+        n = 0
+        for method, args, points in _sweep_cases(sr, src):
+            for point in points:
+                rc, _ = call(method, env={"XAPI_STORAGE_FAULT": point}, **args)
+                assert rc == -9, f"{method} never reached {point}: rc {rc}"
+                listed = accounted(sr)
+                assert src in listed
+                assert digest(f"/dev/{sr}/{src}", 8 * MiB) == sum_src, f"{point}: source"
+                out = ok(method, **args)
+                if isinstance(out, dict) and out.get("key") not in (None, src):
+                    if method != "Volume.create":
+                        assert digest(f"/dev/{sr}/{out['key']}", 8 * MiB) == sum_src
+                    ok("Volume.destroy", sr=sr, key=out["key"])
+                for k in accounted(sr) - {src}:       # a create killed after lvcreate
+                    ok("Volume.destroy", sr=sr, key=k)
+                n += 1
+                print(f"  killed at {point}: accounted, retried")
+        victim = ok("Volume.create", sr=sr, name="victim", description="", size=4 * MiB,
+                    sharable=False)["key"]
+        for point in ("destroy:marked", "remove:data-gone"):
+            rc, _ = call("Volume.destroy", env={"XAPI_STORAGE_FAULT": point}, sr=sr, key=victim)
+            assert rc == -9, (point, rc)
+            accounted(sr)
+            ok("Volume.destroy", sr=sr, key=victim)
+            assert victim not in accounted(sr)
+            victim = ok("Volume.create", sr=sr, name="victim", description="", size=4 * MiB,
+                        sharable=False)["key"]
+            n += 1
+        # SR.destroy is killed once, last (it ends the SR): the retry finishes it
+        rc, _ = call("SR.destroy", env={"XAPI_STORAGE_FAULT": "sr-destroy:volume-gone"}, sr=sr)
+        assert rc == -9, rc
+        ok("SR.destroy", sr=sr)
+        assert sh(["vgs", sr], check=False).returncode != 0
+        assert lock_files(sr) == [], lock_files(sr)
+        print(f"  {n + 1} killed calls")
+
+
+CHECKS = {name[len("check_"):]: fn for name, fn in list(globals().items())
+          if name.startswith("check_")}
+
+
+def main(names):
+    failed = 0
+    for name in names or sorted(CHECKS):
+        try:
+            CHECKS[name]()
+            print(f"PASS {name}", flush=True)
+        except Exception as e:      # noqa: BLE001 - report every check
+            failed += 1
+            traceback.print_exc()
+            print(f"FAIL {name}: {e}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
