@@ -16,11 +16,12 @@ Tags: lvm2 accepts `[A-Za-z0-9_+.\\-/=!:&#]` in a tag (lvm2 `lib/misc/lvm-string
 `validate_tag`) and older releases at most 128 characters, so records are stored as tags by
 `encode_record`: JSON, base64 (whose alphabet is inside that set), cut into chunks of
 TAG_CHUNK characters, each tag `xsm:<generation>.<index>.<count>:<chunk>`. An update adds the
-next generation's tags and drops the generations before the current one in ONE `lvchange`
-(or `vgchange`); the reader takes the highest generation whose chunks are all there, so a
-command that lvm2 commits in several steps, or a crash anywhere, still leaves a complete
-record (the old or the new one). lvm2 itself writes its metadata atomically (the new text
-goes to a new place in the metadata area, then one sector points to it).
+next generation's tags and drops the others in ONE `lvchange` (or `vgchange`), which lvm2
+commits as one metadata change (lvm2 `tools/lvchange.c`, `_lvchange_properties_single`: tags
+and permission are one commit for the whole group), and lvm2 writes its metadata atomically
+(the new text goes to a new place in the metadata area, then one sector points to it). The
+reader also takes only the highest generation whose chunks are all there, so even a change
+applied in parts (by hand, or by another lvm2 release) never reads as a wrong record.
 """
 
 import base64
