@@ -14,7 +14,6 @@ dom0. Every lvm2 call goes through lvm.LVM. Nothing without our tag is ever chan
 
 import functools
 import os
-import re
 from stat import S_ISBLK
 
 from ..sdk import base, log
@@ -25,7 +24,7 @@ from .file_raw import (
     DATAPATHS, DEFAULT_DATAPATH, _argument_error, _config, _config_datapath, _config_error,
     _no_space, _size_error, _volume_key, _want_bool, _want_size, _want_str,
 )
-from .store import faultpoint, is_uuid, new_uuid
+from .store import faultpoint, is_safe_name, is_uuid, new_uuid
 
 PLUGIN = "lvm-raw"
 SR_FORMAT = "xapi-storage/lvm-raw"
@@ -35,7 +34,6 @@ VOL_TAG = "xapi-storage:vol"
 UUID_TAG = "xsu:"
 VG_PREFIX = "xapi-sr-"
 MAX_SR_UUID = 100               # VG names are at most 127 characters
-_SR_UUID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}\Z" % (MAX_SR_UUID - 1))
 
 CONFIGURATION = {
     "device": "comma-separated block devices that make the SR's volume group (SR.create "
@@ -108,7 +106,7 @@ def vg_name(sr_uuid):
 
 
 def _check_sr_uuid(uuid):
-    if not _SR_UUID.match(uuid):
+    if not is_safe_name(uuid, MAX_SR_UUID):
         raise _argument_error("uuid", f"{uuid!r}: an SR uuid here is made of letters, digits, "
                               "'-', '_' and '.' (it names the volume group)")
     return uuid
@@ -116,7 +114,7 @@ def _check_sr_uuid(uuid):
 
 def sr_vg(sr):
     """The VG named by an SR key; SR_does_not_exist if `sr` is not a key we could return."""
-    if type(sr) is str and sr.startswith(VG_PREFIX) and _SR_UUID.match(sr[len(VG_PREFIX):]):
+    if type(sr) is str and sr.startswith(VG_PREFIX) and is_safe_name(sr[len(VG_PREFIX):]):
         return sr
     raise SR_does_not_exist(sr if type(sr) is str else repr(sr))
 
