@@ -1,7 +1,8 @@
-"""Runs INSIDE dom0 of the test bed (tests/xen/test_lvm_raw.py starts it with the dom0 venv's
-python): the lvm-raw volume plugin through its installed executables, exactly as
-xapi-storage-script calls them (argv [exe, "--json"], the arguments as JSON on stdin), on a
-volume group made of loop devices, with real lvm2 and device-mapper.
+"""Runs INSIDE dom0 of the test bed (tests/xen/test_lvm_raw.py and test_nfs_raw.py start it with the dom0 venv's
+python): the lvm-raw and nfs-raw volume plugins through their installed executables, exactly
+as xapi-storage-script calls them (argv [exe, "--json"], the arguments as JSON on stdin):
+lvm-raw on a volume group made of loop devices (real lvm2 and device-mapper), nfs-raw on an
+export of dom0's own NFS server (the test makes it with bed.nfs_export), mounted by dom0.
 
 `python dom0_volume_plugins.py NAME...` runs the named checks and prints `PASS name` or
 `FAIL name: why` for each (and what it saw), then exits 1 if any failed. Every check makes
@@ -15,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,10 +40,10 @@ def install():
         sh([VENV + "/bin/xapi-storage", "install", "--root", ROOT])
 
 
-def call(method, env=None, **args):
+def call(method, env=None, plugin=LVM_DIR, **args):
     """(exit status, JSON value) of one plugin executable; -9 and None if it was killed."""
     args.setdefault("dbg", "dom0-test")
-    r = subprocess.run([os.path.join(LVM_DIR, method), "--json"], input=json.dumps(args),
+    r = subprocess.run([os.path.join(plugin, method), "--json"], input=json.dumps(args),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True, timeout=300,
                        env=dict(os.environ, **(env or {})))
@@ -179,11 +181,19 @@ def check_lvm_lifecycle():
         assert snap["keys"] == {}, snap
         snap_dev = f"/dev/{sr}/{snap['key']}"
         assert digest(snap_dev, 12 * MiB) == sum_v
+        attr = sh(["lvs", "--noheadings", "-o", "lv_attr", f"{sr}/{snap['key']}"]).stdout
+        assert attr.strip()[1] == "r", f"snapshot LV not read-only: {attr}"
         try:
-            os.close(os.open(snap_dev, os.O_WRONLY))
-            raise AssertionError("a snapshot's LV opened for writing")
+            fd = os.open(snap_dev, os.O_WRONLY)
+            try:
+                os.write(fd, b"x" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            raise AssertionError("wrote to a snapshot's LV")
         except OSError as e:
             print("  snapshot LV refuses writes:", e.strerror)
+        assert digest(snap_dev, 12 * MiB) == sum_v
         clone = ok("Volume.clone", sr=sr, key=snap["key"])
         assert clone["read_write"] is True
         clone_dev = f"/dev/{sr}/{clone['key']}"
@@ -347,6 +357,223 @@ def check_lvm_crash_sweep():
         assert sh(["vgs", sr], check=False).returncode != 0
         assert lock_files(sr) == [], lock_files(sr)
         print(f"  {n + 1} killed calls")
+
+
+# --- nfs-raw -------------------------------------------------------------------------------------
+# The export is made by the test (bed.nfs_export) before the checks run: NFS_EXPORT on 127.0.0.1.
+
+NFS_DIR = ROOT + "/volume/org.xen.xapi.storage.nfs-raw"
+NFS_EXPORT = "/srv/nfs/xs"
+NFS_SERVER = "127.0.0.1"
+
+
+def nfs(method, env=None, **args):
+    return call(method, env=env, plugin=NFS_DIR, **args)
+
+
+def nfs_ok(method, **args):
+    rc, out = nfs(method, **args)
+    assert rc == 0, f"{method} {args}: {out}"
+    return out
+
+
+def nfs_fails(method, **args):
+    rc, out = nfs(method, **args)
+    assert rc == 1, f"{method} {args} should fail: {rc} {out}"
+    assert set(out) == {"code", "params", "backtrace"}, out
+    return out["code"], out["params"]
+
+
+def mounts_under(root="/run/sr-mount"):
+    with open("/proc/self/mounts") as f:
+        return [ln.split() for ln in f if ln.split()[1].startswith(root + "/")]
+
+
+def nfs_config(**extra):
+    return dict({"server": NFS_SERVER, "serverpath": NFS_EXPORT, "nfsversion": "4.2"}, **extra)
+
+
+def nfs_accounted(sr, uuid):
+    """SR.ls, then the SR's directory on the server holds exactly sr.json, sr.lock (and
+    sr.meta.lock) plus three files per listed volume."""
+    listed = {v["key"] for v in nfs_ok("SR.ls", sr=sr)}
+    names = set(os.listdir(f"{NFS_EXPORT}/{uuid}"))
+    want = {f"{k}{s}" for k in listed for s in (".json", ".img", ".lock")}
+    extra = names - want - {"sr.json", "sr.lock", "sr.meta.lock"}
+    assert not extra, f"files of no volume: {sorted(extra)}"
+    assert want <= names, sorted(want - names)
+    return listed
+
+
+def check_nfs_lifecycle():
+    install()
+    uuid = "4e0f2a6b-1111-4222-8333-000000000001"
+    exports = nfs_ok("SR.probe", configuration={"server": NFS_SERVER})
+    assert any(r["configuration"]["serverpath"] == NFS_EXPORT for r in exports), exports
+    [p] = nfs_ok("SR.probe", configuration=nfs_config())
+    assert p["complete"] is True and "sr_uuid" not in p["configuration"], p
+    cfg = nfs_ok("SR.create", uuid=uuid, configuration=nfs_config(), name="nfs SR",
+                 description="")
+    assert os.path.exists(f"{NFS_EXPORT}/{uuid}/sr.json"), "no SR on the server"
+    assert mounts_under() == [], f"SR.create left a mount: {mounts_under()}"
+    sr = nfs_ok("SR.attach", configuration=cfg)
+    mp = f"/run/sr-mount/{uuid}"
+    assert sr == "file://" + mp, sr
+    [m] = mounts_under()
+    assert m[0] == f"{NFS_SERVER}:{NFS_EXPORT}/{uuid}" and m[1] == mp, m
+    assert m[2] == "nfs4" and "soft" not in m[3].split(","), m
+    print("  mounted:", " ".join(m[:4]))
+    assert nfs_ok("SR.attach", configuration=cfg) == sr        # idempotent
+    assert len(mounts_under()) == 1
+    probe = nfs_ok("SR.probe", configuration=nfs_config())
+    assert any(r["configuration"].get("sr_uuid") == uuid for r in probe), probe
+    v = nfs_ok("Volume.create", sr=sr, name="v", description="", size=8 * MiB, sharable=False)
+    path = f"{mp}/{v['key']}.img"
+    assert v["uri"][0] == "blkback://" + path, v["uri"]
+    sum_v = write_pattern(path, "nfs", 8 * MiB)
+    snap = nfs_ok("Volume.snapshot", sr=sr, key=v["key"])
+    clone = nfs_ok("Volume.clone", sr=sr, key=snap["key"])
+    assert digest(f"{NFS_EXPORT}/{uuid}/{clone['key']}.img", 8 * MiB) == sum_v
+    nfs_ok("Volume.set", sr=sr, key=v["key"], k="vdi-type", v="user")
+    assert nfs_accounted(sr, uuid) == {v["key"], snap["key"], clone["key"]}
+    st = nfs_ok("SR.stat", sr=sr)
+    assert st["health"] == ["Healthy", ""] and st["total_space"] > 0, st
+    # busy: a process in the mount; detach refuses and says who
+    holder = subprocess.Popen(["sleep", "600"], cwd=mp)
+    try:
+        code, params = nfs_fails("SR.detach", sr=sr)
+        print("  busy detach:", params)
+        assert params[0] == "NFS unmount failed" and "held by" in params[2], params
+        assert str(holder.pid) in params[2] and "sleep" in params[2], params
+        assert len(mounts_under()) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    nfs_ok("SR.detach", sr=sr)
+    nfs_ok("SR.detach", sr=sr)      # idempotent
+    assert mounts_under() == [] and not os.path.exists(mp)
+    # not mounted: an error, never an empty SR; stat says Unreachable
+    code, params = nfs_fails("SR.ls", sr=sr)
+    assert params[0] == "SR storage is not mounted", params
+    code, params = nfs_fails("Volume.stat", sr=sr, key=v["key"])
+    assert params[0] == "SR storage is not mounted", params
+    st = nfs_ok("SR.stat", sr=sr)
+    assert st["health"][0] == "Unreachable", st
+    sr = nfs_ok("SR.attach", configuration=cfg)
+    assert nfs_accounted(sr, uuid) == {v["key"], snap["key"], clone["key"]}
+    assert digest(path, 8 * MiB) == sum_v
+    for k in (v["key"], snap["key"], clone["key"]):
+        nfs_ok("Volume.destroy", sr=sr, key=k)
+    nfs_ok("SR.destroy", sr=sr)
+    assert mounts_under() == [], mounts_under()
+    assert not os.path.exists(f"{NFS_EXPORT}/{uuid}"), os.listdir(f"{NFS_EXPORT}/{uuid}")
+
+
+def check_nfs_bad_inputs():
+    install()
+    code, params = nfs_fails("SR.create", uuid="4e0f2a6b-1111-4222-8333-000000000002",
+                             configuration=nfs_config(serverpath="/srv/nfs/not-exported"),
+                             name="", description="")
+    print("  create on a path that is not exported:", params)
+    assert params[0] == "NFS mount failed", params
+    code, params = nfs_fails("SR.attach", configuration=nfs_config(
+        sr_uuid="4e0f2a6b-1111-4222-8333-000000000003"))
+    assert params[0] == "NFS mount failed", params
+    for config in (nfs_config(server="-oexec"), nfs_config(serverpath="/x/../etc"),
+                   nfs_config(options="soft;reboot")):
+        code, params = nfs_fails("SR.create", uuid="4e0f2a6b-1111-4222-8333-000000000004",
+                                 configuration=config, name="", description="")
+        assert params[0] == "Invalid device-config", params
+    assert mounts_under() == [], mounts_under()
+    assert [n for n in os.listdir("/run/sr-mount") if n.startswith(".tmp")] == [] \
+        if os.path.isdir("/run/sr-mount") else True
+
+
+def check_nfs_crash_sweep():
+    """nfs-raw calls killed at every fault point of file-raw, on a real NFS mount."""
+    install()
+    uuid = "4e0f2a6b-1111-4222-8333-000000000005"
+    cfg = nfs_ok("SR.create", uuid=uuid, configuration=nfs_config(), name="", description="")
+    sr = nfs_ok("SR.attach", configuration=cfg)
+    src = nfs_ok("Volume.create", sr=sr, name="src", description="", size=4 * MiB,
+                 sharable=False)["key"]
+    sum_src = write_pattern(f"/run/sr-mount/{uuid}/{src}.img", "src", 4 * MiB)
+    env = {"XAPI_STORAGE_NO_REFLINK": "1"}
+    cases = [("Volume.create", dict(sr=sr, name="n", description="", size=MiB,
+                                    sharable=False),
+              ["store:tmp-written#1", "create:pending", "create:data", "create:ready"]),
+             ("Volume.snapshot", dict(sr=sr, key=src),
+              ["snapshot:pending", "copy:started", "snapshot:data", "snapshot:ready"]),
+             ("Volume.clone", dict(sr=sr, key=src), ["clone:pending", "clone:data"]),
+             ("Volume.set", dict(sr=sr, key=src, k="a", v="b"), ["store:tmp-written"])]
+    n = 0
+    for method, args, points in cases:
+        for point in points:
+            rc, _ = nfs(method, env=dict(env, XAPI_STORAGE_FAULT=point), **args)
+            assert rc == -9, f"{method} never reached {point}: rc {rc}"
+            listed = nfs_accounted(sr, uuid)
+            assert src in listed
+            assert digest(f"{NFS_EXPORT}/{uuid}/{src}.img", 4 * MiB) == sum_src, point
+            nfs_ok(method, **args)
+            for k in nfs_accounted(sr, uuid) - {src}:
+                nfs_ok("Volume.destroy", sr=sr, key=k)
+            n += 1
+            print(f"  killed at {point}: accounted, retried")
+    for point in ("destroy:marked", "remove:data-gone", "remove:record-gone"):
+        victim = nfs_ok("Volume.create", sr=sr, name="victim", description="", size=MiB,
+                        sharable=False)["key"]
+        rc, _ = nfs("Volume.destroy", env={"XAPI_STORAGE_FAULT": point}, sr=sr, key=victim)
+        assert rc == -9, (point, rc)
+        nfs_ok("Volume.destroy", sr=sr, key=victim)
+        assert victim not in nfs_accounted(sr, uuid)
+        n += 1
+    nfs_ok("Volume.destroy", sr=sr, key=src)
+    nfs_ok("SR.destroy", sr=sr)
+    assert mounts_under() == []
+    print(f"  {n} killed calls")
+
+
+def check_nfs_outage_hard_mount():
+    """The NFS server stops for 20 s while a writer streams to a volume through the hard
+    mount, then comes back: the writer sees no error and every byte is on the server."""
+    install()
+    uuid = "4e0f2a6b-1111-4222-8333-000000000006"
+    cfg = nfs_ok("SR.create", uuid=uuid, configuration=nfs_config(), name="", description="")
+    sr = nfs_ok("SR.attach", configuration=cfg)
+    v = nfs_ok("Volume.create", sr=sr, name="v", description="", size=32 * MiB,
+               sharable=False)
+    path = f"/run/sr-mount/{uuid}/{v['key']}.img"
+    data = hashlib.sha256(b"outage").digest() * (32 * MiB // 32)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import os, sys, time\n"
+            "data = sys.stdin.buffer.read()\n"
+            "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)\n"
+            "import mmap\n"
+            "buf = mmap.mmap(-1, 1 << 20)\n"
+            "for i in range(32):\n"
+            "    buf[:] = data[i << 20:(i + 1) << 20]\n"
+            "    assert os.pwrite(fd, buf, i << 20) == 1 << 20\n"
+            "    time.sleep(1)\n"
+            "os.fsync(fd)\n"
+            "print('writer done')\n"), path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    writer.stdin.write(data)
+    writer.stdin.close()
+    time.sleep(4)
+    sh("rpc.nfsd 0")                       # the server stops serving
+    t0 = time.monotonic()
+    time.sleep(20)
+    assert writer.poll() is None, "the writer ended while the server was away"
+    sh("rpc.nfsd 4")                       # and comes back
+    rc = writer.wait(timeout=600)
+    out, err = writer.stdout.read().decode(), writer.stderr.read().decode()
+    print(f"  server away {time.monotonic() - t0:.0f} s; writer: rc {rc} {out.strip()} {err.strip()}")
+    assert rc == 0 and "writer done" in out, err
+    assert digest(f"{NFS_EXPORT}/{uuid}/{v['key']}.img", 32 * MiB) == \
+        hashlib.sha256(data).hexdigest(), "data lost"
+    nfs_ok("Volume.destroy", sr=sr, key=v["key"])
+    nfs_ok("SR.destroy", sr=sr)
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in list(globals().items())
