@@ -1,7 +1,7 @@
 """The logic of lvm.py that needs no lvm2: records stored as tags, report parsing, the argument
 lists given to lvm2, error mapping, the time limit on commands, and the block-device copy on
 real loop devices. The plugin's behaviour on real lvm2 is tested in the test bed
-(tests/xen/test_lvm_raw.py)."""
+(tests/xen/test_volume_plugins.py)."""
 
 import os
 import re

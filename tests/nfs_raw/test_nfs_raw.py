@@ -2,7 +2,7 @@
 line, /proc/self/mountinfo parsing, and the rule that an SR whose storage is not mounted is
 never read (here: a real file-raw SR sitting in the mount point's directory, as on a host where
 the mount went away, must not be listed, changed or reported healthy). Real mounts, exports,
-hard-mount outages and busy unmounts are tested in the test bed (tests/xen/test_nfs_raw.py)."""
+hard-mount outages and busy unmounts are tested in the test bed (tests/xen/test_volume_plugins.py)."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Runs INSIDE dom0 of the test bed (tests/xen/test_lvm_raw.py and test_nfs_raw.py start it with the dom0 venv's
+"""Runs INSIDE dom0 of the test bed (tests/xen/test_volume_plugins.py starts it with the dom0 venv's
 python): the lvm-raw and nfs-raw volume plugins through their installed executables, exactly
 as xapi-storage-script calls them (argv [exe, "--json"], the arguments as JSON on stdin):
 lvm-raw on a volume group made of loop devices (real lvm2 and device-mapper), nfs-raw on an
@@ -357,6 +357,58 @@ def check_lvm_crash_sweep():
         assert sh(["vgs", sr], check=False).returncode != 0
         assert lock_files(sr) == [], lock_files(sr)
         print(f"  {n + 1} killed calls")
+
+
+def check_lvm_thin():
+    """provisioning=thin: volumes in one thin pool, honest usage, instant read-only
+    snapshots and writable clones that share blocks, the over-provisioning limit, and a
+    killed thin snapshot that leaves nothing or a whole volume."""
+    install()
+    with Loops(2) as devs:
+        cfg, sr = make_sr(devs, "7f1e0000-1111-4222-8333-444444444444",
+                          provisioning="thin", overprovision="2")
+        st = ok("SR.stat", sr=sr)
+        print("  thin SR:", st["total_space"], st["free_space"], st["health"])
+        pool = st["total_space"]
+        assert 150 * MiB < pool < 256 * MiB and "thin pool data" in st["health"][1], st
+        v = ok("Volume.create", sr=sr, name="t", description="", size=pool, sharable=False)
+        assert v["virtual_size"] >= pool and v["physical_utilisation"] == 0, v
+        dev = f"/dev/{sr}/{v['key']}"
+        sum_v = write_pattern(dev, "thin", 16 * MiB)
+        v2 = ok("Volume.stat", sr=sr, key=v["key"])
+        print("  after 16 MiB written:", v2["physical_utilisation"])
+        assert 16 * MiB <= v2["physical_utilisation"] < 40 * MiB, v2
+        assert ok("SR.stat", sr=sr)["free_space"] < st["free_space"]
+        snap = ok("Volume.snapshot", sr=sr, key=v["key"])
+        assert snap["read_write"] is False and digest(f"/dev/{sr}/{snap['key']}",
+                                                      16 * MiB) == sum_v
+        clone = ok("Volume.clone", sr=sr, key=snap["key"])
+        write_pattern(f"/dev/{sr}/{clone['key']}", "other", 4 * MiB)
+        assert digest(dev, 16 * MiB) == sum_v and \
+            digest(f"/dev/{sr}/{snap['key']}", 16 * MiB) == sum_v
+        # 3 volumes of the pool's size: a 4th pool-sized one passes 2x the pool
+        code, params = fails("Volume.create", sr=sr, name="x", description="", size=pool,
+                             sharable=False)
+        print("  over-provisioned:", params)
+        assert code == "SR_BACKEND_FAILURE_44" and "overprovision" in params[1], params
+        code, params = fails("Volume.snapshot", sr=sr, key=v["key"])
+        assert code == "SR_BACKEND_FAILURE_44", params
+        for point in ("snapshot:pending", "snapshot:ready"):
+            before = accounted(sr)
+            rc, _ = call("Volume.clone", env={"XAPI_STORAGE_FAULT": point.replace(
+                "snapshot", "clone")}, sr=sr, key=snap["key"])
+            assert rc == -9, (point, rc)
+            after = accounted(sr)
+            assert len(after - before) == (point == "snapshot:ready"), (point, after - before)
+            for k in after - before:
+                ok("Volume.destroy", sr=sr, key=k)
+        ok("Volume.resize", sr=sr, key=clone["key"], new_size=clone["virtual_size"] + 8 * MiB)
+        for k in (clone["key"], snap["key"], v["key"]):
+            ok("Volume.destroy", sr=sr, key=k)
+        ok("SR.detach", sr=sr)
+        ok("SR.destroy", sr=sr)
+        assert sh(["vgs", sr], check=False).returncode != 0, "VG still there"
+        assert lock_files(sr) == [], lock_files(sr)
 
 
 # --- nfs-raw -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@
   `<lock dir>/<vg>.vg.lock` (`vg_lock`): lvm2 locks each command, but a plugin's
   read-modify-write (read the tags, write new ones) must not interleave with another's.
 * `Runner` is the one boundary: tests of the parsing give it a recorded lvm2; the real
-  behaviour is proven against real lvm2 in the test bed (tests/xen/test_lvm_raw.py).
+  behaviour is proven against real lvm2 in the test bed (tests/xen/test_volume_plugins.py).
 
 Tags: lvm2 accepts `[A-Za-z0-9_+.\\-/=!:&#]` in a tag (lvm2 `lib/misc/lvm-string.c`
 `validate_tag`) and older releases at most 128 characters, so records are stored as tags by
@@ -294,9 +294,11 @@ class LVM:
         self.run(["lvcreate", "-qq", "-s", "-kn", "-p", "r" if read_only else "rw",
                   "-n", lv] + _tag_args("--addtag", tags) + [f"{vg}/{origin}"])
 
-    def lvcreate_pool(self, vg, pool, size, tags):
+    def lvcreate_pool(self, vg, pool, extents, tags):
+        """A thin pool of `extents` (lvm2's -l: a count or e.g. "90%FREE"); its new blocks
+        are zeroed (-Z y), so a thin volume never reads another's old data."""
         self.run(["lvcreate", "-qq", "-Z", "y", "-W", "n", "--type", "thin-pool", "-n", pool,
-                  "-L", f"{size}b"] + _tag_args("--addtag", tags) + [vg])
+                  "-l", extents] + _tag_args("--addtag", tags) + [vg])
 
     def lvchange(self, vg, lv, add=(), delete=(), permission=None):
         args = ["lvchange", "-qq"]

@@ -31,6 +31,10 @@ SR_FORMAT = "xapi-storage/lvm-raw"
 SR_FORMAT_VERSION = 1
 SR_TAG = "xapi-storage:sr"
 VOL_TAG = "xapi-storage:vol"
+POOL_TAG = "xapi-storage:pool"
+POOL = "xapi-pool"              # the thin pool's LV name (provisioning=thin)
+POOL_PERCENT = 90               # of the VG's free space, at SR.create; the rest for growth
+DEFAULT_OVERPROVISION = "4"
 UUID_TAG = "xsu:"
 VG_PREFIX = "xapi-sr-"
 MAX_SR_UUID = 100               # VG names are at most 127 characters
@@ -41,6 +45,11 @@ CONFIGURATION = {
               "VG is refused)",
     "datapath": "comma-separated datapath preference for volume URIs, from blkback and "
                 "pyblkback (default: blkback,pyblkback)",
+    "provisioning": "thick (default: every volume a plain LV of its full size) or thin "
+                    "(volumes in one thin pool, allocated as they are written)",
+    "overprovision": "thin only: new volumes and snapshots are refused once the sum of the "
+                     "volumes' sizes would pass this multiple of the pool's size "
+                     f"(default {DEFAULT_OVERPROVISION})",
     "sr_uuid": "set by SR.create: the SR's uuid, which names its volume group",
 }
 
@@ -119,6 +128,22 @@ def sr_vg(sr):
     raise SR_does_not_exist(sr if type(sr) is str else repr(sr))
 
 
+def _config_provisioning(configuration):
+    """("thick", None) or ("thin", ratio) from device-config."""
+    mode = configuration.get("provisioning", "thick")
+    if mode not in ("thick", "thin"):
+        raise _config_error("provisioning", f"{mode!r}: expected thick or thin")
+    text = configuration.get("overprovision", DEFAULT_OVERPROVISION)
+    try:
+        ratio = float(text)
+    except ValueError:
+        ratio = 0.0
+    if not 0 < ratio <= 1000 or ratio != ratio:
+        raise _config_error("overprovision", f"{text!r}: expected a number above 0 "
+                            "(e.g. 1 for no over-provisioning, 4 for four times)")
+    return mode, (ratio if mode == "thin" else None)
+
+
 def _config_devices(configuration):
     text = _config(configuration).get("device")
     if text is None:
@@ -187,15 +212,52 @@ def _update_sr(sr, change):
             _write_tags_record(vg, None, new, row["tags"])
 
 
-def _sr_stat(sr, row, rec):
+def _sr_stat(sr, row, rec, pool=None):
+    """The SR's stat. Thick: the VG's size and free space. Thin: the pool's size and what
+    its data area has free, and the health text gives the pool's data and metadata use."""
     health = ["Healthy", ""]
+    total, free = row["size"], row["free"]
+    if rec.get("provisioning") == "thin":
+        if pool is None:
+            health = ["Unreachable", f"the thin pool {row['name']}/{POOL} is missing"]
+            total = free = 0
+        else:
+            total = pool["size"]
+            free = int(pool["size"] * max(0.0, 100.0 - pool["data_percent"]) / 100)
+            health = ["Healthy", f"thin pool data {pool['data_percent']:.2f}% used, "
+                      f"metadata {pool['metadata_percent']:.2f}% used"]
     if row["missing_pvs"]:
         health = ["Unreachable", f"{row['missing_pvs']} physical volume(s) of {row['name']} "
                   "are missing"]
     return {"sr": sr, "name": rec.get("name", ""), "description": rec.get("description", ""),
-            "uuid": str(rec.get("uuid")), "free_space": row["free"],
-            "total_space": row["size"], "datasources": [], "clustered": False,
-            "health": health}
+            "uuid": str(rec.get("uuid")), "free_space": free, "total_space": total,
+            "datasources": [], "clustered": False, "health": health}
+
+
+def _pool_row(vg, rec, rows=None):
+    """The thin pool's LV row of a thin SR (None for thick, or if it is missing)."""
+    if rec.get("provisioning") != "thin":
+        return None
+    if rows is None:
+        return get_lvm().lv(vg, POOL)
+    return next((r for r in rows if r["name"] == POOL), None)
+
+
+def _check_overprovision(vg, rec, more):
+    """Thin: refuse (SR_BACKEND_FAILURE_44) a new volume of `more` bytes when the volumes'
+    sizes would pass `overprovision` times the pool's size. Call with the VG lock held."""
+    if rec.get("provisioning") != "thin":
+        return
+    rows = get_lvm().lvs(vg)
+    pool = _pool_row(vg, rec, rows)
+    if pool is None:
+        raise XenAPIError("SR_BACKEND_FAILURE", ["Thin pool missing", f"{vg}/{POOL}"])
+    ratio = float(rec.get("overprovision", DEFAULT_OVERPROVISION))
+    used = sum(r["size"] for r in rows if r["pool"] == POOL)
+    if used + more > ratio * pool["size"]:
+        raise _no_space(f"thin pool {vg}/{POOL}: volumes would total {used + more} bytes, "
+                        f"over {ratio:g} times the pool's {pool['size']} bytes "
+                        "(device-config overprovision)")
 
 
 # --- volumes -------------------------------------------------------------------------------------
@@ -253,10 +315,13 @@ def _volume(vg, srrec, rec, row):
     key = rec["key"]
     location = f"/dev/{vg}/{key}"
     datapath = srrec.get("datapath") or list(DEFAULT_DATAPATH)
+    used = row["size"]
+    if row["pool"]:         # thin: what the pool has allocated to it
+        used = int(row["size"] * row["data_percent"] / 100)
     return {
         "key": key, "uuid": key, "name": rec["name"], "description": rec["description"],
         "read_write": rec["read_write"], "sharable": rec["sharable"],
-        "virtual_size": row["size"], "physical_utilisation": row["size"],
+        "virtual_size": row["size"], "physical_utilisation": used,
         "uri": [f"{scheme}://{location}" for scheme in datapath],
         "keys": dict(rec["keys"]),
     }
@@ -328,15 +393,31 @@ def _copy_lv(src_path, dst_path, size):
 
 
 def _copy_volume(sr, key, read_write):
-    """Snapshot (read_write=False) or clone of `key`: a new thick LV holding a full copy."""
+    """Snapshot (read_write=False) or clone of `key`: thick, a new LV holding a full copy;
+    thin, a thin snapshot (blocks shared until written), made ready in one lvcreate."""
     _volume_key(key)
     kind = "clone" if read_write else "snapshot"
     vg, _, srrec = _ready_sr(sr)
     new = new_uuid()
     with _VolumeLock(vg, key) as src_lock, _VolumeLock(vg, new) as new_lock:
         src_row, src_rec = _ready_volume(vg, key, src_lock)
+        thin = bool(src_row["pool"])
         rec = _new_record(new, src_rec["name"], src_rec["description"], read_write,
-                          src_rec["sharable"], "creating", origin={"kind": kind, "of": key})
+                          src_rec["sharable"], "ready" if thin else "creating",
+                          origin={"kind": kind, "of": key})
+        if thin:
+            try:
+                faultpoint(f"{kind}:pending")
+                with get_lvm().vg_lock(vg):
+                    _check_overprovision(vg, srrec, src_row["size"])
+                    get_lvm().lvcreate_thin_snapshot(vg, key, new,
+                                                     [VOL_TAG] + lvmmod.encode_record(rec, 1),
+                                                     read_only=not read_write)
+            except BaseException:
+                new_lock.forget()
+                raise
+            faultpoint(f"{kind}:ready")
+            return _volume(vg, srrec, rec, get_lvm().lv(vg, new))
         with get_lvm().vg_lock(vg):
             get_lvm().lvcreate(vg, new, src_row["size"],
                                [VOL_TAG] + lvmmod.encode_record(rec, 1))
@@ -387,7 +468,8 @@ class Plugin(base.Plugin):
 def _probe_result(config, vgrow, rec):
     vg = vgrow["name"]
     return {"configuration": dict(config, sr_uuid=str(rec.get("uuid"))), "complete": True,
-            "sr": _sr_stat(vg, vgrow, rec), "extra_info": {"vg": vg}}
+            "sr": _sr_stat(vg, vgrow, rec, _pool_row(vg, rec)),
+            "extra_info": {"vg": vg, "provisioning": rec.get("provisioning", "thick")}}
 
 
 @_lvm_errors
@@ -428,6 +510,7 @@ class SR(base.SR):
         _want_str("description", description)
         devices = _config_devices(configuration)
         datapath = _config_datapath(configuration)
+        mode, ratio = _config_provisioning(configuration)
         _check_sr_uuid(uuid)
         if configuration.get("sr_uuid", uuid) != uuid:
             raise _config_error("sr_uuid", f"{configuration['sr_uuid']} differs from the uuid "
@@ -438,15 +521,19 @@ class SR(base.SR):
             row = lv.vg(vg)
             if row is not None:
                 rec = _sr_record(row)
-                if rec is None or rec.get("uuid") != uuid or rec.get("state") != "ready":
+                if rec is None or rec.get("uuid") != uuid or \
+                        rec.get("state") not in ("ready", "creating"):
                     raise XenAPIError("SR_BACKEND_FAILURE", [
                         "SR already exists", vg, "a volume group of that name exists"])
             else:
                 made = self._make_pvs(devices)
                 faultpoint("sr-create:checked")
-                rec = {"format": SR_FORMAT, "version": SR_FORMAT_VERSION, "state": "ready",
+                rec = {"format": SR_FORMAT, "version": SR_FORMAT_VERSION,
+                       "state": "ready" if mode == "thick" else "creating",
                        "uuid": uuid, "name": name, "description": description,
-                       "datapath": list(datapath or DEFAULT_DATAPATH)}
+                       "datapath": list(datapath or DEFAULT_DATAPATH), "provisioning": mode}
+                if ratio is not None:
+                    rec["overprovision"] = f"{ratio:g}"
                 try:
                     lv.vgcreate(vg, devices, [SR_TAG, UUID_TAG + uuid]
                                 + lvmmod.encode_record(rec, 1))
@@ -454,6 +541,12 @@ class SR(base.SR):
                     if made:
                         lv.pvremove(made)
                     raise
+                row = lv.vg(vg)
+            if rec.get("state") == "creating":      # thin: the pool, then ready
+                if lv.lv(vg, POOL) is None:
+                    lv.lvcreate_pool(vg, POOL, f"{POOL_PERCENT}%FREE", [POOL_TAG])
+                faultpoint("sr-create:pool")
+                _write_tags_record(vg, None, dict(rec, state="ready"), row["tags"])
         result = dict(configuration)
         result["sr_uuid"] = uuid
         return result
@@ -505,6 +598,9 @@ class SR(base.SR):
             raise XenAPIError("SR_BACKEND_FAILURE", [
                 "SR is in use", vg, "open volumes: " + ", ".join(sorted(busy))])
         get_lvm().activate(vg, [r["name"] for r in rows], active=False)
+        # a thin SR's pool: it was activated with its first volume
+        get_lvm().activate(vg, [r["name"] for r in get_lvm().lvs(vg)
+                                if POOL_TAG in r["tags"] and r["active"]], active=False)
         return None
 
     def destroy(self, dbg, sr):
@@ -516,7 +612,8 @@ class SR(base.SR):
             if rec is None:
                 raise SR_does_not_exist(sr)
             lvs = lv.lvs(vg)
-            foreign = [r["name"] for r in lvs if VOL_TAG not in r["tags"]]
+            foreign = [r["name"] for r in lvs
+                       if VOL_TAG not in r["tags"] and POOL_TAG not in r["tags"]]
             if foreign:
                 raise XenAPIError("SR_BACKEND_FAILURE", [
                     "SR holds logical volumes that are not ours", vg, ", ".join(foreign)])
@@ -529,7 +626,7 @@ class SR(base.SR):
             faultpoint("sr-destroy:marked")
             store = lv.locks()
             with store:
-                for r in lvs:
+                for r in sorted(lvs, key=lambda r: POOL_TAG in r["tags"]):  # the pool last
                     lv.lvremove(vg, r["name"])
                     store.unlink(f"{vg}.{r['name']}.lock")
                     faultpoint("sr-destroy:volume-gone")
@@ -544,7 +641,7 @@ class SR(base.SR):
 
     def stat(self, dbg, sr):
         vg, row, rec = _ready_sr(sr)
-        return _sr_stat(vg, row, rec)
+        return _sr_stat(vg, row, rec, _pool_row(vg, rec))
 
     def set_name(self, dbg, sr, new_name):
         _want_str("new_name", new_name)
@@ -604,10 +701,13 @@ class Volume(base.Volume):
         rec = _new_record(key, name, description, True, sharable, "ready")
         with _VolumeLock(vg, key) as lock:
             faultpoint("create:pending")
+            thin = srrec.get("provisioning") == "thin"
             try:
                 with get_lvm().vg_lock(vg):
+                    _check_overprovision(vg, srrec, size)
                     get_lvm().lvcreate(vg, key, max(size, 1),
-                                       [VOL_TAG] + lvmmod.encode_record(rec, 1))
+                                       [VOL_TAG] + lvmmod.encode_record(rec, 1),
+                                       pool=POOL if thin else None)
             except BaseException:
                 lock.forget()
                 raise
