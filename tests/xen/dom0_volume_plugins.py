@@ -628,6 +628,74 @@ def check_nfs_outage_hard_mount():
     nfs_ok("SR.destroy", sr=sr)
 
 
+# --- volumes served to the guest (tests/xen/test_volume_plugins.py drives the guest) ------------
+# Each step is a "check" run on its own; the state between steps is in GUEST_STATE.
+
+GUEST_STATE = "/root/volume-guest.json"
+GUEST_LOOP_DIR = "/root/guest-pv"
+
+
+def _save(**state):
+    with open(GUEST_STATE, "w") as f:
+        json.dump(state, f)
+    print("  state " + json.dumps(state))
+
+
+def _load():
+    with open(GUEST_STATE) as f:
+        return json.load(f)
+
+
+def check_lvm_guest_prepare():
+    """An lvm-raw SR on a loop device and a 64 MiB volume with ext4 on it."""
+    install()
+    os.makedirs(GUEST_LOOP_DIR, exist_ok=True)
+    img = f"{GUEST_LOOP_DIR}/pv0.img"
+    with open(img, "wb") as f:
+        f.truncate(256 * MiB)
+    dev = sh(["losetup", "-f", "--show", img]).stdout.strip()
+    cfg, sr = make_sr([dev], "9a7e0000-1111-4222-8333-444444444444")
+    v = ok("Volume.create", sr=sr, name="guest", description="", size=64 * MiB,
+           sharable=False)
+    path = v["uri"][0][len("blkback://"):]
+    sh(["mkfs.ext4", "-q", path])
+    _save(loop=dev, sr=sr, key=v["key"], path=path)
+
+
+def check_lvm_guest_fsck():
+    """After the guest wrote files on the volume: fsck finds the filesystem clean, then the
+    SR goes and nothing is left."""
+    st = _load()
+    r = sh(["fsck.ext4", "-fn", st["path"]], check=False)
+    print("  fsck:", r.returncode, r.stdout.strip().splitlines()[-1:])
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = sh(["debugfs", "-R", "cat /guest/hello", st["path"]], check=False).stdout
+    assert "from the guest" in out, out
+    ok("Volume.destroy", sr=st["sr"], key=st["key"])
+    ok("SR.destroy", sr=st["sr"])
+    sh(["losetup", "-d", st["loop"]])
+    sh(["rm", "-rf", GUEST_LOOP_DIR, GUEST_STATE])
+
+
+def check_nfs_guest_prepare():
+    """An nfs-raw SR (attached: mounted hard) and a 32 MiB volume for the guest."""
+    install()
+    uuid = "4e0f2a6b-1111-4222-8333-000000000007"
+    cfg = nfs_ok("SR.create", uuid=uuid, configuration=nfs_config(), name="", description="")
+    sr = nfs_ok("SR.attach", configuration=cfg)
+    v = nfs_ok("Volume.create", sr=sr, name="guest", description="", size=32 * MiB,
+               sharable=False)
+    _save(sr=sr, key=v["key"], path=v["uri"][0][len("blkback://"):], uuid=uuid)
+
+
+def check_nfs_guest_cleanup():
+    st = _load()
+    nfs_ok("Volume.destroy", sr=st["sr"], key=st["key"])
+    nfs_ok("SR.destroy", sr=st["sr"])
+    assert mounts_under() == [], mounts_under()
+    os.unlink(GUEST_STATE)
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in list(globals().items())
           if name.startswith("check_")}
 
