@@ -565,6 +565,10 @@ class SR(base.SR):
             try:
                 lv.pvcreate(todo)
             except lvmmod.LVMError as e:
+                # pvcreate makes what it can: undo those, so nothing is left behind
+                made = [p["name"] for p in lv.pvs() if p["name"] in todo]
+                if made:
+                    lv.pvremove(made)
                 raise _config_error("device", f"cannot make {', '.join(todo)} LVM physical "
                                     f"volumes (in use, or holding data?): {e.message()}") \
                     from None
