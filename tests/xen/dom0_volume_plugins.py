@@ -294,11 +294,9 @@ def check_lvm_concurrent_creates():
         assert len(keys) == 32, len(keys)
         assert accounted(sr) == keys
         assert sorted(v["name"] for v in ok("SR.ls", sr=sr)) == sorted(f"v{i}" for i in range(32))
-        with ThreadPoolExecutor(32) as pool:
-            results = list(pool.map(lambda k: call("Volume.destroy", sr=sr, key=k), keys))
-        assert all(r[0] == 0 for r in results), results
-        assert accounted(sr) == set()
-        ok("SR.destroy", sr=sr)
+        ok("SR.destroy", sr=sr)         # removes the 32 (one process: TCG makes calls slow)
+        assert sh(["vgs", sr], check=False).returncode != 0, "VG still there"
+        assert lock_files(sr) == [], lock_files(sr)
 
 
 # (method, arguments, the fault points it passes)
@@ -331,11 +329,10 @@ def check_lvm_crash_sweep():
                 assert src in listed
                 assert digest(f"/dev/{sr}/{src}", 8 * MiB) == sum_src, f"{point}: source"
                 out = ok(method, **args)
-                if isinstance(out, dict) and out.get("key") not in (None, src):
-                    if method != "Volume.create":
-                        assert digest(f"/dev/{sr}/{out['key']}", 8 * MiB) == sum_src
-                    ok("Volume.destroy", sr=sr, key=out["key"])
-                for k in accounted(sr) - {src}:       # a create killed after lvcreate
+                if method != "Volume.create":
+                    assert digest(f"/dev/{sr}/{out['key']}", 8 * MiB) == sum_src
+                # the retry's volume, and one a call killed after its last step made
+                for k in (listed | {out["key"]}) - {src}:
                     ok("Volume.destroy", sr=sr, key=k)
                 n += 1
                 print(f"  killed at {point}: accounted, retried")
@@ -566,8 +563,8 @@ def check_nfs_crash_sweep():
             listed = nfs_accounted(sr, uuid)
             assert src in listed
             assert digest(f"{NFS_EXPORT}/{uuid}/{src}.img", 4 * MiB) == sum_src, point
-            nfs_ok(method, **args)
-            for k in nfs_accounted(sr, uuid) - {src}:
+            out = nfs_ok(method, **args)
+            for k in (listed | {out["key"]}) - {src}:
                 nfs_ok("Volume.destroy", sr=sr, key=k)
             n += 1
             print(f"  killed at {point}: accounted, retried")
