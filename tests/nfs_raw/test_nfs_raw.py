@@ -117,3 +117,23 @@ def test_sr_uuids_must_be_safe_names():
             nfs_raw.check_sr_uuid(bad)
         assert e.value.params[0] == "Invalid argument"
     assert nfs_raw.check_sr_uuid(UUID) == UUID
+
+
+def test_busy_holders_are_named_from_proc(tmp_path):
+    """What a busy unmount's error names: processes whose cwd or an open file is under the
+    mount point (read from /proc: dom0 may have no fuser)."""
+    import subprocess
+    d = tmp_path / "mnt"
+    (d / "sub").mkdir(parents=True)
+    f = open(str(d / "sub" / "file"), "w")
+    p = subprocess.Popen(["sleep", "60"], cwd=str(d / "sub"))
+    try:
+        held = nfs_raw._holders(str(d))
+        assert f"pid {p.pid} (sleep): cwd" in held, held
+        assert f"pid {os.getpid()} (" in held and f"fd {f.fileno()}" in held, held
+        assert nfs_raw._holders(str(tmp_path / "other")) == ""
+        assert str(p.pid) not in nfs_raw._holders(str(d) + "x")   # a sibling path is not in it
+    finally:
+        p.kill()
+        p.wait()
+        f.close()

@@ -297,7 +297,7 @@ class LVM:
     def lvcreate_pool(self, vg, pool, extents, tags):
         """A thin pool of `extents` (lvm2's -l: a count or e.g. "90%FREE"); its new blocks
         are zeroed (-Z y), so a thin volume never reads another's old data."""
-        self.run(["lvcreate", "-qq", "-Z", "y", "-W", "n", "--type", "thin-pool", "-n", pool,
+        self.run(["lvcreate", "-qq", "-Z", "y", "--type", "thin-pool", "-n", pool,
                   "-l", extents] + _tag_args("--addtag", tags) + [vg])
 
     def lvchange(self, vg, lv, add=(), delete=(), permission=None):

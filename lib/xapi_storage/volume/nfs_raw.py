@@ -164,14 +164,40 @@ def _rmdir(path):
         pass
 
 
-def _holders(mountpoint):
-    """What holds a mount busy, as `fuser -vm` says it (empty if fuser is missing)."""
+def _holders(mountpoint, proc="/proc"):
+    """What holds a mount busy: every process whose working directory, root, executable or
+    an open file is on it (what `fuser -vm` reports, read from /proc directly, so that no
+    extra package is needed), as "pid N (command): cwd, fd 3" items."""
+    inside = mountpoint.rstrip("/") + "/"
+    found = []
     try:
-        r = run(["fuser", "-vm", mountpoint], timeout=30)
-    except (OSError, CommandTimeout):
+        pids = sorted(int(p) for p in os.listdir(proc) if p.isdigit())
+    except OSError:
         return ""
-    lines = [ln.rstrip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
-    return " / ".join(" ".join(ln.split()) for ln in lines)
+    for pid in pids:
+        base = f"{proc}/{pid}"
+        uses = []
+        links = [("cwd", "cwd"), ("root", "root"), ("exe", "exe")]
+        try:
+            links += [(f"fd/{fd}", f"fd {fd}") for fd in sorted(os.listdir(base + "/fd"),
+                                                                 key=lambda x: int(x))]
+        except (OSError, ValueError):
+            pass
+        for link, what in links:
+            try:
+                target = os.readlink(f"{base}/{link}")
+            except OSError:
+                continue
+            if target == mountpoint or target.startswith(inside):
+                uses.append(what)
+        if uses:
+            try:
+                with open(base + "/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                comm = "?"
+            found.append(f"pid {pid} ({comm}): {', '.join(uses)}")
+    return "; ".join(found)
 
 
 def _umount(mountpoint):
@@ -186,7 +212,8 @@ def _umount(mountpoint):
         if r.rc != 0 and _mounted(mountpoint) is not None:
             why = r.stderr.strip() or f"exit {r.rc}"
             if "busy" in why.lower():
-                why += "; held by: " + (_holders(mountpoint) or "(fuser found nothing)")
+                why += "; held by: " + (_holders(mountpoint) or "no process (a bind mount, "
+                                        "an NFS export or a loop device on it?)")
             raise XenAPIError("SR_BACKEND_FAILURE", ["NFS unmount failed", mountpoint, why])
     _rmdir(mountpoint)
 
