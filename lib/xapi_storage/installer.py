@@ -19,7 +19,9 @@ was laid, so that:
   * running the installer again converges: it rewrites only files that differ, and removes
     executables of methods the plugin no longer implements;
   * --uninstall removes exactly what was laid (files changed since are kept, with a
-    warning), then the plugin directory if it is empty; --prune does the same for plugins
+    warning, and the manifest then names just those), then the plugin directory if it is
+    empty; a manifest entry that is not an Interface.method file name is refused (it could
+    name any file on the host); --prune does the same for plugins
     laid earlier that are no longer being installed (their package was removed). ROOT/volume and ROOT/datapath
     themselves are never removed (the daemon watches them).
 
@@ -34,9 +36,11 @@ The installer also byte-compiles the modules it lays out executables for (a plug
 a new process; without .pyc files each call compiles the SDK again).
 """
 
+import errno
 import hashlib
 import os
 import re
+import stat
 import sys
 
 HELP = "lay out the plugin executables under a root (default /usr/libexec/xapi-storage-script)"
@@ -46,6 +50,10 @@ MANIFEST = ".xapi-storage-install.json"
 _VOLUME_NAME = re.compile(r"\Aorg\.xen\.xapi\.storage\.[a-z0-9][a-z0-9_-]*\Z")
 _SCHEME = re.compile(r"\A[a-z][a-z0-9+.-]*\Z")
 _MODULE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+# what the installer lays in a plugin directory: Interface.method executables, nothing else
+# (a manifest entry is trusted for nothing: "../x" or "/etc/x" would have us delete that file)
+_EXE_NAME = re.compile(r"\A[A-Z][A-Za-z]*\.[A-Za-z][A-Za-z_]*\Z")
+_DIGEST = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
 # Under xapi's smapi tracing the daemon runs `/usr/bin/python3 -m observer <exe> --json`
@@ -139,11 +147,25 @@ def _sha(data):
 
 
 def _read(path):
+    """The bytes of the regular file `path`, None if there is nothing, or CHANGED if it is
+    not a regular file (a symlink is not followed, a FIFO not waited on): never ours."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            return CHANGED
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return CHANGED
+        return f.read()
+
+
+# what _read answers for an entry that is not a regular file: equal to no content, and whose
+# digest matches no manifest entry
+CHANGED = b"\0not a regular file\0"
 
 
 def _write_atomic(path, data, mode):
@@ -183,6 +205,12 @@ def read_manifest(plugin_dir):
         raise InstallError(f"{plugin_dir}: its manifest {MANIFEST} is not JSON") from None
     if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
         raise InstallError(f"{plugin_dir}: its manifest {MANIFEST} is not one this installer wrote")
+    for name, digest in m["files"].items():
+        if not (_EXE_NAME.match(name) and isinstance(digest, str) and _DIGEST.match(digest)):
+            raise InstallError(
+                f"{plugin_dir}: its manifest {MANIFEST} names {name[:80]!r}, which this "
+                "installer never lays (only Interface.method files in that directory): "
+                "refused, nothing touched; check who wrote it")
     return m
 
 
@@ -269,7 +297,7 @@ def uninstall(root, plugin, report=print):
     manifest = read_manifest(target)
     if manifest is None:
         raise InstallError(f"{target} was not laid by this installer (no {MANIFEST}); left untouched")
-    changes, kept = [], []
+    changes, kept = [], {}
     for name, digest in sorted(manifest["files"].items()):
         path = os.path.join(target, name)
         current = _read(path)
@@ -277,10 +305,19 @@ def uninstall(root, plugin, report=print):
             continue
         if _sha(current) != digest:
             report(f"warning: {path} was changed since it was installed: kept")
-            kept.append(name)
+            kept[name] = digest
             continue
         os.unlink(path)
         changes.append(f"remove {name}")
+    if kept:
+        # the manifest stays, naming what is kept: the directory is still this installer's,
+        # so a later install converges (and a later uninstall retries) instead of refusing it
+        from .sdk import jsonio
+        _write_atomic(os.path.join(target, MANIFEST),
+                      (jsonio.dumps(dict(manifest, files=kept)) + "\n").encode(), 0o644)
+        _fsync_dir(target)
+        report(f"warning: {target} kept, with its manifest naming the kept files")
+        return changes
     os.unlink(os.path.join(target, MANIFEST))
     try:
         os.rmdir(target)
@@ -368,7 +405,7 @@ def laid_plugins(root):
         kind_dir = os.path.join(root, kind)
         try:
             names = sorted(os.listdir(kind_dir))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             continue
         for name in names:
             d = os.path.join(kind_dir, name)
@@ -405,6 +442,9 @@ def run(args):
             print(f"{p.kind}\t{p.name}\t{p.module}")
         return 0
     root = os.path.abspath(args.root)
+    if os.path.exists(root) and not os.path.isdir(root):
+        report(f"xapi-storage install: error: --root {root} exists and is not a directory")
+        return 1
     status = 0
     installed = []
     for p in plugins:

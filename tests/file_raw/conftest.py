@@ -41,6 +41,43 @@ def sr(SR, sr_dir):
     return SR.attach(dbg=DBG, configuration=config)
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(options) -> the path of a fresh small tmpfs (a real filesystem that can be made
+    full or read-only), unmounted at teardown. Needs root: skips otherwise, fails with CI."""
+    mounted = []
+
+    def mount(options="size=256k"):
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options},mode=0700", "tmpfs",
+                            str(mnt)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True)
+        if r.returncode != 0:
+            msg = f"cannot mount a small tmpfs (needs root): {r.stderr.strip()}"
+            if os.environ.get("CI"):
+                pytest.fail(msg)
+            pytest.skip(msg)
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in reversed(mounted):
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path):
+    """Fill the filesystem of `path` (a new file) until it has no free block."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError as e:
+        assert e.errno == 28, e
+    finally:
+        os.close(fd)
+
+
 def sr_files(path):
     return sorted(os.listdir(path))
 

@@ -5,43 +5,19 @@ of a volume that was not made), and once space is freed everything works again.
 The SR lives on a real 256 KiB tmpfs mount, filled up by a file next to it."""
 
 import os
-import subprocess
 
 import pytest
 
 from xapi_storage.sdk.errors import XenAPIError
 
-from .conftest import DBG, check_accounted, run_child
+from .conftest import DBG, check_accounted, fill, run_child
 
 SR_UUID = "5f0c1d8e-0000-4000-8000-0000000000f1"
 
 
 @pytest.fixture
-def full_dir(tmp_path):
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        msg = f"cannot mount a small tmpfs (needs root): {r.stderr.strip()}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(path):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        while True:
-            os.write(fd, b"x" * 4096)
-    except OSError as e:
-        assert e.errno == 28, e
-    finally:
-        os.close(fd)
+def full_dir(tmpfs):
+    return tmpfs("size=256k")
 
 
 def _snapshot_dir(path):
@@ -66,7 +42,7 @@ def test_a_full_sr_answers_insufficient_space_and_leaves_nothing(SR, V, full_dir
     key = vol["key"]
     SR.set_name(dbg=DBG, sr=sr, new_name="before")       # sr.meta.lock exists from here on
     filler = str(full_dir / "filler")
-    _fill(filler)
+    fill(filler)
     before = _snapshot_dir(sr_dir)
     long = "x" * 8192             # a record that needs a new page
     calls = {

@@ -643,7 +643,9 @@ def test_stat_gives_no_uri_for_data_that_is_not_a_regular_file(V, SR, sr, sr_dir
 def test_entries_planted_in_the_sr_neither_followed_nor_fatal(V, SR, sr, sr_dir, tmp_path):
     """Odd entries with volume-like names (a symlink, a directory, a FIFO as a record; a
     symlink as a lock) are not followed, do not hang a call, and do not make SR.ls (hence
-    xapi's SR.scan) fail for the volumes that are fine."""
+    xapi's SR.scan) fail for the volumes that are fine. A record that is not a regular file is
+    listed (read-only, no URI, the reason in its description) rather than hidden; a directory
+    is no record at all; the symlink in a lock's place is removed, its target untouched."""
     import subprocess
     from .conftest import child_argv
     good = make(V, sr)
@@ -656,19 +658,24 @@ def test_entries_planted_in_the_sr_neither_followed_nor_fatal(V, SR, sr, sr_dir,
     os.mkfifo(os.path.join(sr_dir, planted[2] + ".json"))
     os.symlink(str(tmp_path / "nowhere"), os.path.join(sr_dir, planted[3] + ".lock"))
     before = sr_files(sr_dir)
-    for argv in (child_argv("SR", "ls", sr=sr),
-                 child_argv("Volume", "stat", sr=sr, key=planted[2])):
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        if argv[-1].find(planted[2]) < 0:
-            assert p.returncode == 0, p.stderr
-            assert [v["key"] for v in json.loads(p.stdout)] == [good["key"]]
-        else:
-            assert json.loads(p.stdout)["error"][1][0] == "Volume_does_not_exist", p.stderr
-    for key in planted[:3]:
-        with pytest.raises(Volume_does_not_exist):
-            V.stat(dbg=DBG, sr=sr, key=key)
-    assert sr_files(sr_dir) == before
+    p = subprocess.run(child_argv("SR", "ls", sr=sr), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    listed = {v["key"]: v for v in json.loads(p.stdout)}
+    assert sorted(listed) == sorted([good["key"], planted[0], planted[2]])
+    for key in planted[0], planted[2]:
+        assert (listed[key]["uri"], listed[key]["read_write"]) == ([], False)
+        assert "is not a regular file" in listed[key]["description"]
+    p = subprocess.run(child_argv("Volume", "stat", sr=sr, key=planted[2]),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=30)
+    assert p.returncode == 0 and json.loads(p.stdout)["uri"] == [], p.stdout + p.stderr
+    with pytest.raises(Volume_does_not_exist):
+        V.stat(dbg=DBG, sr=sr, key=planted[1])
+    # (sr.meta.lock serialises the removal of what is planted under a lock's name)
+    assert set(sr_files(sr_dir)) - {"sr.meta.lock"} == set(before) - {planted[3] + ".lock"}
     assert not (tmp_path / "nowhere").exists()
+    assert json.loads(outside.read_text())["state"] == "ready"
 
 
 def test_create_makes_the_new_directory_durable(SR, tmp_path, monkeypatch):

@@ -335,3 +335,29 @@ def test_stdlib_logging_of_a_plugin_is_forwarded(tmp_path):
     assert (r.rc, r.value) == (0, "ok"), r
     assert " - WARNING - req-9 - Plugin.diagnostics: vendor.plugin: warned via logging" in r.stderr
     assert " - DEBUG - req-9 - Plugin.diagnostics: vendor.plugin: debug via logging" in r.stderr
+
+
+def test_stdin_never_closed_ends_with_an_error_record(toy_dir):
+    """The daemon has no timeout: a --json call whose stdin is never closed (the request
+    written, or not even that) answers Invalid_request after the stdin bound
+    ($XAPI_STORAGE_STDIN_WAIT, default 60 s) instead of waiting forever."""
+    import time
+    env = dict(plugin_env(), XAPI_STORAGE_STDIN_WAIT="1")
+    for written in (b"", b'{"dbg": "d"}'):
+        p = subprocess.Popen([str(toy_dir / "Plugin.Query"), "--json"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            t0 = time.monotonic()
+            p.stdin.write(written)
+            p.stdin.flush()
+            out = p.stdout.read()
+            p.wait(timeout=30)
+            assert 1 <= time.monotonic() - t0 < 20
+            rec = json.loads(out)
+            assert_error_record(rec, "SR_BACKEND_FAILURE", "Invalid_request")
+            assert "stdin was not closed within 1 s" in rec["params"][4], rec
+            assert p.returncode == 1
+        finally:
+            p.kill()
+            p.stdin.close()
+            p.wait()

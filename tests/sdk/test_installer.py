@@ -102,7 +102,47 @@ def test_uninstall_keeps_changed_and_foreign_files(tmp_path):
     r = install(tmp_path, *TOY_PLUGINS, uninstall=True)
     assert r.returncode == 0
     assert "was changed since it was installed: kept" in r.stderr
-    assert {p.name for p in toy.iterdir()} == {"Volume.stat", "notes.txt"}
+    assert {p.name for p in toy.iterdir()} == {"Volume.stat", "notes.txt", installer.MANIFEST}
+    # the manifest names what is kept: the directory is still the installer's, so the next
+    # install converges instead of refusing it
+    assert set(json.loads((toy / installer.MANIFEST).read_text())["files"]) == {"Volume.stat"}
+    r = install(tmp_path, *TOY_PLUGINS)
+    assert r.returncode == 0, r.stderr
+    assert (toy / "Volume.stat").read_text() == installer.shim_source(
+        "sdk_toy", os.path.abspath(sys.executable))
+    assert {p.name for p in toy.iterdir()} == EXPECTED_TOY | {"notes.txt", installer.MANIFEST}
+
+
+@pytest.mark.parametrize("entry", ["../../../victim", "{victim}", "Volume.stat/../../x"])
+@pytest.mark.parametrize("uninstall", [False, True])
+def test_a_tampered_manifest_is_refused_and_nothing_outside_is_deleted(tmp_path, entry,
+                                                                       uninstall):
+    """A manifest entry is trusted for nothing: one naming a file outside the plugin
+    directory (relative or absolute), with that file's true hash, would have a re-install
+    (stale entry) or an uninstall delete it."""
+    import hashlib
+    root = tmp_path / "root"
+    assert install(root, *TOY_PLUGINS).returncode == 0
+    victim = tmp_path / "victim"
+    victim.write_text("someone's file")
+    toy = root / "volume" / TOY
+    m = json.loads((toy / installer.MANIFEST).read_text())
+    m["files"][entry.replace("{victim}", str(victim))] = hashlib.sha256(
+        b"someone's file").hexdigest()
+    (toy / installer.MANIFEST).write_text(json.dumps(m))
+    r = install(root, *TOY_PLUGINS, uninstall=uninstall)
+    assert r.returncode == 1
+    assert "which this installer never lays" in r.stderr and "Traceback" not in r.stderr
+    assert victim.read_text() == "someone's file"
+    assert (toy / "Plugin.Query").exists()
+
+
+def test_root_that_is_a_file_is_a_message(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    r = install(f, *TOY_PLUGINS)
+    assert r.returncode == 1
+    assert "is not a directory" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_directory_not_laid_by_the_installer_is_left_alone(tmp_path):

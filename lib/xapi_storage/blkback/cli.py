@@ -4,17 +4,44 @@ Like mirage's xen-disk: writes the frontend and backend XenStore nodes (one tran
 libxl's permissions, the first free xvd number, backend kind `pyvbd` so the kernel's blkback
 never grabs it), serves until Ctrl-C / SIGTERM or a toolstack unplug (online=0, state=5),
 then closes cleanly and removes every node it wrote. A second Ctrl-C stops at once.
+Every other signal whose default action would kill it (SIGHUP when the terminal or ssh
+session goes, SIGQUIT, SIGUSR1/2, SIGALRM, ...) is a stop request too, handled the same way,
+and its messages never fail it once the terminal is gone (see docs/blkback.md).
 """
 
 import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
 
 HELP = "userspace Xen block backend: serve a file or device to a domain"
+
+# Signals whose default action ends the process: each is a request to unplug and stop (the
+# first), or to stop at once (the next), never a death that leaves the nodes in XenStore.
+# Those that report a fault of the process itself (SIGSEGV, SIGBUS, SIGABRT, ...) are not
+# requests and are left alone, as are SIGKILL and SIGSTOP, which cannot be caught; so is
+# SIGXFSZ, which Python ignores (a write past the file size limit then fails with EFBIG, an
+# I/O error for that one request, not a reason to unplug).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in (
+    "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM",
+    "SIGPROF", "SIGXCPU", "SIGPWR", "SIGIO") if hasattr(signal, name))
+
+# a backend kind is one XenStore path element, and must not be one the kernel's blkback grabs
+_KIND = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+
+
+def _say(*args, **kwargs):
+    """print to stderr; a stderr that is gone (terminal hung up: EIO; reader gone: EPIPE)
+    must not stop the service nor its clean-up midway."""
+    kwargs.setdefault("file", sys.stderr)
+    try:
+        print(*args, **kwargs)
+    except (OSError, ValueError):
+        pass
 
 
 def add_arguments(parser):
@@ -31,12 +58,13 @@ def add_arguments(parser):
                    "cow: copy-on-write over the gold image --path, writes thrown away on "
                    "exit (default: raw)")
     p.add_argument("--readonly", action="store_true", help="export the disk read-only")
-    p.add_argument("--size", type=int, help="size in bytes (null backend without --path)")
+    p.add_argument("--size", type=int, help="size in bytes, a positive multiple of 512 "
+                   "(null backend without --path)")
     p.add_argument("--xen", default=None,
                    help='which Xen: "real" or "sim:DIR" (default: $XAPI_STORAGE_XEN or real)')
     p.add_argument("--kind", default="pyvbd",
-                   help="backend kind in XenStore (default pyvbd; never vbd, which the "
-                   "kernel's blkback would grab)")
+                   help="backend kind in XenStore: letters, digits, - and _ (default pyvbd; "
+                   "never vbd, which the kernel's blkback would grab)")
     p.add_argument("--max-queues", type=int, default=4,
                    help="most rings (queues) a frontend may use, 1..64 (default 4)")
     p.add_argument("--max-ring-page-order", type=int, default=4, choices=range(0, 5),
@@ -87,6 +115,13 @@ def run(args):
     if args.kind == "vbd":
         print("error: --kind vbd would be grabbed by the kernel's blkback", file=sys.stderr)
         return 2
+    if not _KIND.match(args.kind):
+        print(f"error: --kind {args.kind!r}: one XenStore path element of 1..64 letters, "
+              "digits, - and _", file=sys.stderr)
+        return 2
+    if args.size is not None and (args.size <= 0 or args.size % 512):
+        print(f"error: --size {args.size}: a positive multiple of 512 bytes", file=sys.stderr)
+        return 2
     if not 1 <= args.max_queues <= 64:
         print("error: --max-queues must be 1..64", file=sys.stderr)
         return 2
@@ -108,8 +143,8 @@ def run(args):
         stop["count"] += 1
         if stop["server"] is not None:
             stop["server"].stop(force=stop["count"] > 1)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
 
     from ..xen import open_xen
     from . import fence, toolstack
@@ -119,22 +154,26 @@ def run(args):
     try:
         xen = open_xen(args.xen)
     except (OSError, ValueError) as e:
-        print(f"error: cannot open Xen: {e}", file=sys.stderr)
+        _say(f"error: cannot open Xen: {e}")
         return 1
     try:
         storage = open_storage(args.backend, args.path, readonly=args.readonly,
                                size=args.size, overlay_dir=args.overlay_dir,
                                read_mode=args.raw_read)
     except (OSError, ValueError) as e:
-        print(f"error: cannot open the storage: {e}", file=sys.stderr)
+        _say(f"error: cannot open the storage: {e}")
         return 1
+    server = None
     try:
         server = Server(xen)
-    except OSError as e:
+        xs = XenStore(xen.xenstore_path)
+    except Exception as e:      # noqa: BLE001 - OSError, or the XenStore client's own errors
+        # (no xenstored: a message, not a traceback)
         storage.close()
-        print(f"error: cannot reach Xen (XenStore/event channels/grants): {e}", file=sys.stderr)
+        if server is not None:
+            server.close()
+        _say(f"error: cannot reach Xen (XenStore/event channels/grants): {e}")
         return 1
-    xs = XenStore(xen.xenstore_path)
     fe = be = None
     rc = 0
     try:
@@ -150,11 +189,10 @@ def run(args):
         storage = None
         tty = sys.stderr.isatty() and not args.quiet
         label = f"{name} of domain {guest}"
-        print(f"serving {args.backend} {args.path or ''} as {name} (vbd {devid}) to domain "
-              f"{guest} at {be}; {_human(dev.limits.sectors * 512)}"
-              f"{', read-only' if dev.readonly else ''}; barrier: {fence.KIND}",
-              file=sys.stderr)
-        print("Ctrl-C to unplug (twice to force)", file=sys.stderr)
+        _say(f"serving {args.backend} {args.path or ''} as {name} (vbd {devid}) to domain "
+             f"{guest} at {be}; {_human(dev.limits.sectors * 512)}"
+             f"{', read-only' if dev.readonly else ''}; barrier: {fence.KIND}")
+        _say("Ctrl-C to unplug (twice to force)")
 
         stop["server"] = server
         if stop["count"]:
@@ -165,20 +203,20 @@ def run(args):
             server.step()
             now = time.monotonic()
             if dev.stats.state != last_state and not tty and not args.quiet:
-                print(f"{name}: {dev.stats.state}", file=sys.stderr)
+                _say(f"{name}: {dev.stats.state}")
                 last_state = dev.stats.state
             if tty and now - last >= 1.0:
                 last = now
-                print("\r\033[K" + _status(dev, label), end="", file=sys.stderr, flush=True)
+                _say("\r\033[K" + _status(dev, label), end="", file=sys.stderr, flush=True)
         if tty:
-            print("\r\033[K" + _status(dev, label), file=sys.stderr)
+            _say("\r\033[K" + _status(dev, label))
         if args.stats:
             dev.write_stats()
         final = dev.stats_dict()
-        print(json.dumps({"device": name, "requests": final["requests"],
-                          "errors": final["errors"]}), file=sys.stderr)
+        _say(json.dumps({"device": name, "requests": final["requests"],
+                         "errors": final["errors"]}))
     except (OSError, ValueError, toolstack.ToolstackError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         rc = 1
     finally:
         if storage is not None:
@@ -186,9 +224,9 @@ def run(args):
         try:
             if fe is not None:
                 toolstack.remove_vbd(xs, fe, be, created)
-                print(f"removed {fe} and {be}", file=sys.stderr)
+                _say(f"removed {fe} and {be}")
         except OSError as e:
-            print(f"error: removing the XenStore nodes: {e}", file=sys.stderr)
+            _say(f"error: removing the XenStore nodes: {e}")
             rc = 1
         xs.close()
         server.close()

@@ -78,8 +78,24 @@ class Stats:
 
 
 def write_json_atomically(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Replace `path` by a file holding `obj` as JSON, mode 0600 (statistics name the guest's
+    devices and I/O pattern: for the operator only).
+
+    The temporary file beside it has an unpredictable name and is created with O_EXCL, which
+    never follows a symlink: as root, a link planted at a guessable name would otherwise have
+    us overwrite its target once a second. rename() then replaces a symlink at `path` itself,
+    never its target."""
+    tmp = f"{path}.tmp.{os.urandom(6).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

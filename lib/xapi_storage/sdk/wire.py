@@ -349,10 +349,55 @@ class _Output:
             self.fd = None
 
 
+# The daemon writes the whole request and closes stdin at once; a stdin that is never closed
+# (a caller that died holding the pipe, a forgotten terminal) must not hold a call forever:
+# the whole request must arrive within this many seconds ($XAPI_STORAGE_STDIN_WAIT).
+STDIN_WAIT = 60.0
+
+
+class StdinTimeout(Exception):
+    pass
+
+
+def _stdin_wait():
+    try:
+        wait = float(os.environ.get("XAPI_STORAGE_STDIN_WAIT") or STDIN_WAIT)
+    except ValueError:
+        wait = STDIN_WAIT
+    return wait if wait > 0 else STDIN_WAIT
+
+
+def _read_fd(fd, wait):
+    """All of `fd` up to end of file, within `wait` seconds (StdinTimeout otherwise)."""
+    import select
+    import time
+    deadline = time.monotonic() + wait
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise StdinTimeout(f"stdin was not closed within {wait:g} s "
+                               f"({sum(map(len, chunks))} bytes read)")
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
 def _read_all(stdin):
     if stdin is None:
         stdin = sys.stdin
-    data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read()
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):     # in-process: a StringIO, say
+        fd = None
+    if fd is not None:
+        data = _read_fd(fd, _stdin_wait())
+    else:
+        data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read()
     if isinstance(data, bytes):
         data = data.decode("utf-8")
     return data
@@ -399,6 +444,9 @@ def run(module_name, argv=None, stdin=None, stdout=None):
             except (jsonio.JSONError, UnicodeDecodeError) as e:
                 raise errors.InvalidRequest(method.wire_name, "(the value itself)", "json",
                                             f"stdin is not one JSON object: {e}") from None
+            except StdinTimeout as e:
+                raise errors.InvalidRequest(method.wire_name, "(the value itself)", "json",
+                                            f"no complete request: {e}") from None
         else:
             request = parse_cli(method, args)
         if isinstance(request, dict):

@@ -5,7 +5,7 @@ crash behaviour). In short:
 
     <path>/sr.json          SR record; its presence (format "xapi-storage/file-raw") makes <path> an SR
     <path>/sr.lock          flock: shared by every mutating call, exclusive by SR.create/SR.destroy
-    <path>/sr.meta.lock     flock: serialises read-modify-write of sr.json
+    <path>/sr.meta.lock     flock: serialises read-modify-write of sr.json (and lock repairs)
     <path>/<key>.json       volume record (state creating | ready | destroying)
     <path>/<key>.img        volume data: a sparse raw file, size = virtual size
     <path>/<key>.lock       flock: serialises calls on one volume; free = no call in progress
@@ -17,13 +17,13 @@ The SR key is "file://" + the percent-encoded absolute path; a volume key is a l
 import errno
 import functools
 import os
-from stat import S_ISDIR, S_ISREG
+from stat import S_ISDIR, S_ISREG, S_IWOTH
 
 from ..sdk import base, log
 from ..sdk.errors import SR_does_not_exist, Volume_does_not_exist, XenAPIError
 from .store import (
-    LOCK_SUFFIX, NotRegularFile, Store, faultpoint, is_enospc, is_uuid, new_uuid, quote_path,
-    unquote_path,
+    LOCK_SUFFIX, LockTimeout, NotRegularFile, Store, faultpoint, is_enospc, is_uuid, new_uuid,
+    quote_path, unquote_path,
 )
 
 PLUGIN = "file-raw"
@@ -71,17 +71,34 @@ def _no_space(exc):
     return XenAPIError("SR_BACKEND_FAILURE_44", ["There is insufficient space", str(exc)])
 
 
-def _space_errors(cls):
-    """Class decorator: a full SR (ENOSPC, or EDQUOT over a quota) from any step of any method
-    the class defines answers SR_BACKEND_FAILURE_44, after the method's own clean-up ran."""
+def _read_only(exc):
+    return XenAPIError("SR_BACKEND_FAILURE", [
+        "The SR is read-only", f"{exc.strerror}: {exc.filename or ''}".rstrip(": "),
+        "its filesystem is mounted read-only: only reads (attach, stat, ls) work"])
+
+
+def _lock_timeout(exc):
+    return XenAPIError("SR_BACKEND_FAILURE", ["Timed out waiting for a lock", str(exc)])
+
+
+def _os_errors(cls):
+    """Class decorator: what the world does to any step of any method the class defines
+    becomes one structured error, after the method's own clean-up ran: a full SR (ENOSPC, or
+    EDQUOT over a quota) answers SR_BACKEND_FAILURE_44, a read-only mount (EROFS) "The SR is
+    read-only", a lock wait past its bound (store.flock_bounded) "Timed out waiting for a
+    lock"."""
     def wrap(fn):
         @functools.wraps(fn)
         def method(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
+            except LockTimeout as e:
+                raise _lock_timeout(e) from None
             except OSError as e:
                 if is_enospc(e):
                     raise _no_space(e) from None
+                if e.errno == errno.EROFS:
+                    raise _read_only(e) from None
                 raise
         return method
     for name, fn in list(vars(cls).items()):
@@ -215,8 +232,13 @@ class _Attached:
         self.store = _open_store(self.path, self.sr)
         try:
             self.lock = self.store.lock(SR_LOCK, exclusive=False, create=False)
+            if self.lock is None and _is_ready(_read_sr_record(self.store)):
+                # sr.lock lost (removed by hand: SR.destroy removes it only after marking the
+                # SR destroying, or after removing sr.json): make it again
+                _log(30, f"{self.path}/{SR_LOCK} was missing: made again")
+                self.lock = self.store.lock(SR_LOCK, exclusive=False)
             rec = _read_sr_record(self.store) if self.lock else None
-            if rec is None or rec.get("state") != "ready":
+            if not _is_ready(rec):
                 raise SR_does_not_exist(self.sr)
         except BaseException:
             self.__exit__()
@@ -227,6 +249,10 @@ class _Attached:
         if self.lock is not None:
             self.lock.release()
         self.store.close()
+
+
+def _is_ready(rec):
+    return rec is not None and rec.get("state") == "ready"
 
 
 def _ready_store(sr):
@@ -292,21 +318,39 @@ def _not_regular(store, key, what):
 
 def _open_data(store, key, flags):
     """Open `key`'s data file. Someone else's symlink, directory, FIFO or device put in its
-    place is neither followed nor waited on (O_NOFOLLOW, O_NONBLOCK, then fstat): a
-    structured error instead, and the entry is left as it is."""
+    place is neither followed nor waited on (O_NOFOLLOW, O_NONBLOCK, then fstat), and a data
+    file with another name (a hard link, maybe outside the SR) is not ours alone: a structured
+    error instead, and the entry is left as it is."""
     try:
-        return store.open_regular(_img(key), flags)
+        fd = store.open_regular(_img(key), flags)
     except FileNotFoundError:
         raise _not_regular(store, key, "missing") from None
     except NotRegularFile:
         raise _not_regular(store, key, "not a regular file: left untouched") from None
+    try:
+        links = os.fstat(fd).st_nlink
+    except BaseException:
+        os.close(fd)
+        raise
+    if links != 1:
+        os.close(fd)
+        raise _not_regular(store, key, f"hard-linked ({links} names, maybe outside the SR): "
+                           "left untouched")
+    return fd
+
+
+def _usable(st):
+    """True if the lstat `st` of a data file is one a datapath may be given: a regular file
+    with no other name (a hard link could be a file outside the SR)."""
+    return st is not None and S_ISREG(st.st_mode) and st.st_nlink == 1
 
 
 def _volume(path, datapath, rec, st, qpath=None):
     """The interface's volume record. `st` is the lstat of the data file: if that is not a
-    regular file (missing, or replaced by a symlink, directory, ...), the volume is reported
-    with sizes 0 and no URI: a datapath opens the URI's path, and a symlink could lead anywhere
-    in dom0. Without a URI the daemon refuses to attach it, but it can still be destroyed."""
+    regular file of ours alone (missing, replaced by a symlink, directory, ..., or hard-linked),
+    the volume is reported with no URI: a datapath opens the URI's path, and a symlink or a
+    link could lead anywhere in dom0. Without a URI the daemon refuses to attach it, but it can
+    still be destroyed. Sizes are those of a regular file, else 0."""
     key = rec["key"]
     regular = st is not None and S_ISREG(st.st_mode)
     location = f"{qpath or quote_path(path)}/{key}.img"     # a key needs no quoting
@@ -319,20 +363,77 @@ def _volume(path, datapath, rec, st, qpath=None):
         "sharable": rec["sharable"],
         "virtual_size": st.st_size if regular else 0,
         "physical_utilisation": st.st_blocks * 512 if regular else 0,
-        "uri": [f"{scheme}://{location}" for scheme in datapath] if regular else [],
+        "uri": [f"{scheme}://{location}" for scheme in datapath] if _usable(st) else [],
         "keys": dict(rec["keys"]),
     }
 
 
-def _read_volume_record(store, key):
+def _foreign_volume(key, rec, why, st):
+    """A volume whose record this plugin does not understand (see _load): listed, so that it
+    shows up (xapi's SR.scan forgets what is not listed) and can be destroyed, but read-only
+    and without a URI, its description saying why."""
+    name = rec.get("name") if type(rec) is dict else None
+    return _volume("", (), {
+        "key": key, "name": name if type(name) is str else "",
+        "description": f"file-raw cannot use this volume: its record {why}",
+        "read_write": False, "sharable": False, "keys": {}}, st)
+
+
+# What _load finds under a key's record name:
+MISSING = "missing"         # nothing
+READY = "ready"             # a volume record this plugin understands, state ready
+UNFINISHED = "unfinished"   # a record of ours in state creating/destroying: a call's work
+FOREIGN = "foreign"         # anything else in a file: unknown state, malformed, garbage, FIFO...
+PLANTED_DIR = "directory"   # a directory: not a record at all, never removed
+
+_UNFINISHED_STATES = ("creating", "destroying")
+_READY_FIELDS = (("name", str), ("description", str), ("read_write", bool),
+                 ("sharable", bool), ("keys", dict))
+
+
+def _record_problem(rec, key):
+    """Why `rec` (parsed JSON) is not a record of volume `key` this plugin understands, or
+    None. A record in state creating/destroying need only name its key: those are removed."""
+    if type(rec) is not dict:
+        return "is not a JSON object"
+    if rec.get("key") != key:
+        return f"names another volume ({str(rec.get('key'))[:40]!r})"
+    state = rec.get("state")
+    if state in _UNFINISHED_STATES:
+        return None
+    if state != "ready":
+        return f"has a state this plugin does not know ({str(state)[:40]!r})"
+    for field, kind in _READY_FIELDS:
+        if type(rec.get(field)) is not kind:
+            return f"has no {kind.__name__} {field!r}"
+    if not all(type(k) is str and type(v) is str for k, v in rec["keys"].items()):
+        return "has keys that are not strings"
+    return None
+
+
+def _load(store, key):
+    """(status, record, why) of `key`: status is one of MISSING, READY, UNFINISHED, FOREIGN,
+    PLANTED_DIR above; `why` says what is wrong with a FOREIGN record (also logged)."""
+    name = _rec(key)
     try:
-        rec = store.read(_rec(key))
-    except ValueError as e:
-        _log(40, f"{store.path}/{_rec(key)}: unreadable volume record, ignored: {e}")
-        return None
-    if type(rec) is not dict or rec.get("key") != key:
-        return None
-    return rec
+        rec = store.read(name)
+    except NotRegularFile:
+        st = store.stat(name)
+        if st is not None and S_ISDIR(st.st_mode):
+            _log(40, f"{store.path}/{name}: a directory, not a volume record: left in place")
+            return PLANTED_DIR, None, "is a directory"
+        rec, why = None, "is not a regular file"
+    except ValueError as e:             # not JSON, not UTF-8
+        rec, why = None, f"is not readable ({str(e)[:80]})"
+    else:
+        if rec is None:
+            return MISSING, None, None
+        why = _record_problem(rec, key)
+        if why is None:
+            return (READY if rec["state"] == "ready" else UNFINISHED), rec, None
+    _log(40, f"{store.path}/{name}: volume record not understood: it {why}; "
+         "listed without URI, never removed but by Volume.destroy or SR.destroy")
+    return FOREIGN, rec, why
 
 
 def _write_new_record(store, key, rec):
@@ -348,18 +449,9 @@ def _write_new_record(store, key, rec):
 def _remove_volume_files(store, key):
     """Data first, then the record, then the lock: a crash between two steps leaves a record
     (state creating or destroying) that the next SR.ls or locked call finishes removing.
-    A directory in place of the data file is not ours to remove (it was put there by someone
-    else, and may hold anything): it is left in place, said in the log, and the volume goes."""
-    try:
-        removed = store.unlink(_img(key))
-    except OSError as e:
-        st = store.stat(_img(key)) if e.errno in (errno.EISDIR, errno.EPERM) else None
-        if st is None or not S_ISDIR(st.st_mode):
-            raise           # e.g. an immutable data file: the volume stays, nothing leaks
-        _log(30, f"{store.path}/{_img(key)}: a directory, not the volume's data file: "
-             "left in place")
-        removed = False
-    if removed:
+    A directory under any of these names is not ours to remove (someone else put it there and
+    it may hold anything): Store.unlink leaves it in place and logs it, and the volume goes."""
+    if store.unlink(_img(key)):
         store.fsync_dir()
     faultpoint("remove:data-gone")
     store.unlink(_rec(key))
@@ -368,19 +460,52 @@ def _remove_volume_files(store, key):
     store.unlink(key + LOCK_SUFFIX)
 
 
+def _destroy_volume(store, key, status, rec, mark=True):
+    """Remove volume `key` (its lock held) whatever its record (_load's `status`, `rec`).
+
+    With `mark`, the record is first rewritten `destroying` so that a call killed midway
+    leaves work the next SR.ls finishes. Writing it needs a free inode and block; on a full SR
+    (ENOSPC/EDQUOT) there may be neither, and freeing space must still work: then the data
+    goes first, with the record as it was. A call killed between the two leaves a volume
+    listed with sizes 0 and no URI until the destroy is retried: nothing lost, nothing hidden.
+    """
+    if mark and status in (READY, FOREIGN):
+        new = dict(rec, state="destroying") if status == READY else \
+            {"key": key, "state": "destroying"}
+        try:
+            store.write(_rec(key), new, owner=key)
+        except OSError as e:
+            if not is_enospc(e):
+                raise
+            _log(30, f"{store.path}: volume {key}: no space to mark it destroying ({e}): "
+                 "its data is removed first")
+    faultpoint("destroy:marked")
+    for t in store.temporaries().get(key, ()):
+        store.unlink(t)
+    _remove_volume_files(store, key)
+
+
+def _lock_volume(store, key, blocking=True):
+    """The lock of volume `key` (see Store.lock; planted entries under its name are removed
+    under sr.meta.lock, so that two callers never remove each other's fresh lock file)."""
+    return store.lock(key + LOCK_SUFFIX, blocking=blocking,
+                      repair=lambda: store.lock(SR_META + LOCK_SUFFIX))
+
+
 def _settle(store, key):
-    """Call with `key`'s lock held. Returns the ready record, or None after removing whatever
-    a killed create/snapshot/clone/destroy left behind for this key."""
-    rec = _read_volume_record(store, key)
-    if rec is not None and rec.get("state") == "ready":
-        return rec
-    if rec is not None:
-        _log(30, f"{store.path}: removing volume {key} left in state {rec.get('state')!r} "
+    """Call with `key`'s lock held. (status, record, why) as _load says, after removing what a
+    killed create/snapshot/clone/destroy left behind for this key (a record of ours in state
+    creating or destroying; a lock file without a record). Nothing else is ever removed: a
+    record in a state this plugin does not know may be a newer version's, on a shared SR."""
+    status, rec, why = _load(store, key)
+    if status == UNFINISHED:
+        _log(30, f"{store.path}: removing volume {key} left in state {rec['state']!r} "
              "by a killed call")
         _remove_volume_files(store, key)
-    else:
+        return MISSING, None, None
+    if status == MISSING:
         store.unlink(key + LOCK_SUFFIX)
-    return None
+    return status, rec, why
 
 
 class _VolumeLocks:
@@ -395,7 +520,7 @@ class _VolumeLocks:
         records = {}
         try:
             for key in self.keys:
-                self.locks.append(self.store.lock(key + LOCK_SUFFIX))
+                self.locks.append(_lock_volume(self.store, key))
                 records[key] = _settle(self.store, key)
         except BaseException:
             self.__exit__()
@@ -408,9 +533,12 @@ class _VolumeLocks:
 
 
 def _require(records, key):
-    rec = records[key]
-    if rec is None:
+    status, rec, why = records[key]
+    if status in (MISSING, PLANTED_DIR):
         raise Volume_does_not_exist(key)
+    if status != READY:
+        raise XenAPIError("SR_BACKEND_FAILURE", [
+            "Volume record not understood", key, f"the record {why}: only destroy is allowed"])
     return rec
 
 
@@ -447,7 +575,7 @@ class Plugin(base.Plugin):
                 f"reflink {'disabled by XAPI_STORAGE_NO_REFLINK' if reflink_disabled() else 'tried first'}")
 
 
-@_space_errors
+@_os_errors
 class SR(base.SR):
     def probe(self, dbg, configuration):
         path = _config_path(configuration)
@@ -474,7 +602,7 @@ class SR(base.SR):
                 subdirs = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
         except OSError as e:
             raise _config_error("path", f"{path}: cannot list: {e.strerror}") from None
-        for name in subdirs[:1000]:
+        for name in subdirs:        # every one: an SR left out would be invisible
             sub = f"{path}/{name}"
             rec = _probe_dir(sub)
             if type(rec) is dict and rec.get("state") == "ready":
@@ -503,6 +631,10 @@ class SR(base.SR):
             raise _config_error("path", f"the parent of {path} does not exist") from None
         if not os.path.isdir(path):
             raise _config_error("path", f"{path} exists and is not a directory")
+        if os.stat(path).st_mode & S_IWOTH:
+            # anyone could plant files under the SR's names (or hard links to their own)
+            raise _config_error("path", f"{path} is writable by every user: give a directory "
+                                "only root can write (chmod o-w)")
         try:
             # the directory's entry survives a crash (also on the retry of a killed call)
             _fsync_path(os.path.dirname(path))
@@ -545,14 +677,22 @@ class SR(base.SR):
                 if rec is None:         # a concurrent SR.destroy finished first
                     store.unlink(SR_LOCK)       # which this call may have just re-made
                     raise SR_does_not_exist(sr)
-                if rec.get("state") != "destroying":
-                    store.write(SR_RECORD, dict(rec, state="destroying"), owner=SR_META)
+                marked = rec.get("state") == "destroying"
+                if not marked:
+                    marked = _mark_sr_destroying(store, rec)
                 faultpoint("sr-destroy:marked")
                 names = store.names()
                 keys = {n[:-5] for n in names if n.endswith(".json") and is_uuid(n[:-5])}
                 for key in sorted(keys):
-                    _remove_volume_files(store, key)
+                    if marked:
+                        _remove_volume_files(store, key)
+                    else:       # a ready SR: each volume goes as Volume.destroy does it
+                        status, vrec, _ = _load(store, key)
+                        _destroy_volume(store, key, status, vrec)
                     faultpoint("sr-destroy:volume-gone")
+                if not marked:  # no SR left behind that is ready but has no lock file
+                    store.unlink(SR_RECORD)
+                    store.fsync_dir()
                 for n in names:
                     if n.startswith(".tmp.") or (n.endswith(LOCK_SUFFIX) and is_uuid(n[:-5])):
                         store.unlink(n)
@@ -586,6 +726,21 @@ class SR(base.SR):
             return _list_volumes(store, srrec)
 
 
+def _mark_sr_destroying(store, rec):
+    """Rewrite sr.json `destroying` (only SR.destroy accepts it then); False if the SR is too
+    full to write it (ENOSPC/EDQUOT): SR.destroy then removes the volumes one by one as
+    Volume.destroy does (the first freed makes room) and sr.json before the lock files."""
+    try:
+        store.write(SR_RECORD, dict(rec, state="destroying"), owner=SR_META)
+        return True
+    except OSError as e:
+        if not is_enospc(e):
+            raise
+        _log(30, f"{store.path}: no space to mark the SR destroying ({e}): "
+             "its volumes are removed one by one")
+        return False
+
+
 def _check_creatable(store, uuid):
     """The SR record if `store` already holds this SR (a retry), None if the directory is free
     for a new SR, else the error that says why not."""
@@ -604,7 +759,8 @@ def _check_creatable(store, uuid):
 
 def _create_sr(path, uuid, name, description, datapath):
     with Store(path) as store:
-        if _check_creatable(store, uuid) is not None:     # before making the lock file
+        if _check_creatable(store, uuid) is not None:     # a retry: the SR is there
+            store.lock(SR_LOCK, exclusive=False).release()  # (makes a lost sr.lock again)
             return
         with store.lock(SR_LOCK):
             if _check_creatable(store, uuid) is None:
@@ -616,7 +772,14 @@ def _create_sr(path, uuid, name, description, datapath):
                 rec = {"format": SR_FORMAT, "version": SR_FORMAT_VERSION, "state": "ready",
                        "uuid": uuid, "name": name, "description": description,
                        "datapath": list(datapath or DEFAULT_DATAPATH)}
-                store.write(SR_RECORD, rec, owner=SR_META)
+                try:
+                    store.write(SR_RECORD, rec, owner=SR_META)
+                except BaseException:
+                    # no SR was made (a full filesystem, say): leave the directory as empty
+                    # as it was (the lock is unlinked held, as SR.destroy does)
+                    store.unlink(SR_META + LOCK_SUFFIX)
+                    store.unlink(SR_LOCK)
+                    raise
 
 
 def _fsync_path(path):
@@ -695,13 +858,14 @@ def _list_volumes(store, srrec):
             key = n[:-5]
             if not is_uuid(key):
                 continue
-            rec = _read_volume_record(store, key)
-            if rec is None:
-                continue
-            if rec.get("state") == "ready":
+            status, rec, why = _load(store, key)
+            if status == READY:
                 result.append(_volume(path, datapath, rec, store.stat(_img(key)), qpath))
                 listed.add(key)
-            else:
+            elif status == FOREIGN:
+                result.append(_foreign_volume(key, rec, why, store.stat(_img(key))))
+                listed.add(key)
+            elif status == UNFINISHED:
                 unsettled.add(key)
         elif n.endswith(LOCK_SUFFIX) and is_uuid(n[:-5]) and (n[:-5] + ".json") not in present:
             unsettled.add(n[:-5])
@@ -709,13 +873,16 @@ def _list_volumes(store, srrec):
     unsettled.update(k for k in tmps if is_uuid(k))
     for key in sorted(unsettled):
         try:
-            lock = store.lock(key + LOCK_SUFFIX, blocking=False)
+            lock = _lock_volume(store, key, blocking=False)
             if lock is None:
                 continue                                # a call on it is running
             with lock:
-                rec = _settle(store, key)
-                if rec is not None and key not in listed:   # finished since we listed
-                    result.append(_volume(path, datapath, rec, store.stat(_img(key))))
+                status, rec, why = _settle(store, key)
+                if key not in listed:                   # finished since we listed
+                    if status == READY:
+                        result.append(_volume(path, datapath, rec, store.stat(_img(key))))
+                    elif status == FOREIGN:
+                        result.append(_foreign_volume(key, rec, why, store.stat(_img(key))))
                 for t in tmps.get(key, ()):
                     store.unlink(t)
         except OSError as e:
@@ -731,7 +898,7 @@ def _list_volumes(store, srrec):
     return result
 
 
-@_space_errors
+@_os_errors
 class Volume(base.Volume):
     def create(self, dbg, sr, name, description, size, sharable):
         _want_str("name", name)
@@ -774,34 +941,31 @@ class Volume(base.Volume):
     def destroy(self, dbg, sr, key):
         _volume_key(key)
         with _Attached(sr) as (store, _):
-            with store.lock(key + LOCK_SUFFIX):
-                rec = _read_volume_record(store, key)
-                if rec is None:                 # already gone: destroy is idempotent
+            with _lock_volume(store, key):
+                status, rec, _ = _load(store, key)
+                if status == MISSING:           # already gone: destroy is idempotent
                     store.unlink(key + LOCK_SUFFIX)
                     return None
-                if rec.get("state") != "destroying":
-                    rec["state"] = "destroying"
-                    store.write(_rec(key), rec, owner=key)
-                faultpoint("destroy:marked")
-                tmps = store.temporaries().get(key, ())
-                for t in tmps:
-                    store.unlink(t)
-                _remove_volume_files(store, key)
+                # whatever the record (even one this plugin does not understand): the
+                # caller named this volume
+                _destroy_volume(store, key, status, rec)
         return None
 
     def stat(self, dbg, sr, key):
         _volume_key(key)
         store, srrec = _ready_store(sr)
         with store:
-            rec = _read_volume_record(store, key)
-            if rec is None or rec.get("state") != "ready":
+            status, rec, why = _load(store, key)
+            if status == FOREIGN:
+                return _foreign_volume(key, rec, why, store.stat(_img(key)))
+            if status != READY:
                 raise Volume_does_not_exist(key)
             st = store.stat(_img(key))
-            if st is None or not S_ISREG(st.st_mode):
+            if not _usable(st):
                 # no URI then (see _volume): VDI.destroy, which stats first, still works
-                _log(40, _not_regular(store, key, "missing" if st is None else
-                                      "not a regular file: left untouched").params[2]
-                     + ": reported without URIs")
+                what = ("missing" if st is None else "not a regular file" if not
+                        S_ISREG(st.st_mode) else f"hard-linked ({st.st_nlink} names)")
+                _log(40, f"{store.path}/{_img(key)} is {what}: reported without URIs")
             return _volume(store.path, srrec.get("datapath", DEFAULT_DATAPATH), rec, st)
 
     def set(self, dbg, sr, key, k, v):

@@ -22,7 +22,7 @@ from . import lvm as lvmmod
 from .command import CommandTimeout
 from .file_raw import (
     DATAPATHS, DEFAULT_DATAPATH, _argument_error, _config, _config_datapath, _config_error,
-    _no_space, _size_error, _volume_key, _want_bool, _want_size, _want_str,
+    _no_space, _os_errors, _size_error, _volume_key, _want_bool, _want_size, _want_str,
 )
 from .store import faultpoint, is_safe_name, is_uuid, new_uuid
 
@@ -473,6 +473,7 @@ def _probe_result(config, vgrow, rec):
 
 
 @_lvm_errors
+@_os_errors         # lock waits past their bound, a full or read-only dom0
 class SR(base.SR):
     def probe(self, dbg, configuration):
         config = {k: v for k, v in _config(configuration).items() if k != "sr_uuid"}
@@ -694,6 +695,7 @@ def _forget_stray_locks(vg, lv_names):
 
 
 @_lvm_errors
+@_os_errors         # lock waits past their bound, a full or read-only dom0
 class Volume(base.Volume):
     def create(self, dbg, sr, name, description, size, sharable):
         _want_str("name", name)

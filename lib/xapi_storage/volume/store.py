@@ -24,9 +24,11 @@ name of the lock its writer holds, so a stale temporary file is one whose owner'
 import errno
 import fcntl
 import os
-from stat import S_ISREG
+import time
+from stat import S_ISDIR, S_ISREG
 
 from ..sdk import jsonio     # strict JSON without importing `json` (start-up time)
+from ..sdk import log
 
 TMP_PREFIX = ".tmp."
 LOCK_SUFFIX = ".lock"
@@ -133,6 +135,117 @@ class NotRegularFile(ValueError):
     """An entry of the store is not the regular file it should be (someone else put it there)."""
 
 
+class LockTimeout(Exception):
+    """A lock could not be had within its bound (see `lock_wait_limits`)."""
+
+
+# --- bounded lock waits --------------------------------------------------------------------------
+# The toolstack's daemon has no timeout of its own, so no lock wait may be endless. Two bounds:
+#
+# * STOPPED_WAIT (5 s): the holders of the lock, as the kernel lists them in /proc/locks, are all
+#   stopped (SIGSTOP, ^Z) or traced, and stay so for this long. A stopped process makes no
+#   progress until someone resumes it, which may be never; 5 s lets a brief stop (a debugger
+#   step, ^Z then bg) pass.
+# * MAX_WAIT (6 h, $XAPI_STORAGE_LOCK_WAIT seconds): any holder, running or not. A lock is
+#   legitimately held for a long time by a copy (a snapshot or clone of a 2 TiB volume without
+#   reflinks is about 3 h at 200 MB/s), and a waiter behind it must not fail early; this bound
+#   only catches what the first cannot see: a holder on another host (NFS), in another pid
+#   namespace, or stuck in the kernel on dead storage.
+STOPPED_WAIT = 5.0
+DEFAULT_MAX_WAIT = 6 * 3600.0
+
+
+def lock_wait_limits():
+    """(stopped_wait, max_wait) in seconds; max_wait from $XAPI_STORAGE_LOCK_WAIT if set."""
+    text = os.environ.get("XAPI_STORAGE_LOCK_WAIT")
+    try:
+        max_wait = float(text) if text else DEFAULT_MAX_WAIT
+    except ValueError:
+        max_wait = DEFAULT_MAX_WAIT
+    if not max_wait > 0:
+        max_wait = DEFAULT_MAX_WAIT
+    return min(STOPPED_WAIT, max_wait), max_wait
+
+
+def parse_proc_locks(text, dev, ino):
+    """The pids holding (not waiting for) a lock on inode `ino` of device `dev`, from the text
+    of /proc/locks ("1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have "->")."""
+    want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
+    pids = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or fields[1] == "->":
+            continue
+        if fields[5] == want and fields[4].isdigit() and fields[4] != "0":
+            pids.add(int(fields[4]))
+    return pids
+
+
+def _proc_state(pid):
+    """The one-letter state of process `pid` (R, S, D, T, t, ...), or None if not visible."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:][:1].decode()
+    except (OSError, ValueError):
+        return None
+
+
+def lock_holders(fd):
+    """{pid: state} of the processes (other than this one) holding a lock on `fd`'s inode."""
+    st = os.fstat(fd)
+    try:
+        with open("/proc/locks") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    me = os.getpid()
+    return {pid: _proc_state(pid) for pid in parse_proc_locks(text, st.st_dev, st.st_ino)
+            if pid != me}
+
+
+def flock_bounded(fd, op, what):
+    """flock(fd, op) (op without LOCK_NB), waiting at most as `lock_wait_limits` says;
+    LockTimeout (naming `what` and the holders) when a bound expires."""
+    try:
+        fcntl.flock(fd, op | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    stopped_wait, max_wait = lock_wait_limits()
+    start = time.monotonic()
+    stopped_since = None
+    pause = 0.01
+    while True:
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        now = time.monotonic()
+        holders = lock_holders(fd)
+        if holders and all(s in ("T", "t") for s in holders.values()):
+            stopped_since = now if stopped_since is None else stopped_since
+            if now - stopped_since >= stopped_wait:
+                raise LockTimeout(
+                    f"{what} is held by stopped process(es) {_pids(holders)}: gave up after "
+                    f"{now - start:.0f} s (a stopped holder is waited for {stopped_wait:g} s)")
+        else:
+            stopped_since = None
+        if now - start >= max_wait:
+            raise LockTimeout(
+                f"{what} is still held after {max_wait:g} s"
+                + (f" by process(es) {_pids(holders)}" if holders else
+                   " by a process not visible here (another host or pid namespace)")
+                + " (bound: $XAPI_STORAGE_LOCK_WAIT)")
+
+
+def _pids(holders):
+    return ", ".join(f"{pid} (state {state or '?'})" for pid, state in sorted(holders.items()))
+
+
 class Lock:
     """A held flock on a file of the store; release() (or the with block) closes it."""
 
@@ -203,11 +316,22 @@ class Store:
         return self.stat(name) is not None
 
     def unlink(self, name):
-        """Remove an entry; True if it was there."""
+        """Remove an entry; True if it was there and is gone. A directory under one of our
+        names was put there by someone else and may hold anything: it is never removed, only
+        logged (False). Any other failure (EPERM of an immutable file, EROFS) is raised."""
         try:
             os.unlink(name, dir_fd=self.dfd)
             return True
         except FileNotFoundError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EISDIR, errno.EPERM):
+                raise
+            st = self.stat(name)
+            if st is None or not S_ISDIR(st.st_mode):
+                raise
+            log.warning("%s/%s: a directory, not one of our files: left in place",
+                        self.path, name)
             return False
 
     def open(self, name, flags, mode=0o600):
@@ -287,21 +411,37 @@ class Store:
         self.fsync_dir()
 
     # locks ----------------------------------------------------------------------------------
-    def lock(self, name, exclusive=True, blocking=True, create=True):
+    def lock(self, name, exclusive=True, blocking=True, create=True, repair=None):
         """flock the file `name` (created if missing and `create`).
 
         Returns a Lock, or None if `name` does not exist (create=False), or if not `blocking`
-        and another process holds a conflicting lock.
+        and another process holds a conflicting lock. A blocking wait is bounded
+        (`flock_bounded`: LockTimeout).
+
+        Entries planted under the lock's name never wedge it: a directory is locked itself
+        (flock works on a directory), and a symlink, FIFO, socket or device node is removed
+        (never followed nor opened as such) and the lock file made anew; `repair`, if given,
+        is a callable returning a held Lock that serialises such removals, so that two callers
+        can never remove each other's fresh lock file. On a read-only filesystem an existing
+        lock file is opened read-only (flock does not need write access).
         """
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
+        op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         while True:
             try:
-                fd = self.open(name, flags)
+                fd = self._open_lock(name, flags)
             except FileNotFoundError:
                 return None
+            except NotRegularFile:
+                self._remove_planted(name, repair)
+                if not create:
+                    return None
+                continue
             try:
-                fcntl.flock(fd, op)
+                if blocking:
+                    flock_bounded(fd, op, f"{self.path}/{name}")
+                else:
+                    fcntl.flock(fd, op | fcntl.LOCK_NB)
                 held = os.fstat(fd)
                 now = self.stat(name)
             except BlockingIOError:
@@ -316,6 +456,47 @@ class Store:
             os.close(fd)
             if not create:
                 return None
+
+    def _open_lock(self, name, flags):
+        """A descriptor to flock for `name`: the regular file (made if flags say O_CREAT), or
+        the directory planted there. NotRegularFile for anything else."""
+        try:
+            fd = self.open(name, flags | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno == errno.EISDIR:
+                return self.open(name, os.O_RDONLY | os.O_DIRECTORY)
+            if e.errno in (errno.ELOOP, errno.ENXIO):
+                raise NotRegularFile(f"{self.path}/{name} is not a regular file") from None
+            if e.errno == errno.EROFS:
+                # read-only filesystem: an existing file can still be locked
+                try:
+                    fd = self.open(name, os.O_RDONLY | os.O_NONBLOCK)
+                except FileNotFoundError:
+                    raise e from None
+            else:
+                raise
+        try:
+            mode = os.fstat(fd).st_mode
+        except BaseException:
+            os.close(fd)
+            raise
+        if S_ISREG(mode) or S_ISDIR(mode):
+            return fd
+        os.close(fd)
+        raise NotRegularFile(f"{self.path}/{name} is not a regular file")
+
+    def _remove_planted(self, name, repair):
+        """Remove the symlink, FIFO, socket or device node under the lock name `name`."""
+        guard = repair() if repair is not None else None
+        try:
+            st = self.stat(name)
+            if st is not None and not S_ISREG(st.st_mode) and not S_ISDIR(st.st_mode):
+                log.warning("%s/%s: not a lock file (mode %o): removed", self.path, name,
+                            st.st_mode)
+                self.unlink(name)
+        finally:
+            if guard is not None:
+                guard.release()
 
     def temporaries(self, names=None):
         """{owner: [temporary file names]} for the temporary files in the directory."""

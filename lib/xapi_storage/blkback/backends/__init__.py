@@ -122,6 +122,25 @@ def full_pwritev(fd, iovs, offset, want=None):
         n = os.pwritev(fd, iovs, offset)
 
 
+def open_checked(path, flags, is_kind, hint):
+    """Open `path` for a backend and check its type with `is_kind` (stat.S_ISREG, ...).
+
+    The open itself never waits: O_NONBLOCK makes a FIFO (or a device whose open blocks)
+    return at once, so a wrong --path cannot hang `blkback connect` in open() where no signal
+    can end it; the type is then checked on the descriptor (no race with a rename) and
+    O_NONBLOCK dropped again. StorageError(EINVAL) naming `hint` for a wrong type."""
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not is_kind(mode):
+            raise StorageError(errno.EINVAL, f"{path} is not {hint}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 KINDS = ("raw", "cow", "null", "block")
 
 

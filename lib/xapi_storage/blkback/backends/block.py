@@ -6,7 +6,7 @@ import os
 import stat
 import struct
 
-from . import Storage, StorageError, full_preadv, full_pwritev
+from . import Storage, StorageError, full_preadv, full_pwritev, open_checked
 
 BLKGETSIZE64 = 0x80081272
 BLKDISCARD = 0x1277
@@ -20,11 +20,8 @@ class BlockDevice(Storage):
 
     def __init__(self, path, readonly=False):
         self.path = path
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-        self.fd = os.open(path, flags)
-        if not stat.S_ISBLK(os.fstat(self.fd).st_mode):
-            os.close(self.fd)
-            raise StorageError(errno.ENOTBLK, f"{path} is not a block device")
+        self.fd = open_checked(path, os.O_RDONLY if readonly else os.O_RDWR, stat.S_ISBLK,
+                               "a block device")
         ro = struct.unpack("i", fcntl.ioctl(self.fd, BLKROGET, b"\0" * 4))[0]
         self.readonly = readonly or bool(ro)
 

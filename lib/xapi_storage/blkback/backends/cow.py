@@ -12,9 +12,10 @@ meant to survive a crash.
 
 import errno
 import os
+import stat
 import tempfile
 
-from . import Storage, StorageError, full_preadv, full_pwritev
+from . import Storage, StorageError, full_preadv, full_pwritev, open_checked
 from .raw import punch_hole
 
 BLOCK = 4096
@@ -46,7 +47,8 @@ class CopyOnWrite(Storage):
     def __init__(self, gold, readonly=False, overlay_dir=None):
         self.path = gold
         self.readonly = readonly
-        self.gold = os.open(gold, os.O_RDONLY | os.O_CLOEXEC)
+        self.gold = open_checked(gold, os.O_RDONLY, stat.S_ISREG, "a regular file (the gold "
+                                 "image of --backend cow)")
         n = os.fstat(self.gold).st_size
         self._size = n - n % 512
         self.overlay = -1

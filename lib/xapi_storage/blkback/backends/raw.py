@@ -14,7 +14,7 @@ import errno
 import mmap
 import os
 
-from . import Storage, StorageError, full_preadv, full_pwritev
+from . import Storage, StorageError, full_preadv, full_pwritev, open_checked
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -49,14 +49,9 @@ class RawFile(Storage):
         self._map = None
         self._mv = None
         self._mapped = 0
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-        self.fd = os.open(path, flags)
-        st = os.fstat(self.fd)
         import stat
-        if not stat.S_ISREG(st.st_mode):
-            os.close(self.fd)
-            raise StorageError(errno.EINVAL, f"{path} is not a regular file "
-                               "(use --backend block for a block device)")
+        self.fd = open_checked(path, os.O_RDONLY if readonly else os.O_RDWR, stat.S_ISREG,
+                               "a regular file (use --backend block for a block device)")
 
     @property
     def pio_fd(self):
