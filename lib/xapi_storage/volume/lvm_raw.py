@@ -43,8 +43,8 @@ CONFIGURATION = {
     "device": "comma-separated block devices that make the SR's volume group (SR.create "
               "makes them LVM physical volumes; a device holding a filesystem or another "
               "VG is refused)",
-    "datapath": "comma-separated datapath preference for volume URIs, from blkback and "
-                "pyblkback (default: blkback,pyblkback)",
+    "datapath": "the datapath of every volume's URI: blkback (default) or pyblkback (of a "
+                "comma-separated list only the first name is used: a volume has one URI)",
     "provisioning": "thick (default: every volume a plain LV of its full size) or thin "
                     "(volumes in one thin pool, allocated as they are written)",
     "overprovision": "thin only: new volumes and snapshots are refused once the sum of the "
@@ -322,7 +322,10 @@ def _volume(vg, srrec, rec, row):
         "key": key, "uuid": key, "name": rec["name"], "description": rec["description"],
         "read_write": rec["read_write"], "sharable": rec["sharable"],
         "virtual_size": row["size"], "physical_utilisation": used,
-        "uri": [f"{scheme}://{location}" for scheme in datapath],
+        # ONE URI, for the SR's first datapath: the rule file-raw follows (docs/file-raw.md,
+        # branch datapath): with two schemes the daemon could send a non-persistent disk's
+        # Datapath.open to one plugin and its attach and close to the other
+        "uri": [f"{datapath[0]}://{location}"],
         "keys": dict(rec["keys"]),
     }
 
