@@ -8,9 +8,6 @@ checkout, with the installed package in dom0's venv); each test here runs one an
 its report.
 """
 
-import json
-import time
-
 import pytest
 
 pytestmark = pytest.mark.xen
@@ -84,64 +81,3 @@ def test_nfs_raw_killed_at_every_fault_point(bed, export):
 def test_nfs_raw_server_away_20s_under_writes_hard_mount(bed, export):
     out = _run(bed, "nfs_outage_hard_mount", timeout=900)
     assert "writer done" in out
-
-
-# --- volumes served to the PV guest by `xapi-storage blkback connect` (until the datapath
-# plugins land, the way the issue asks): pyblkback opens the path of the volume's URI
-
-def _state(out):
-    line = [ln for ln in out.splitlines() if ln.startswith("  state ")][-1]
-    return json.loads(line[len("  state "):])
-
-
-def test_lvm_raw_volume_in_the_guest_ext4_then_fsck(bed, guest):
-    from test_pyblkback_real import Served, _guest_wait_disk
-    st = _state(_run(bed, "lvm_guest_prepare"))
-    try:
-        s = Served(bed, guest, st["path"], "--backend", "block")
-        try:
-            _guest_wait_disk(guest, s.name)
-            guest.run("mkdir -p /mnt/v && mount -t ext4 /dev/%s /mnt/v && mkdir /mnt/v/guest && "
-                      "echo from the guest > /mnt/v/guest/hello && "
-                      "dd if=/dev/urandom of=/mnt/v/guest/blob bs=64k count=64 2>/dev/null && "
-                      "sync && umount /mnt/v" % s.name, timeout=300, check=True)
-        finally:
-            res = s.stop()
-        assert res.rc == 0, res.stderr[-2000:]
-    finally:
-        out = _run(bed, "lvm_guest_fsck")
-    assert "fsck: 0" in out
-
-
-def test_nfs_raw_server_away_20s_under_guest_writes(bed, guest, export):
-    """The guest writes (fio, verified) to an nfs-raw volume served from the hard mount while
-    dom0's NFS server stops for 20 s: no error in the guest, every block verifies."""
-    from test_pyblkback_real import Served, _guest_dmesg, _dmesg_problems, _guest_wait_disk
-    st = _state(_run(bed, "nfs_guest_prepare"))
-    try:
-        s = Served(bed, guest, st["path"])
-        outage = None
-        try:
-            _guest_wait_disk(guest, s.name)
-            dmesg_before = len(_guest_dmesg(guest).splitlines())
-            outage = bed.spawn(["sh", "-c", "sleep 5; rpc.nfsd 0; echo stopped; sleep 20; "
-                                "rpc.nfsd 4; echo restarted"], name="nfs-outage")
-            # ~32 s of paced writes, spanning the outage; then every block read back
-            res = guest.run("fio --name=w --filename=/dev/%s --rw=write --bs=64k --size=8M "
-                            "--rate=256k --direct=1 --ioengine=psync --verify=crc32c "
-                            "--verify_fatal=1 --do_verify=1 --thread --output-format=terse "
-                            "--terse-version=3" % s.name, timeout=600)
-            assert res.rc == 0, res.stderr + res.stdout
-            assert res.stdout.split(";")[4] == "0", res.stdout
-            end = time.monotonic() + 90
-            while outage.poll() is None and time.monotonic() < end:
-                time.sleep(1)
-            rc, out, err = outage.stop()
-            assert "stopped" in out and "restarted" in out, (out, err)
-            problems = _dmesg_problems(_guest_dmesg(guest).splitlines()[dmesg_before:])
-            assert not problems, problems
-        finally:
-            res = s.stop()
-            bed.dom0("rpc.nfsd 4", timeout=60)
-    finally:
-        _run(bed, "nfs_guest_cleanup")
