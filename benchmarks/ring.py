@@ -32,6 +32,7 @@ import tempfile
 import time
 
 from xapi_storage.blkback import blkif
+from xapi_storage.compat import monotonic_ns, preadv
 from xapi_storage.blkback.blkif import OP_READ, OP_WRITE, SEGMENT
 from xapi_storage.blkback.frontend import Frontend
 from xapi_storage.blkback.ring import M32
@@ -71,9 +72,9 @@ class Server:
         cmd += ["--path", path] if path else ["--size", str(size)]
         prof = os.environ.get("RING_BENCH_PROFILE")      # a directory: cProfile the server
         if prof:
-            out = os.path.join(prof, f"server-{backend}-{time.monotonic_ns()}.prof")
+            out = os.path.join(prof, f"server-{backend}-{monotonic_ns()}.prof")
             cmd = [sys.executable, "-m", "cProfile", "-o", out, "-m", "xapi_storage.cli"] + cmd[1:]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, universal_newlines=True)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -219,7 +220,7 @@ def preadv_mb_per_s(path, seconds=0.5, nbuf=32):
         while time.perf_counter() < end:
             t = time.perf_counter()
             for b in range(nbuf):
-                os.preadv(fd, iovs[b], (i * 2 * MiB) % (size - MiB))
+                preadv(fd, iovs[b], (i * 2 * MiB) % (size - MiB))
                 i += 1
             best = max(best, nbuf * MiB / (time.perf_counter() - t))
         return best / 1e6

@@ -62,7 +62,7 @@ def main(argv=None):
         env["PYTHONPATH"] = os.pathsep.join([mods] + [p for p in [env.get("PYTHONPATH")] if p])
         root = os.path.join(tmp, "root")
         subprocess.run([py, "-m", "xapi_storage.cli", "install", "--root", root,
-                        "--plugin", "datapath:bench=bench_lean"], check=True, env=env, capture_output=True)
+                        "--plugin", "datapath:bench=bench_lean", "--observer-python", "none"], check=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         d = os.path.join(root, "datapath", "bench")
         cases = {
             "python -c pass": ([py, "-c", "pass"], b""),
@@ -76,7 +76,7 @@ def main(argv=None):
         for _ in range(args.rounds):
             for k, (cmd, stdin) in cases.items():
                 t = time.perf_counter()
-                subprocess.run(cmd, input=stdin, capture_output=True, env=env)
+                subprocess.run(cmd, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
                 times[k].append(time.perf_counter() - t)
     base = statistics.median(times["python -c pass"])
     rows = [{"call": k, "median_s": round(statistics.median(v), 6),

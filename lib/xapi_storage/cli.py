@@ -16,10 +16,14 @@ import sys
 # subcommand -> module path (relative to this package). Add a row to add a subcommand.
 SUBCOMMANDS = {
     "install": ".installer",          # lay out plugin executables under a root (issue: SDK)
+    "conformance": ".conformance.cli",  # check an installed volume plugin as the daemon calls it
+    "new-plugin": ".newplugin",       # write a plugin package wired to install and conformance
     "demo": ".demo",                  # the README's main job on a default that needs no Xen
     "blkback": ".blkback.cli",        # userspace blkback ring server (connect, ...)
     "simxen": ".xen.sim.cli",         # the simulated Xen (XenStore, grants, event channels)
     "testbed": ".testbed.cli",        # the real-Xen test bed under QEMU
+    "attach": ".toolstack.cli",       # plug a volume into a running guest, as xenopsd does
+    "detach": ".toolstack.detach_cli",  # unplug it and release it in the datapath
 }
 
 

@@ -35,7 +35,8 @@ class _Failed(Exception):
 def _call(plugin, method, **args):
     args.setdefault("dbg", "demo")
     r = subprocess.run([os.path.join(plugin, method), "--json"], input=json.dumps(args),
-                       capture_output=True, text=True)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True)
     out = json.loads(r.stdout) if r.stdout.strip() else None
     shown = {k: v for k, v in args.items() if k != "dbg"}
     print(f"$ {method} {json.dumps(shown)}")
@@ -99,7 +100,9 @@ def run(args):
     try:
         exe = shutil.which("xapi-storage", path=os.path.dirname(sys.executable))
         argv = [exe] if exe else [sys.executable, "-m", "xapi_storage.cli"]
-        r = subprocess.run(argv + ["install", "--root", root], capture_output=True, text=True)
+        # observer mode is checked with this interpreter: the demo's root is not the host's
+        r = subprocess.run(argv + ["install", "--root", root, "--observer-python", sys.executable], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True)
         if r.returncode != 0:
             print(f"install failed: {r.stderr.strip()}", file=sys.stderr)
             return 1
@@ -123,8 +126,7 @@ def run(args):
         print(f"  wrote 20 bytes into {data}")
         guest_data = None
         if not args.no_ring:
-            uri = next(u for u in vol["uri"] if u.startswith("pyblkback://"))
-            guest_data = _serve_through_ring(uri.split("://", 1)[1], work)
+            guest_data = _serve_through_ring(data, work)
         snap = _call(plugin, "Volume.snapshot", sr=sr, key=vol["key"])
         clone = _call(plugin, "Volume.clone", sr=sr, key=snap["key"])
         with open(clone["uri"][0].split("://", 1)[1], "rb") as f:

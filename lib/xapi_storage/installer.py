@@ -12,8 +12,10 @@ For each plugin the installer imports its module, reads IMPLEMENTATIONS, and wri
 ROOT/volume/<name>/ (or ROOT/datapath/<scheme>/) one executable per method that the
 plugin's classes override, named Interface.method (Plugin.Query with a capital Q). Every
 executable is the same small Python 3 source file (runnable by runpy, as xapi's observer
-needs), whose shebang is the interpreter running the installer; the SDK dispatches on the
-file's name. A manifest (.xapi-storage-install.json) in each plugin directory records what
+needs), whose shebang is the interpreter running the installer with `-IS` (isolated, no
+`site`: a call pays for the interpreter and our imports, not for a scan of site-packages);
+the file itself appends to sys.path the directories the installer found the SDK, the plugin
+and site-packages in (see shim_source). The SDK dispatches on the file's name. A manifest (.xapi-storage-install.json) in each plugin directory records what
 was laid, so that:
 
   * running the installer again converges: it rewrites only files that differ, and removes
@@ -34,6 +36,12 @@ directory, if any, is left as it was); the other plugins are still installed, an
 status is 1. A directory that exists but was not laid by this installer is never touched.
 The installer also byte-compiles the modules it lays out executables for (a plugin call is
 a new process; without .pyc files each call compiles the SDK again).
+
+Last, it checks observer mode: with smapi tracing on, the daemon runs every executable with
+the host's /usr/bin/python3 (whatever the shebang says) and PYTHONPATH=<plugin dir>. The
+installer runs each laid plugin's Plugin.Query that way (--observer-python names another
+interpreter, or none); a plugin that fails is reported as an error and the exit status is 1
+(its executables stay: they work when tracing is off).
 """
 
 import errno
@@ -56,9 +64,16 @@ _EXE_NAME = re.compile(r"\A[A-Z][A-Za-z]*\.[A-Za-z][A-Za-z_]*\Z")
 _DIGEST = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
-# Under xapi's smapi tracing the daemon runs `/usr/bin/python3 -m observer <exe> --json`
-# (spec 2.1): that interpreter, not the shebang's, must be able to import the plugins.
+# Under xapi's smapi tracing the daemon runs `/usr/bin/python3 -m observer <exe> --json` with
+# PYTHONPATH=<plugin dir> (replacing its own) and cwd /; xen-api's python3/packages/observer.py
+# then runs the executable with runpy.run_path(exe, run_name="__main__"). That interpreter, not
+# the shebang's, must be able to import the SDK and the plugin: on XenServer 8 and XCP-ng 8.3
+# it is Python 3.6.
 OBSERVER_PYTHON = "/usr/bin/python3"
+# what observer.py does with no tracing configured: argv shifted to [exe, --json], then runpy
+_OBSERVER_RUN = ("import runpy, sys\n"
+                 "sys.argv = [sys.argv[1], '--json']\n"
+                 "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
 class InstallError(Exception):
@@ -93,36 +108,94 @@ class Plugin:
 
 def registered_plugins():
     """Every plugin registered through the entry point groups, sorted."""
-    from importlib.metadata import entry_points
-    eps = entry_points()
+    from .compat import entry_points
     out = []
     for kind, group in GROUPS.items():
-        found = eps.select(group=group) if hasattr(eps, "select") else eps.get(group, [])
-        for ep in found:
+        for ep in entry_points(group):
             out.append(Plugin(kind, ep.name, ep.value.split(":", 1)[0].strip()))
     return sorted(out, key=lambda p: (p.kind, p.name))
 
 
-def shim_source(module, interpreter):
-    """The text of every executable of the plugin `module`."""
+def shim_source(module, interpreter, paths=None):
+    """The text of every executable of the plugin `module`.
+
+    With `paths` (install_paths(): where the SDK, the plugin and their dependencies live for
+    the installer's own Python), the executable starts isolated and without `site`
+    (`python -IS`: no scan of site-packages and its .pth files, no PYTHONPATH, no user site;
+    the scan costs a call several times the interpreter's own start on a host with many
+    packages) and appends exactly those directories to sys.path itself, after the standard
+    library as `site` would, - only when the
+    running Python has the installer's version. Observer mode runs the file with the host's
+    python3, PYTHONPATH=<plugin dir> and `site`: on another version (3.6 on XenServer 8) the
+    directories are left out and that Python finds its own installation of the package.
+    Without `paths`: a plain shebang, and the interpreter's usual sys.path."""
     if not _MODULE.match(module):
         raise InstallError(f"{module!r} is not a module name")
     if not interpreter or any(c.isspace() for c in interpreter) or "\0" in interpreter:
         raise InstallError(f"cannot use {interpreter!r} in a shebang line (empty or has spaces)")
+    head = f"#!{interpreter}\n"
+    setup = ""
+    if paths is not None:
+        if any("\n" in p or "\0" in p for p in paths):
+            raise InstallError(f"cannot use a directory with a newline in its name: {paths!r}")
+        head = f"#!{interpreter} -IS\n"
+        setup = ("import sys\n"
+                 f"if sys.version_info[:2] == {tuple(sys.version_info[:2])!r}:  # the installer's Python\n"
+                 f"    sys.path.extend([p for p in {list(paths)!r} if p not in sys.path])\n")
     return (
-        f"#!{interpreter}\n"
+        head +
         "# A SMAPIv3 plugin executable, laid out by `xapi-storage install`: every method of the\n"
         "# plugin is a copy of this file, named Interface.method; the SDK dispatches on the name.\n"
         "# Python 3 source, runnable by runpy (xapi's observer). Do not edit: rerun the installer.\n"
+        + setup +
         "from xapi_storage.sdk.wire import main\n"
         "\n"
         f'main("{module}")\n'
     )
 
 
-def plan(plugin, interpreter):
+def install_paths(modules):
+    """The directories an executable run with `python -IS` needs on sys.path to import the SDK
+    and `modules` with what they import, as this Python finds them now: the directory each
+    one's top-level package or module was found in (the real directory, also for an editable
+    install, whose .pth file or import hook `-S` skips), then this Python's site-packages
+    (dependencies: pyxs, cffi, a vendor's own). In that order, without repeats."""
+    import importlib.util
+    import site
+    out = []
+
+    def add(d):
+        d = os.path.abspath(d)
+        if d not in out and os.path.isdir(d):
+            out.append(d)
+    for mod in list(modules) + ["xapi_storage"]:
+        top = mod.split(".")[0]
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            for loc in spec.submodule_search_locations:
+                add(os.path.dirname(loc))
+        elif spec.origin and os.path.isabs(spec.origin):
+            add(os.path.dirname(spec.origin))
+    getsite = getattr(site, "getsitepackages", None)
+    for d in (getsite() if getsite else []):
+        if d in sys.path:
+            add(d)
+    for d in sys.path:                      # a venv's site-packages (and .pth-added ones)
+        if os.path.basename(d) in ("site-packages", "dist-packages"):
+            add(d)
+    return out
+
+
+def plan(plugin, interpreter, isolated=True):
     """{file name: content} for a plugin: one executable per overridden method.
-    Imports the plugin module; raises InstallError if that fails."""
+    Imports the plugin module; raises InstallError if that fails. isolated: the executables
+    start with `-IS` and their own sys.path (shim_source); only for this very interpreter,
+    whose directories the installer knows."""
     from .sdk import errors, wire
     try:
         table = wire.load_implementations(plugin.module)
@@ -138,7 +211,8 @@ def plan(plugin, interpreter):
     if "Plugin.Query" not in names:
         raise InstallError(f"{plugin.kind} plugin {plugin.name}: it must implement Plugin.query "
                            "(the daemon and xapi call Plugin.Query to learn what it is)")
-    text = shim_source(plugin.module, interpreter)
+    paths = install_paths([plugin.module]) if isolated else None
+    text = shim_source(plugin.module, interpreter, paths)
     return {name: text for name in names}
 
 
@@ -351,25 +425,56 @@ def precompile(modules):
     return ok
 
 
-def observer_problem(modules, python=None):
-    """None if `python` (default OBSERVER_PYTHON: what xapi-storage-script runs instead of the
-    shebang when smapi tracing is on) can import the SDK and `modules`, or if there is no such
-    interpreter here; else a sentence saying what fails and why it matters."""
-    python = python or OBSERVER_PYTHON
-    if not os.path.exists(python):
-        return None
+def observer_env(plugin_dir):
+    """The environment of an executable run in observer mode: ours, as the daemon's stand-in,
+    without any PYTHON* variable (the daemon's service has none), and PYTHONPATH the plugin
+    directory alone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = plugin_dir
+    return env
+
+
+def observer_problem(plugin_dir, python):
+    """Run the plugin's Plugin.Query as the daemon does in observer mode (`python -m observer
+    <exe> --json`: runpy.run_path of the executable, PYTHONPATH=<plugin dir>, cwd /). None if
+    it answers; else a sentence saying what fails and why it matters."""
+    import json
     import subprocess
-    code = "".join(f"import {m}\n" for m in ["xapi_storage.sdk.wire", *modules])
+    exe = os.path.join(plugin_dir, "Plugin.Query")
+    request = json.dumps({"dbg": "xapi-storage install: observer-mode check"})
     try:
-        r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"cannot run {python}: {e}"
-    if r.returncode == 0:
-        return None
-    last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
-    return (f"{python} cannot import the plugins ({last}). With xapi's smapi tracing enabled "
-            f"the daemon runs every executable as `{python} -m observer <exe> --json`, ignoring "
-            f"the shebang, so those calls would fail: install the package for {python} too")
+        r = subprocess.run([python, "-c", _OBSERVER_RUN, exe], input=request,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, env=observer_env(plugin_dir), cwd="/",
+                           timeout=60)
+    except subprocess.TimeoutExpired:
+        why = "no answer within 60 s"
+    except OSError as e:
+        why = f"cannot run it: {e}"
+    else:
+        try:
+            ok = r.returncode == 0 and isinstance(json.loads(r.stdout), dict)
+        except ValueError:
+            ok = False
+        if ok:
+            return None
+        why = _failure_summary(r)
+    return (f"{python} cannot run {exe} the way xapi-storage-script does with smapi tracing on "
+            f"(`{python} -m observer <exe> --json`, PYTHONPATH={plugin_dir}, ignoring the "
+            f"shebang): {why}. Every call of this plugin would fail while tracing is on: make "
+            f"the package and the plugin importable by {python} (install them for it), or name "
+            "the interpreter the host uses with --observer-python")
+
+
+def _failure_summary(r):
+    """The gist of a failed run: the error record's message, else stderr's last line."""
+    import json
+    try:
+        rec = json.loads(r.stdout)
+        return f"exit status {r.returncode}: " + " ".join(str(p) for p in rec["params"])
+    except (ValueError, KeyError, TypeError):
+        last = (r.stderr.strip().splitlines() or [r.stdout.strip()[-300:]])[-1]
+        return f"exit status {r.returncode}: {last}"
 
 
 def default_interpreter():
@@ -396,6 +501,19 @@ def add_arguments(parser):
                         help="list the registered plugins and exit")
     parser.add_argument("--no-compile", action="store_true",
                         help="do not byte-compile the SDK and the plugins")
+    parser.add_argument("--no-isolate", action="store_true",
+                        help="executables start with the interpreter's full start-up (site-packages "
+                             "scan, PYTHONPATH) instead of `-IS` and the directories this installer "
+                             "found the package and the plugins in (always so with a --python "
+                             "other than this one)")
+    parser.add_argument("--observer-python", default=OBSERVER_PYTHON, metavar="PATH",
+                        help="after installing, run each plugin's Plugin.Query with this "
+                             "interpreter exactly as xapi-storage-script does with smapi "
+                             "tracing on (`PATH -m observer <exe> --json`, PYTHONPATH=<plugin "
+                             "dir>, cwd /, whatever the shebang says); a plugin that fails is "
+                             "an error (exit status 1). Default %(default)s, the host's, as "
+                             "the daemon runs it (Python 3.6 on XenServer 8 and XCP-ng 8.3); "
+                             "skipped, with a note, where it does not exist; 'none': no check")
 
 
 def laid_plugins(root):
@@ -447,14 +565,18 @@ def run(args):
         return 1
     status = 0
     installed = []
+    laid = []
     for p in plugins:
         try:
             p.check()
             if args.uninstall:
                 changes = uninstall(root, p, report)
             else:
-                changes = converge(root, p, plan(p, args.python), args.python, report)
+                isolated = (not args.no_isolate
+                            and os.path.abspath(args.python) == default_interpreter())
+                changes = converge(root, p, plan(p, args.python, isolated), args.python, report)
                 installed.append(p.module)
+                laid.append(os.path.join(root, p.kind, p.name))
         except InstallError as e:
             report(f"xapi-storage install: error: {e}; skipped")
             status = 1
@@ -482,9 +604,15 @@ def run(args):
         print(f"{where}: pruned: " + ", ".join(changes))
     if installed and not args.no_compile and not precompile(installed):
         report("xapi-storage install: warning: byte-compiling failed (calls will be slower)")
-    problem = observer_problem(installed) if installed else None
-    if problem:
-        report(f"xapi-storage install: warning: {problem}")
+    observer = getattr(args, "observer_python", OBSERVER_PYTHON)
+    if laid and observer != "none" and not os.path.exists(observer):
+        report(f"note: no {observer} here: observer mode (smapi tracing) not checked")
+    elif observer != "none":
+        for d in laid:
+            problem = observer_problem(d, observer)
+            if problem:
+                report(f"xapi-storage install: error: {problem}")
+                status = 1
     if not plugins:
         report("xapi-storage install: no plugin registered (entry point groups "
                + ", ".join(GROUPS.values()) + ")")

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
+from xapi_storage import compat
 from xapi_storage.blkback.backends import StorageError, open_storage
 
 SIZE = 1 << 20
@@ -35,7 +36,7 @@ def _run(store, model, script, seed):
         cut = sorted(rnd.randrange(0, length + 1, 512) for _ in range(3))
         pieces = [b - a for a, b in zip([0] + cut, cut)]
         if op == "write":
-            data = bytearray(rnd.randbytes(length))
+            data = bytearray(compat.randbytes(rnd, length))
             store.writev(off, _iovs(data, pieces))
             model[off:off + length] = data
         elif op == "read":
@@ -154,7 +155,8 @@ def test_unknown_backend():
 def test_block_device_on_a_loop_device(image):
     try:
         dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
-                             capture_output=True, text=True).stdout.strip()
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 universal_newlines=True).stdout.strip()
     except subprocess.CalledProcessError as e:
         pytest.skip(f"no loop device: {e.stderr}")
     try:
@@ -168,7 +170,7 @@ def test_block_device_on_a_loop_device(image):
 
 
 def _short(real, limit):
-    """os.preadv/os.pwritev that move at most `limit` bytes per call, as the kernel may."""
+    """preadv/pwritev that move at most `limit` bytes per call, as the kernel may."""
     def call(fd, iovs, offset):
         out, left = [], limit
         for b in iovs:
@@ -183,14 +185,15 @@ def _short(real, limit):
 
 @pytest.mark.parametrize("limit", [1, 511, 4096, 5000])
 def test_short_transfers_are_completed(tmp_path, monkeypatch, limit):
+    from xapi_storage.blkback import backends
     from xapi_storage.blkback.backends import StorageError, full_preadv, full_pwritev
     path = tmp_path / "f"
     data = bytes(range(256)) * 48                       # 12 KiB
     path.write_bytes(bytes(len(data) + 4096))
     fd = os.open(path, os.O_RDWR)
     try:
-        monkeypatch.setattr(os, "pwritev", _short(os.pwritev, limit))
-        monkeypatch.setattr(os, "preadv", _short(os.preadv, limit))
+        monkeypatch.setattr(backends, "pwritev", _short(compat.pwritev, limit))
+        monkeypatch.setattr(backends, "preadv", _short(compat.preadv, limit))
         full_pwritev(fd, [data[:1000], data[1000:9000], data[9000:]], 512)
         bufs = [bytearray(3000), bytearray(7000), bytearray(len(data) - 10000)]
         full_preadv(fd, bufs, 512)

@@ -21,7 +21,7 @@ def cli(*args):
 
 def start(sim, *args):
     return subprocess.Popen(cli(*args, "--xen", f"sim:{sim.dir}"), stderr=subprocess.PIPE,
-                            text=True)
+                            universal_newlines=True)
 
 
 def finish(p, timeout=15):

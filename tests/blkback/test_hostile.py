@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from xapi_storage import compat
 from xapi_storage.blkback import blkif, serve
 from xapi_storage.blkback.backends.raw import RawFile
 from xapi_storage.blkback.blkif import ABI_X86_64, OP_INDIRECT, OP_READ, OP_WRITE, SEGMENT
@@ -70,7 +71,7 @@ def test_garbage_requests_get_error_responses(served):
         for batch in range(5):
             n = rnd.randrange(1, 32)
             for _ in range(n):
-                raw = bytearray(rnd.randbytes(112))
+                raw = bytearray(compat.randbytes(rnd, 112))
                 raw[0] = rnd.choice([0, 1, 2, 3, 4, 5, 6, 7, 255])
                 q = fe.queues[0]
                 off = q.ring.slot_offset(q.ring.req_prod_pvt)
@@ -181,7 +182,7 @@ def test_ring_indices_across_the_u32_wrap(served):
     with served.frontend(ring_start=2**32 - 20) as fe:
         rnd = random.Random(3)
         for i in range(30):
-            data = rnd.randbytes(4096 * rnd.randrange(1, 12))
+            data = compat.randbytes(rnd, 4096 * rnd.randrange(1, 12))
             fe.write(i * 96, data)
             assert fe.read(i * 96, len(data) // 512) == data
         assert fe.queues[0].ring.req_prod_pvt < 1000          # it did wrap

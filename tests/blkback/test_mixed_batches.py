@@ -13,6 +13,7 @@ import random
 
 import pytest
 
+from xapi_storage import compat
 from xapi_storage.blkback import blkif, serve
 from xapi_storage.blkback.blkif import (ABI_X86_64, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ,
                                         OP_WRITE, SEGMENT)
@@ -160,7 +161,7 @@ def _run(fe, pages, refs, model, rnd, batches):
             if dop == OP_WRITE:
                 for page, _f, _l in used:
                     if page is not None:
-                        pages[page][:] = rnd.randbytes(PAGE)
+                        pages[page][:] = compat.randbytes(rnd, PAGE)
             reqs[rid] = (status, op, dop, sector, used, bytes(entry))
             off = q.ring.slot_offset(q.ring.req_prod_pvt)
             q.ring.buf[off:off + 112] = entry

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from xapi_storage import compat
 from xapi_storage.blkback import blkif, serve, toolstack
 from xapi_storage.blkback.backends.raw import RawFile
 from xapi_storage.blkback.frontend import IOError_
@@ -35,7 +36,7 @@ def random_io(fe, model, rnd, n, queues=1, max_sectors=2048):
         nsect = rnd.randrange(1, max_sectors)
         sector = rnd.randrange(0, total - nsect)
         if rnd.random() < 0.5:
-            data = rnd.randbytes(nsect * 512)
+            data = compat.randbytes(rnd, nsect * 512)
             fe.write(sector, data, queue=q)
             model[sector * 512:(sector + nsect) * 512] = data
         else:
@@ -293,7 +294,8 @@ def test_block_backend_on_a_loop_device(simxen_guest, disk):
     sim, g = simxen_guest
     try:
         dev = subprocess.run(["losetup", "--find", "--show", str(disk)], check=True,
-                             capture_output=True, text=True, timeout=30).stdout.strip()
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 universal_newlines=True, timeout=30).stdout.strip()
     except subprocess.CalledProcessError as e:
         pytest.skip(f"no loop device: {e.stderr}")
     try:
@@ -336,7 +338,7 @@ def test_single_page_requests_batched_in_c(simxen_guest, disk):
                 for slot in slots:
                     n = rnd.randrange(1, 9)
                     if rnd.random() < 0.5:
-                        data = rnd.randbytes(n * 512)
+                        data = compat.randbytes(rnd, n * 512)
                         rid = fe.submit(blkif.OP_WRITE, slot * 8, data)
                         model[slot * 4096:slot * 4096 + n * 512] = data
                         reqs.append((rid, None, 0, 0))

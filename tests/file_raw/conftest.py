@@ -112,7 +112,8 @@ def run_child(iface, method, env=None, **kwargs):
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(child_argv(iface, method, **kwargs), env=full_env,
-                          capture_output=True, text=True, timeout=120)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=120)
 
 
 def check_accounted(SR, sr, path):

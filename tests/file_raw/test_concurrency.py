@@ -7,7 +7,7 @@ from .conftest import DBG, check_accounted, child_argv
 
 
 def run_all(argvs):
-    procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
              for a in argvs]
     out = []
     for p in procs:

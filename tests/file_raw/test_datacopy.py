@@ -71,8 +71,8 @@ def xfs_dir(tmp_path_factory):
     with open(image, "wb") as f:
         f.truncate(320 << 20)
     subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
-    r = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True,
-                       text=True)
+    r = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True)
     if r.returncode:
         pytest.skip(f"reflink path not tested: cannot loop-mount XFS: {r.stderr.strip()}")
     try:
@@ -162,7 +162,7 @@ def test_copy_without_copy_file_range(tmp_path, monkeypatch):
 
     def unsupported(*args):
         raise OSError(errno.ENOSYS, "copy_file_range unsupported")
-    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    monkeypatch.setattr(datacopy, "copy_file_range", unsupported)
     monkeypatch.setenv("XAPI_STORAGE_NO_REFLINK", "1")
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     sparse_file(src, 8 << 20, [(4096, os.urandom(3 << 20)), (7 << 20, b"end")])
@@ -177,7 +177,7 @@ def test_copy_when_copy_file_range_wrongly_says_end_of_file(tmp_path, monkeypatc
     source has data there (e.g. FUSE, or the 5.3-5.18 cross-filesystem fallback on special
     files). Trusting that 0 silently truncates the copy: a snapshot missing data. The copy
     checks with a read before it believes the source ended."""
-    monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)
+    monkeypatch.setattr(datacopy, "copy_file_range", lambda *args: 0)
     monkeypatch.setenv("XAPI_STORAGE_NO_REFLINK", "1")
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     sparse_file(src, 8 << 20, [(4096, os.urandom(3 << 20)), (7 << 20, b"end")])

@@ -11,7 +11,8 @@ def xapi_storage():
 
 
 def test_demo(tmp_path):
-    r = subprocess.run([xapi_storage(), "demo"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([xapi_storage(), "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "the clone reads: b'hello from the demo\\n'" in r.stdout
     assert "snapshot  False" in r.stdout and "SR destroyed" in r.stdout
@@ -24,7 +25,8 @@ def test_demo(tmp_path):
 
 
 def test_demo_without_ring():
-    r = subprocess.run([xapi_storage(), "demo", "--no-ring"], capture_output=True, text=True,
+    r = subprocess.run([xapi_storage(), "demo", "--no-ring"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True,
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "pyblkback" not in r.stdout and "SR destroyed" in r.stdout
@@ -32,7 +34,8 @@ def test_demo_without_ring():
 
 def test_demo_keep(tmp_path):
     r = subprocess.run([xapi_storage(), "demo", "--dir", str(tmp_path), "--keep"],
-                       capture_output=True, text=True, timeout=120)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     files = os.listdir(tmp_path / "sr")
     assert len([f for f in files if f.endswith(".img")]) == 3

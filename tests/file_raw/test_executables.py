@@ -24,7 +24,7 @@ METHODS = ["Plugin.Query", "Plugin.diagnostics", "SR.probe", "SR.create", "SR.at
 def plugin_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
     exe = shutil.which("xapi-storage", path=os.path.dirname(sys.executable))
-    subprocess.run([exe, "install", "--root", str(root)], check=True, capture_output=True)
+    subprocess.run([exe, "install", "--root", str(root), "--observer-python", sys.executable], check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return str(root / PLUGIN_DIR)
 
 
@@ -32,7 +32,8 @@ def call(plugin_dir, method, env=None, **args):
     """(exit status, the one JSON value on stdout)."""
     args.setdefault("dbg", "OpaqueRef:test\n{\"trace\": 1}")
     r = subprocess.run([os.path.join(plugin_dir, method), "--json"], input=json.dumps(args),
-                       capture_output=True, text=True, timeout=60,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=60,
                        env=dict(os.environ, **(env or {})))
     return r.returncode, json.loads(r.stdout)     # json.loads: exactly one value, no junk
 
@@ -183,7 +184,8 @@ def test_static_vdis_command_line_mode(plugin_dir, exe_sr):
              sharable=True)["key"]
     def cli(*argv):
         r = subprocess.run([os.path.join(plugin_dir, argv[0])] + list(argv[1:]),
-                           capture_output=True, text=True, timeout=60)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, timeout=60)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
     assert cli("Plugin.Query", "static-vdis")["plugin"] == "file-raw"
@@ -199,7 +201,7 @@ def test_32_concurrent_creates_through_executables(plugin_dir, exe_sr):
     procs = []
     for i in range(32):
         p = subprocess.Popen([exe, "--json"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, universal_newlines=True)
         procs.append(p)
     outs = []
     for i, p in enumerate(procs):
@@ -220,8 +222,8 @@ def test_killed_executable_then_retried(plugin_dir, exe_sr):
     key = ok(plugin_dir, "Volume.create", sr=sr, name="", description="", size=4096,
              sharable=False)["key"]
     r = subprocess.run([os.path.join(plugin_dir, "Volume.snapshot"), "--json"],
-                       input=json.dumps({"dbg": "d", "sr": sr, "key": key}), text=True,
-                       capture_output=True,
+                       input=json.dumps({"dbg": "d", "sr": sr, "key": key}), universal_newlines=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        env=dict(os.environ, XAPI_STORAGE_FAULT="snapshot:data"))
     assert r.returncode == -9 and r.stdout == ""
     assert [v["key"] for v in ok(plugin_dir, "SR.ls", sr=sr)] == [key]
@@ -286,7 +288,8 @@ def test_set_keys_round_trip_verbatim_on_the_wire(plugin_dir, exe_sr):
     raw_k, raw_v = '"tags\\u00e9\\ud800 \\/x"', '"\\udfff\\u0000\\u202e\\ud83d\\ude00"'
     stdin = f'{{"dbg":"d","sr":{json.dumps(sr)},"key":"{key}","k":{raw_k},"v":{raw_v}}}'
     r = subprocess.run([os.path.join(plugin_dir, "Volume.set"), "--json"], input=stdin,
-                       capture_output=True, text=True)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True)
     assert r.returncode == 0 and r.stdout.strip() == "null", r.stdout
     keys = ok(plugin_dir, "Volume.stat", sr=sr, key=key)["keys"]
     assert keys == {json.loads(raw_k): json.loads(raw_v)}

@@ -130,7 +130,8 @@ def finite(v):
 
 
 def _repair_all(itf, value, rules):
-    import jsonschema
+    from .helpers import reference_jsonschema
+    jsonschema = reference_jsonschema()
     for rule in rules:
         if jsonschema.Draft202012Validator({**itf.doc, **rule["if"]}).is_valid(value):
             _repair(value, rule.get("then", {}))

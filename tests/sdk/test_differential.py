@@ -5,27 +5,18 @@ without fraction (3.0 is not an int on the wire)."""
 
 import copy
 
-import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from referencing import Registry, Resource
 
 from xapi_storage.sdk import schema
 
 from . import strategies
+from .helpers import reference, reference_jsonschema
 
-_type_checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
-    "integer", lambda checker, v: type(v) is int)
-WireValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=_type_checker)
+reference_jsonschema(module_level=True)
 
 METHODS = [(i, m) for i in schema.INTERFACES for m in schema.interface(i).methods]
-
-
-def reference(itf, part, method):
-    doc = itf.doc
-    registry = Registry().with_resource(doc["$id"], Resource.from_contents(doc))
-    return WireValidator({"$ref": f"{doc['$id']}#/methods/{method}/{part}"}, registry=registry)
 
 
 def mine(itf, part, method, value):

@@ -127,7 +127,8 @@ def test_unknown_name_gives_an_error_record(toy_dir, tmp_path):
 
 
 def test_help(toy_dir):
-    r = subprocess.run([str(toy_dir / "Volume.create"), "--help"], capture_output=True, text=True,
+    r = subprocess.run([str(toy_dir / "Volume.create"), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True,
                        env=plugin_env())
     assert r.returncode == 0
     out = r.stdout
@@ -136,7 +137,8 @@ def test_help(toy_dir):
     assert "Volume.create DBG SR NAME DESCRIPTION SIZE SHARABLE" in out
     for line in ("  size             int64", "  sharable         bool", "Result: volume"):
         assert line in out
-    r = subprocess.run([str(toy_dir / "SR.attach"), "-h"], capture_output=True, text=True, env=plugin_env())
+    r = subprocess.run([str(toy_dir / "SR.attach"), "-h"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, env=plugin_env())
     assert "SR.attach DBG [--configuration KEY VALUE]..." in r.stdout
     assert "Implemented by this plugin: yes" in r.stdout
 
@@ -147,7 +149,8 @@ def test_help_on_every_executable(root):
             for exe in plugin.iterdir():
                 if exe.name.startswith("."):
                     continue
-                r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, env=plugin_env())
+                r = subprocess.run([str(exe), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   universal_newlines=True, env=plugin_env())
                 assert r.returncode == 0 and r.stdout.startswith(exe.name + ":"), (exe, r.stderr)
                 assert "Parameters:" in r.stdout and "Result:" in r.stdout
 
@@ -210,7 +213,8 @@ def test_executable_runs_under_runpy_like_the_observer(toy_dir):
     code = ("import runpy, sys; path = sys.argv[1]; sys.argv = sys.argv[1:]; "
             "runpy.run_path(path, run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code, str(toy_dir / "Plugin.Query"), "--json"],
-                       input='{"dbg":"d"}', capture_output=True, text=True, env=plugin_env())
+                       input='{"dbg":"d"}', stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, env=plugin_env())
     assert r.returncode == 0 and json.loads(r.stdout)["plugin"] == "toy", r.stderr
 
 

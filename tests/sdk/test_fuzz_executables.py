@@ -12,8 +12,19 @@ from hypothesis import strategies as st
 from xapi_storage.sdk import schema
 
 from . import strategies
-from .helpers import assert_error_record, run_exe
-from .test_differential import reference
+from .helpers import assert_error_record, has_reference_jsonschema, reference, run_exe
+
+
+def rejected(method, request):
+    """jsonschema's decision where there is a jsonschema 4; on Python 3.6 (jsonschema 3.2) the
+    SDK's own validator, run in this process: the executable must then decide as it does."""
+    if has_reference_jsonschema():
+        return not reference(method.interface, "params", method.name).is_valid(request)
+    try:
+        method.check_params(json.loads(json.dumps(request)))
+        return False
+    except schema.Violation:
+        return True
 
 TARGETS = ["Volume.create", "Volume.stat", "SR.attach", "Volume.list_changed_blocks", "Plugin.Query"]
 
@@ -36,7 +47,7 @@ def test_bad_requests_give_an_error_record_and_exit_1(toy_dir, tmp_path, exe, da
     if r.rc != 0:
         assert r.rc == 1
         assert_error_record(r.value)
-    if not reference(itf, "params", method.name).is_valid(request):
+    if rejected(method, request):
         assert r.rc == 1, r
         assert_error_record(r.value, "SR_BACKEND_FAILURE", "Invalid_request")
         assert r.value["params"][1] == method.wire_name

@@ -31,6 +31,12 @@ EXPECTED_TOY = {"Plugin.Query", "Plugin.diagnostics", "SR.attach", "SR.stat", "S
                 "Volume.set_description"}
 
 
+def LAID_TOY():
+    """What the installer lays for the toy: `-IS`, and the directories it finds things in."""
+    return installer.shim_source("sdk_toy", os.path.abspath(sys.executable),
+                                 installer.install_paths(["sdk_toy"]))
+
+
 def test_layout(root):
     toy = root / "volume" / TOY
     assert {p.name for p in toy.iterdir()} == EXPECTED_TOY | {installer.MANIFEST}
@@ -41,8 +47,8 @@ def test_layout(root):
         if p.name != installer.MANIFEST:
             assert os.access(p, os.X_OK) and p.stat().st_mode & 0o777 == 0o755
             text = p.read_text()
-            assert text.splitlines()[0] == "#!" + os.path.abspath(sys.executable)
-            assert text == installer.shim_source("sdk_toy", os.path.abspath(sys.executable))
+            assert text.splitlines()[0] == "#!" + os.path.abspath(sys.executable) + " -IS"
+            assert text == LAID_TOY()
             compile(text, str(p), "exec")  # Python 3 source
     manifest = json.loads((toy / installer.MANIFEST).read_text())
     assert manifest["module"] == "sdk_toy" and set(manifest["files"]) == EXPECTED_TOY
@@ -68,7 +74,7 @@ def test_converges_after_changes(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "write SR.ls, write Volume.create, write Volume.stat" in r.stdout
     assert {p.name for p in toy.iterdir()} == EXPECTED_TOY | {installer.MANIFEST}
-    assert (toy / "Volume.stat").read_text() == installer.shim_source("sdk_toy", os.path.abspath(sys.executable))
+    assert (toy / "Volume.stat").read_text() == LAID_TOY()
     assert (toy / "SR.ls").stat().st_mode & 0o7777 == 0o755
     assert snapshot(tmp_path / "datapath") == other
     # a release that implements fewer methods: the others' executables go
@@ -196,7 +202,57 @@ def test_bad_plugin_option_and_bad_interpreter(tmp_path):
 def test_shebang_is_the_installing_interpreter(tmp_path):
     r = install(tmp_path, f"volume:{TOY}=sdk_toy", extra=["--python", "/usr/bin/python3.11", "--no-compile"])
     assert r.returncode == 0
-    assert (tmp_path / "volume" / TOY / "Plugin.Query").read_text().startswith("#!/usr/bin/python3.11\n")
+    # another interpreter: the installer does not know its directories, so no -IS
+    text = (tmp_path / "volume" / TOY / "Plugin.Query").read_text()
+    assert text.startswith("#!/usr/bin/python3.11\n") and "sys.path" not in text
+
+
+def test_executables_start_isolated_with_the_installers_directories(tmp_path):
+    """The executables start with `-IS` (no site-packages scan, no PYTHONPATH, no .pth files)
+    and put exactly the directories the installer found the toy, the SDK and site-packages in
+    on sys.path: a decoy package on PYTHONPATH cannot hijack the call, and nothing else from
+    site is there."""
+    assert install(tmp_path, f"volume:{TOY}=sdk_toy").returncode == 0
+    exe = tmp_path / "volume" / TOY / "Plugin.Query"
+    paths = installer.install_paths(["sdk_toy"])
+    from .helpers import TOYS
+    import xapi_storage
+    assert paths[0] == TOYS
+    assert os.path.dirname(os.path.dirname(xapi_storage.__file__)) in paths
+    decoy = tmp_path / "decoy" / "xapi_storage"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise SystemExit('decoy imported')\n")
+    (tmp_path / "decoy" / "sdk_toy.py").write_text("raise SystemExit('decoy imported')\n")
+    env = plugin_env()
+    env["PYTHONPATH"] = str(tmp_path / "decoy")
+    r = run_exe(exe, {"dbg": "t"}, env=env)
+    assert (r.rc, r.value["plugin"]) == (0, "toy"), r.stderr
+    # what the executable's sys.path is: the interpreter's own, then exactly ours
+    probe = tmp_path / "probe.py"
+    text = exe.read_text().split("from xapi_storage.sdk.wire", 1)[0]
+    probe.write_text(text + "import json\nprint(json.dumps(sys.path))\n")
+    probe.chmod(0o755)
+    out = subprocess.run([str(probe)], stdout=subprocess.PIPE, universal_newlines=True,
+                         env=env, check=True).stdout
+    got = json.loads(out)
+    base = subprocess.run([sys.executable, "-I", "-S", "-c", "import sys, json; "
+                           "print(json.dumps(sys.path))"], stdout=subprocess.PIPE,
+                          universal_newlines=True, check=True).stdout
+    assert got == json.loads(base) + paths
+
+
+def test_isolated_executable_under_another_python_version_leaves_sys_path_alone(tmp_path):
+    """Observer mode may run the file with the host's python3 of another version (3.6 on
+    XenServer 8): our directories (this Python's site-packages) must not reach it."""
+    text = installer.shim_source("sdk_toy", sys.executable, ["/nowhere/site-packages"])
+    setup = text.split("from xapi_storage.sdk.wire", 1)[0]
+    ns = {}
+    other = (sys.version_info[0], sys.version_info[1] + 1)
+    exec(setup.replace(repr(tuple(sys.version_info[:2])), repr(other)), ns)
+    assert "/nowhere/site-packages" not in ns["sys"].path
+    exec(setup, ns)
+    assert ns["sys"].path[-1] == "/nowhere/site-packages"
+    ns["sys"].path.remove("/nowhere/site-packages")
 
 
 def test_no_half_written_plugin_directory_is_ever_visible(tmp_path):
@@ -238,13 +294,15 @@ def test_installer_finds_registered_plugins_from_entry_points():
     plugins = installer.registered_plugins()
     assert installer.Plugin("volume", "org.xen.xapi.storage.file-raw", "xapi_storage.volume.file_raw") in plugins
     r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "install", "--list"],
-                       capture_output=True, text=True, env=plugin_env())
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, env=plugin_env())
     assert "volume\torg.xen.xapi.storage.file-raw\txapi_storage.volume.file_raw" in r.stdout
 
 
 def test_help_mentions_the_default_root():
     r = subprocess.run([sys.executable, "-m", "xapi_storage.cli", "install", "--help"],
-                       capture_output=True, text=True)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True)
     assert r.returncode == 0 and "/usr/libexec/xapi-storage-script" in r.stdout
 
 
@@ -260,30 +318,87 @@ def test_prune_removes_plugins_no_longer_registered(tmp_path):
     assert (tmp_path / "volume" / TOY / "Plugin.Query").exists()
 
 
-def test_warns_when_the_observer_interpreter_cannot_import_the_plugins(tmp_path, monkeypatch,
-                                                                      capsys):
-    """With smapi tracing on, the daemon runs `/usr/bin/python3 -m observer <exe> --json`
-    whatever the shebang says (spec 2.1): the installer says so when that interpreter cannot
-    import the plugins (e.g. the package lives in a virtualenv only)."""
-    import argparse
+def _host_python36(tmp_path):
+    """A real CPython 3.6 (pyenv's) set up like a host that has the package and the toys
+    installed for it: a venv whose site-packages holds a .pth naming them. Skips (fails in CI)
+    where there is no 3.6."""
+    import glob
+    import subprocess as sp
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    found = sorted(glob.glob(os.path.join(root, "versions", "3.6.*", "bin", "python3.6")))
+    if not found:
+        msg = f"no CPython 3.6 under {root}/versions: observer mode on 3.6 NOT TESTED"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    venv = tmp_path / "host36"
+    sp.run([found[-1], "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = glob.glob(str(venv / "lib" / "python3.6" / "site-packages"))[0]
     from .helpers import TOYS
-    monkeypatch.setenv("PYTHONPATH", TOYS)
-    assert installer.observer_problem(["sdk_toy"], python=sys.executable) is None
-    assert installer.observer_problem(["sdk_toy"], python=str(tmp_path / "none")) is None
-    problem = installer.observer_problem(["no_such_module_xyz"], python=sys.executable)
-    assert "no_such_module_xyz" in problem and "-m observer" in problem
+    with open(os.path.join(site, "xapi_storage_and_toys.pth"), "w") as f:
+        f.write(os.path.join(REPO, "lib") + "\n" + TOYS + "\n")
+    return str(venv / "bin" / "python3.6")
 
+
+def _install_args(tmp_path, plugin, observer, *extra):
+    import argparse
     ap = argparse.ArgumentParser()
     installer.add_arguments(ap)
-    args = ap.parse_args(["--root", str(tmp_path / "root"), "--no-compile",
-                          "--plugin", f"volume:{TOY}=sdk_toy"])
-    cannot = tmp_path / "python3"
-    cannot.write_text("#!/bin/sh\necho 'ModuleNotFoundError: xapi_storage' >&2\nexit 1\n")
-    cannot.chmod(0o755)
-    monkeypatch.setattr(installer, "OBSERVER_PYTHON", str(cannot))
-    assert installer.run(args) == 0
+    return ap.parse_args(["--root", str(tmp_path / "root"), "--no-compile",
+                          "--plugin", plugin, "--observer-python", observer, *extra])
+
+
+@pytest.mark.skipif(sys.version_info < (3, 8), reason="the installer's own Python must import "
+                    "the 3.8+ toy; this runs on the newer Pythons of the run")
+def test_observer_mode_check_fails_loudly_for_a_plugin_only_a_newer_python_imports(
+        tmp_path, capsys):
+    """With smapi tracing on, the daemon runs `/usr/bin/python3 -m observer <exe> --json`
+    whatever the shebang says: Python 3.6 on XenServer 8 / XCP-ng 8.3. A plugin that imports
+    on the installer's Python but not on that one is an error (exit 1), not a warning."""
+    host = _host_python36(tmp_path)
+    assert installer.run(_install_args(tmp_path, f"volume:{TOY}=sdk_toy", host)) == 0
+    assert "error" not in capsys.readouterr().err            # the same plugin, 3.6-clean: fine
+    args = _install_args(tmp_path, "volume:org.xen.xapi.storage.toy38=sdk_toy_py38", host)
+    assert installer.run(args) == 1
     err = capsys.readouterr().err
-    assert f"warning: {cannot} cannot import the plugins" in err
-    monkeypatch.setattr(installer, "OBSERVER_PYTHON", sys.executable)
-    assert installer.run(args) == 0
-    assert "cannot import" not in capsys.readouterr().err
+    assert f"xapi-storage install: error: {host} cannot run" in err
+    assert "prod" in err and "-m observer" in err, err       # says what failed, and why
+    # the executables stay: they work while tracing is off
+    assert (tmp_path / "root" / "volume" / "org.xen.xapi.storage.toy38" / "Plugin.Query").exists()
+
+
+def test_observer_mode_replaces_pythonpath_and_runs_from_root(tmp_path, monkeypatch, capsys):
+    """The check runs as the daemon does: PYTHONPATH is the plugin directory alone (a module
+    found only through the installer's own PYTHONPATH does not count) and cwd is /.
+    (--no-isolate: executables that do not carry the directories the installer found the
+    module in, which would find it whatever PYTHONPATH says.)"""
+    host = _host_python36(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "toy_elsewhere.py").write_text("from sdk_toy import IMPLEMENTATIONS\n")
+    monkeypatch.syspath_prepend(str(elsewhere))
+    monkeypatch.setenv("PYTHONPATH", str(elsewhere))
+    monkeypatch.chdir(elsewhere)
+    args = _install_args(tmp_path, "volume:org.xen.xapi.storage.else=toy_elsewhere", host,
+                         "--no-isolate")
+    assert installer.run(args) == 1
+    err = capsys.readouterr().err
+    assert "toy_elsewhere" in err and f"PYTHONPATH={tmp_path / 'root'}" in err, err
+    # the plugin directory itself is on the path: a module there imports
+    d = tmp_path / "root" / "volume" / "org.xen.xapi.storage.else"
+    (d / "toy_elsewhere.py").write_text("from sdk_toy import IMPLEMENTATIONS\n")
+    assert installer.observer_problem(str(d), host) is None
+
+
+def test_observer_mode_check_none_and_missing_interpreter(tmp_path, capsys):
+    """`--observer-python none` skips the check; an interpreter that is not there is a note."""
+    bad = tmp_path / "python3"
+    bad.write_text("#!/bin/sh\necho 'ModuleNotFoundError: xapi_storage' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    assert installer.run(_install_args(tmp_path, f"volume:{TOY}=sdk_toy", str(bad))) == 1
+    assert "ModuleNotFoundError: xapi_storage" in capsys.readouterr().err
+    assert installer.run(_install_args(tmp_path, f"volume:{TOY}=sdk_toy", "none")) == 0
+    assert "observer" not in capsys.readouterr().err
+    missing = str(tmp_path / "nowhere" / "python3")
+    assert installer.run(_install_args(tmp_path, f"volume:{TOY}=sdk_toy", missing)) == 0
+    assert f"note: no {missing} here" in capsys.readouterr().err

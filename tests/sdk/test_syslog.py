@@ -17,7 +17,7 @@ import json, os, socket, subprocess, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.bind("/dev/log")
 exe, request = sys.argv[1], sys.argv[2]
-p = subprocess.run([exe, "--json"], input=request.encode(), capture_output=True)
+p = subprocess.run([exe, "--json"], input=request.encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 s.settimeout(0.5)
 lines = []
 try:
@@ -32,7 +32,7 @@ print(json.dumps({"rc": p.returncode, "stdout": p.stdout.decode(), "syslog": lin
 def can_unshare():
     if os.geteuid() != 0 or not shutil.which("unshare"):
         return False
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return r.returncode == 0
 
 
@@ -45,7 +45,8 @@ def run_with_syslog(exe, request):
     script = "mount -t tmpfs tmpfs /dev && exec \"$0\" -c \"$1\" \"$2\" \"$3\""
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
                         sys.executable, LISTENER, str(exe), json.dumps(request)],
-                       capture_output=True, text=True, env=env, timeout=60)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from xapi_storage.compat import monotonic_ns
+
 pytestmark = pytest.mark.xen
 
 VENV = "/opt/xapi-storage/venv"
@@ -56,7 +58,7 @@ class Served:
 
     def __init__(self, bed, guest, path, *args):
         self.bed, self.guest = bed, guest
-        self.stats = "/root/pyb-%d.stats.json" % time.monotonic_ns()
+        self.stats = "/root/pyb-%d.stats.json" % monotonic_ns()
         self.before = self.snapshot()
         self.srv = bed.spawn([XAPI_STORAGE, "blkback", "connect", guest.name, "--path", path,
                               "--stats", self.stats, "-v"] + list(args), name="pyblkback")

@@ -20,7 +20,7 @@ def test_no_qemu_skips_here_but_fails_in_ci(tmp_path, ci, expect_rc, expect):
         [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
          str(HERE / "test_xen_smoke.py") + "::test_xl_info_shows_the_hypervisor"],
         env=env, cwd=str(HERE.parents[1]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, timeout=120)
+        universal_newlines=True, timeout=120)
     assert p.returncode == expect_rc, p.stdout
     assert expect in p.stdout
     assert "qemu-system-x86_64 is not installed" in p.stdout

@@ -18,7 +18,7 @@ def test_c_guest(simxen_guest, tmp_path):
     exe = str(tmp_path / "guest")
     subprocess.run(["gcc", "-O", "-Wall", "-Werror", "-o", exe, os.path.join(HERE, "c", "guest.c")],
                    check=True)
-    p = subprocess.Popen([exe, sim.dir, str(g)], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([exe, sim.dir, str(g)], stdout=subprocess.PIPE, universal_newlines=True)
     try:
         ref, port = map(int, p.stdout.readline().split())
         back = sim.xen(0)

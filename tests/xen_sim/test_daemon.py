@@ -15,7 +15,8 @@ from xapi_storage.xen.sim import running, layout
 
 
 def _children(pid):
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True)
     return [int(x) for x in out.stdout.split()]
 
 
@@ -79,23 +80,28 @@ def test_control_rejects_bad_requests(simxen):
 def test_cli(tmp_path):
     d = str(tmp_path / "x")
     exe = [sys.executable, "-m", "xapi_storage.cli", "simxen"]
-    p = subprocess.Popen(exe + ["run", d], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(exe + ["run", d], stdout=subprocess.PIPE, universal_newlines=True)
     try:
         assert "ready" in p.stdout.readline()
-        out = subprocess.run(exe + ["create-domain", d, "vm1"], capture_output=True, text=True, check=True)
+        out = subprocess.run(exe + ["create-domain", d, "vm1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, check=True)
         assert out.stdout.strip() == "1"
-        out = subprocess.run(exe + ["list-domains", d], capture_output=True, text=True, check=True)
+        out = subprocess.run(exe + ["list-domains", d], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, check=True)
         assert out.stdout.split("\n")[:2] == ["0\tDomain-0", "1\tvm1"]
-        out = subprocess.run(exe + ["ls", d, "/local/domain/1"], capture_output=True, text=True, check=True)
+        out = subprocess.run(exe + ["ls", d, "/local/domain/1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, check=True)
         assert "name = 'vm1'  (n0 r1)" in out.stdout
         subprocess.run(exe + ["destroy-domain", d, "vm1"], check=True)
-        out = subprocess.run(exe + ["destroy-domain", d, "vm1"], capture_output=True, text=True)
+        out = subprocess.run(exe + ["destroy-domain", d, "vm1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True)
         assert out.returncode == 1 and "no domain" in out.stderr
     finally:
         p.send_signal(signal.SIGINT)
         assert p.wait(10) == 0
     assert not os.path.exists(d)
-    out = subprocess.run(exe + ["list-domains", d], capture_output=True, text=True)
+    out = subprocess.run(exe + ["list-domains", d], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True)
     assert out.returncode == 1 and "not reachable" in out.stderr
 
 

@@ -85,7 +85,8 @@ def test_against_kernel_uapi_headers(tmp_path):
     exe = tmp_path / "abi"
     subprocess.run(["gcc", "-o", str(exe), str(c)], check=True)
     got = dict(line.rsplit(" ", 1) for line in subprocess.run(
-        [str(exe)], capture_output=True, text=True, check=True).stdout.splitlines())
+        [str(exe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, check=True).stdout.splitlines())
     for n in names:
         assert int(got[n]) == getattr(R, n), n
     for s, size in sizes.items():

@@ -19,9 +19,9 @@ re-slicing 256 segments per 1 MiB request.
 import errno
 import os
 import struct
-import time
 from functools import partial
 
+from ..compat import monotonic_ns
 from . import blkif, fence
 from .backends import StorageError
 from .blkif import (BadRequest, K_BARRIER, K_DISCARD, K_INDIRECT, K_READ, K_WRITE,
@@ -201,7 +201,7 @@ class Queue:
                 self.dead = True
                 raise FatalRingError(f"frontend error: bogus ring requests: req_prod {rp} is "
                                      f"{n} ahead of req_cons {cons} (ring size {size})")
-            t0 = time.monotonic_ns()
+            t0 = monotonic_ns()
             first = cons & mask
             buf = ring.buf
             start = 64 + first * esz
@@ -215,7 +215,7 @@ class Queue:
             if ring.push_responses_and_check_notify():
                 evtchn.notify(self.port)
                 stats.notifies += 1
-            stats.batch(n, time.monotonic_ns() - t0)
+            stats.batch(n, monotonic_ns() - t0)
 
     def _batch(self, raw, n):
         """Parse and execute `n` requests copied in `raw`, writing responses."""

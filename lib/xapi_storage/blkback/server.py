@@ -27,6 +27,7 @@ from pyxs import Client
 from pyxs.client import Monitor
 from pyxs.exceptions import PyXSError
 
+from .. import compat
 from . import blkif, xenbus
 from .blkif import Limits
 from .queue import FatalRingError, Queue
@@ -52,7 +53,7 @@ class _WakingQueue(_queue.Queue):
     def put(self, item, block=True, timeout=None):
         super().put(item, block, timeout)
         try:
-            os.eventfd_write(self.wake_fd, 1)
+            compat.eventfd_write(self.wake_fd, 1)
         except OSError:
             pass
 
@@ -491,7 +492,7 @@ class Server:
 
     def __init__(self, xen):
         self.xen = xen
-        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wake_fd = compat.eventfd(0, compat.EFD_NONBLOCK | compat.EFD_CLOEXEC)
         self.xs = XenStore(xen.xenstore_path, self.wake_fd)
         self.evtchn = xen.event_channels()
         self.mapper = xen.grant_mapper()
@@ -529,7 +530,7 @@ class Server:
         self._stop = True
         self._force = self._force or force
         try:
-            os.eventfd_write(self.wake_fd, 1)
+            compat.eventfd_write(self.wake_fd, 1)
         except OSError:
             pass
 
@@ -545,7 +546,7 @@ class Server:
                         self._service(q)
             else:
                 try:
-                    os.eventfd_read(self.wake_fd)
+                    compat.eventfd_read(self.wake_fd)
                 except BlockingIOError:
                     pass
         if self._stop:

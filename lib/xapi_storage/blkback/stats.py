@@ -68,9 +68,9 @@ class Stats:
                                if self.batches else 0.0},
             "latency_us": {"mean": round(self.lat_sum_ns / total / 1000, 2) if total else 0.0,
                            "max": round(self.lat_max_ns / 1000, 2),
-                           "histogram": {f"<{b}": c for b, c in
-                                         zip(LAT_BUCKETS_US, self.lat_hist)}
-                           | {"more": self.lat_hist[-1]}},
+                           "histogram": dict([(f"<{b}", c) for b, c in
+                                              zip(LAT_BUCKETS_US, self.lat_hist)]
+                                             + [("more", self.lat_hist[-1])])},
             "persistent_grants": self.persistent_grants,
             "grant_map_calls": self.grant_maps,
             "c_batched_requests": self.c_batched,

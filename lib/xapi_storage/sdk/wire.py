@@ -76,8 +76,8 @@ def supported_names(table):
 
 
 def implemented_names(table):
-    """Executable names of the methods the plugin's classes override (what the installer
-    lays out). `Plugin.query` is spelt `Plugin.Query`, as the daemon and static-vdis expect."""
+    """Executable names of the methods the plugin's classes override without marking them
+    @base.unimplemented (what the installer lays out). `Plugin.query` is spelt `Plugin.Query`, as the daemon and static-vdis expect."""
     from . import base
     out = []
     for itf in schema.INTERFACES:
@@ -86,7 +86,7 @@ def implemented_names(table):
             continue
         parent = getattr(base, itf)
         for m in schema.interface(itf).methods.values():
-            if getattr(cls, m.name, None) is not getattr(parent, m.name, None):
+            if base.implements(cls, parent, m.name):
                 out.append("Plugin.Query" if m.wire_name == "Plugin.query" else m.wire_name)
     return out
 
@@ -269,8 +269,8 @@ def help_text(method, module_name, table=None, argv0=None):
     if table is not None:
         cls = table.get(method.interface.name)
         from . import base
-        implemented = cls is not None and (getattr(cls, method.name, None)
-                                           is not getattr(getattr(base, method.interface.name), method.name))
+        implemented = cls is not None and base.implements(
+            cls, getattr(base, method.interface.name), method.name)
         lines.append(f"Implemented by this plugin: {'yes' if implemented else 'no (answers Unimplemented)'}")
     lines.append("")
     lines.append("Usage:")

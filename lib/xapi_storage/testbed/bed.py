@@ -41,6 +41,8 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple
 
+from ..compat import monotonic_ns
+
 QEMU = "qemu-system-x86_64"
 GUEST_KERNEL = "/var/lib/testbed/guest/vmlinuz"
 GUEST_INITRD = "/var/lib/testbed/guest/initrd.gz"
@@ -453,7 +455,7 @@ class TestBed:
 
     def put(self, local, remote, mode=None):
         """Copy a host file into dom0 (through the 9p run directory)."""
-        name = "put-%d-%s" % (time.monotonic_ns(), Path(local).name)
+        name = "put-%d-%s" % (monotonic_ns(), Path(local).name)
         shutil.copyfile(local, self.run_dir / "xfer" / name)
         try:
             argv = ["install", "-D"] + (["-m", "%o" % mode] if mode is not None else []) + \
@@ -474,7 +476,7 @@ class TestBed:
 
     def get(self, remote, local):
         """Copy a file from dom0 to the host."""
-        name = "get-%d" % time.monotonic_ns()
+        name = "get-%d" % monotonic_ns()
         self.dom0(["cp", remote, "/mnt/bed/xfer/" + name], timeout=120, check=True)
         shutil.move(str(self.run_dir / "xfer" / name), str(local))
 

@@ -17,6 +17,8 @@ import errno
 import fcntl
 import os
 
+from ..compat import copy_file_range
+
 FICLONE = 0x40049409        # _IOW(0x94, 9, int), linux/fs.h
 CHUNK = 64 << 20            # bytes per copy_file_range call
 
@@ -65,7 +67,7 @@ def sparse_copy(src_fd, dst_fd, progress=None):
     """Copy the data extents of src into dst at the same offsets; dst gets src's size."""
     size = os.fstat(src_fd).st_size
     os.ftruncate(dst_fd, size)
-    use_cfr = hasattr(os, "copy_file_range")
+    use_cfr = True
     for start, length in data_extents(src_fd, size):
         done = 0
         while done < length:
@@ -74,7 +76,7 @@ def sparse_copy(src_fd, dst_fd, progress=None):
             copied = 0
             if use_cfr:
                 try:
-                    copied = os.copy_file_range(src_fd, dst_fd, n, pos, pos)
+                    copied = copy_file_range(src_fd, dst_fd, n, pos, pos)
                 except OSError as e:
                     if e.errno not in _NO_CFR:
                         raise

@@ -15,7 +15,6 @@ The SR key is "file://" + the percent-encoded absolute path; a volume key is a l
 """
 
 import errno
-import functools
 import os
 from stat import S_ISDIR, S_ISREG, S_IWOTH
 
@@ -34,15 +33,16 @@ SR_LOCK = "sr.lock"
 SR_META = "sr.meta"             # owner tag of sr.json's temporary files; its lock is sr.meta.lock
 SR_KEY_PREFIX = "file://"
 DATAPATHS = ("blkback", "pyblkback")
-DEFAULT_DATAPATH = ("blkback", "pyblkback")
+DEFAULT_DATAPATH = ("blkback",)
 SECTOR = 512
 MAX_SIZE = (1 << 63) - SECTOR   # largest int64 that is a multiple of 512
 
 CONFIGURATION = {
     "path": "absolute path of the directory that holds the SR (SR.create makes it if missing; "
             "its parent must exist)",
-    "datapath": "comma-separated datapath preference for volume URIs, from blkback and "
-                "pyblkback (default: blkback,pyblkback)",
+    "datapath": "the datapath of every volume's URI: blkback (default) or pyblkback; a "
+                "comma-separated list is accepted and only its first name is used (a volume "
+                "has one URI: see docs/file-raw.md)",
     "sr_uuid": "set by SR.create: the SR's uuid, checked by SR.attach",
 }
 
@@ -88,7 +88,6 @@ def _os_errors(cls):
     read-only", a lock wait past its bound (store.flock_bounded) "Timed out waiting for a
     lock"."""
     def wrap(fn):
-        @functools.wraps(fn)
         def method(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
@@ -100,6 +99,13 @@ def _os_errors(cls):
                 if e.errno == errno.EROFS:
                     raise _read_only(e) from None
                 raise
+        # what functools.wraps does, without importing functools (and collections with it):
+        # ~a quarter of a plugin call's own start-up
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__", "__annotations__"):
+            if hasattr(fn, attr):
+                setattr(method, attr, getattr(fn, attr))
+        method.__dict__.update(fn.__dict__)
+        method.__wrapped__ = fn
         return method
     for name, fn in list(vars(cls).items()):
         if callable(fn) and not name.startswith("_"):
@@ -350,7 +356,8 @@ def _volume(path, datapath, rec, st, qpath=None):
     regular file of ours alone (missing, replaced by a symlink, directory, ..., or hard-linked),
     the volume is reported with no URI: a datapath opens the URI's path, and a symlink or a
     link could lead anywhere in dom0. Without a URI the daemon refuses to attach it, but it can
-    still be destroyed. Sizes are those of a regular file, else 0."""
+    still be destroyed. Sizes are those of a regular file, else 0. Otherwise it has one URI,
+    for the first datapath of the SR's `datapath` list."""
     key = rec["key"]
     regular = st is not None and S_ISREG(st.st_mode)
     location = f"{qpath or quote_path(path)}/{key}.img"     # a key needs no quoting
@@ -363,9 +370,24 @@ def _volume(path, datapath, rec, st, qpath=None):
         "sharable": rec["sharable"],
         "virtual_size": st.st_size if regular else 0,
         "physical_utilisation": st.st_blocks * 512 if regular else 0,
-        "uri": [f"{scheme}://{location}" for scheme in datapath] if _usable(st) else [],
+        # ONE URI, the SR's first datapath: with two schemes the daemon could send a
+        # non-persistent disk's Datapath.open to one plugin and its attach to the other
+        # (docs/file-raw.md, "One URI per volume")
+        "uri": [f"{datapath[0]}://{location}"] if _usable(st) and datapath else [],
         "keys": dict(rec["keys"]),
     }
+
+
+def _grown(path):
+    """Tell the datapaths that can be told that a volume's data file grew: the `blkback`
+    datapath refreshes its loop device (`losetup -c`), and the kernel's blkback then gives the
+    guest the new size. (The `pyblkback` server re-reads the size by itself.) Best effort: a
+    failure is logged, the resize stands."""
+    try:
+        from ..datapath.blkback import refresh
+        refresh(path)
+    except Exception as e:  # noqa: BLE001 - the volume did grow; say why the guest may not see it
+        _log(log.WARNING, f"{path} grew, but its loop device could not be refreshed: {e}")
 
 
 def _foreign_volume(key, rec, why, st):
@@ -1010,6 +1032,8 @@ class Volume(base.Volume):
                         os.fsync(fd)
                 finally:
                     os.close(fd)
+                if size > current:
+                    _grown(f"{store.path}/{_img(key)}")
         return None
 
     def revert(self, dbg, sr, snapshot, key):

@@ -301,9 +301,9 @@ class Store:
         os.fsync(self.dfd)
 
     def names(self):
-        """The directory's entry names (one scandir)."""
-        with os.scandir(self.dfd) as it:
-            return [e.name for e in it]
+        """The directory's entry names (one readdir pass; listdir takes a directory fd on
+        every Python, scandir only from 3.7)."""
+        return os.listdir(self.dfd)
 
     def stat(self, name):
         """lstat of an entry, or None if it does not exist."""

@@ -17,6 +17,8 @@ import os
 import sys
 import weakref
 
+from ..compat import readonly_view
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _mmap_fn = _libc.mmap
 _mmap_fn.restype = ctypes.c_void_p
@@ -84,7 +86,7 @@ class Region:
     def attach(self):
         """Make `buffer` a fresh view of the (still mapped) region."""
         mv = memoryview(self._arr).cast("B")
-        self.buffer = mv if self.writable else mv.toreadonly()
+        self.buffer = mv if self.writable else readonly_view(mv)
 
     def detach(self):
         """Give up `buffer`. True if no view of the region is left anywhere: the region may

@@ -19,6 +19,8 @@ null, cow - see `open_storage`.
 import errno
 import os
 
+from ...compat import preadv, pwritev
+
 SECTOR = 512
 
 
@@ -92,8 +94,9 @@ def _advance(iovs, n, offset, want):
 
 
 def full_preadv(fd, iovs, offset, want=None):
-    """os.preadv until every buffer is full; a short read at end of file is an error."""
-    n = os.preadv(fd, iovs, offset)
+    """preadv (compat: os.preadv where the Python has it) until every buffer is full; a short
+    read at end of file is an error."""
+    n = preadv(fd, iovs, offset)
     if want is None:
         want = sum(map(len, iovs))
     if n == want:
@@ -104,13 +107,13 @@ def full_preadv(fd, iovs, offset, want=None):
         iovs, offset, want = _advance(iovs, n, offset, want)
         if not iovs:
             return
-        n = os.preadv(fd, iovs, offset)
+        n = preadv(fd, iovs, offset)
         if n == want:
             return
 
 
 def full_pwritev(fd, iovs, offset, want=None):
-    n = os.pwritev(fd, iovs, offset)
+    n = pwritev(fd, iovs, offset)
     if want is None:
         want = sum(map(len, iovs))
     while n < want:
@@ -119,7 +122,7 @@ def full_pwritev(fd, iovs, offset, want=None):
         iovs, offset, want = _advance(iovs, n, offset, want)
         if not iovs:
             return
-        n = os.pwritev(fd, iovs, offset)
+        n = pwritev(fd, iovs, offset)
 
 
 def open_checked(path, flags, is_kind, hint):

@@ -6,7 +6,8 @@ HELP = "run or inspect a simulated Xen (XenStore, grant tables, event channels)"
 
 
 def add_arguments(parser):
-    sub = parser.add_subparsers(dest="simxen_command", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(dest="simxen_command", metavar="ACTION")
+    sub.required = True     # add_subparsers(required=) is 3.7+
     p = sub.add_parser("run", help="serve a simulated Xen in DIR until SIGTERM or Ctrl-C "
                        "(DIR is created if missing; everything made in it is removed on exit)")
     p.add_argument("dir", metavar="DIR")

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 
+from ... import compat
 from .. import xs_wire as W
 from . import layout as L
 from .xenstore import Server, XsError
@@ -407,7 +408,7 @@ class Daemon:
         for path in (L.control_sock(d), L.evtchn_sock(d)):
             _unlink(path)
         self._new_domain(0, "Domain-0", L.DEFAULT_MEM_MB, L.DEFAULT_GRANT_ENTRIES)
-        loop = asyncio.get_running_loop()
+        loop = compat.get_running_loop()
         self.stopping = loop.create_future()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: self.stopping.done() or self.stopping.set_result(None))
@@ -588,7 +589,7 @@ def run(d):
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
     daemon = Daemon(d)
     try:
-        asyncio.run(daemon.serve())
+        compat.asyncio_run(daemon.serve())
     finally:
         daemon.cleanup()
     return 0

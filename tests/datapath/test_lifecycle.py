@@ -1,0 +1,379 @@
+"""The shared datapath lifecycle: the pure state machine, and the base class on real files.
+
+A toy datapath records every hook it runs in a journal file and "acquires" a resource by
+creating a file, so a leak is a file left behind.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from xapi_storage.datapath import lifecycle
+from xapi_storage.datapath.lifecycle import Lifecycle, StateError, apply, empty_state, plan
+from xapi_storage.sdk import errors
+
+URI = "toy:///srv/sr/vol1.img"
+
+
+@pytest.fixture
+def state_root(tmp_path, monkeypatch):
+    root = tmp_path / "state"
+    monkeypatch.setenv(lifecycle.STATE_ENV, str(root))
+    monkeypatch.setenv("TOY_DIR", str(tmp_path / "host"))
+    (tmp_path / "host").mkdir()
+    return root
+
+
+class Toy(Lifecycle):
+    SCHEME = "toy"
+    fail = set()
+
+    def _host(self):
+        return os.environ["TOY_DIR"]
+
+    def _journal(self, *entry):
+        with open(os.path.join(self._host(), "journal"), "a") as f:
+            f.write(json.dumps(list(entry)) + "\n")
+
+    def _check(self, name):
+        if name in self.fail or os.path.exists(os.path.join(self._host(), "fail-" + name)):
+            raise OSError(5, f"{name} failed")
+
+    def setup(self, uri, readonly=False):
+        self._journal("setup", uri)
+        res = os.path.join(self._host(), "resource")
+        open(res, "w").close()
+        self._check("setup")
+        return {"file": res}
+
+    def backend(self, uri, domain, resources):
+        self._journal("backend", domain)
+        self._check("backend")
+        return {"implementations": [["BlockDevice", {"path": resources["file"]}]]}
+
+    def activate_hook(self, uri, domain, resources, readonly):
+        self._journal("activate", domain, readonly)
+        self._check("activate")
+
+    def deactivate_hook(self, uri, domain, resources):
+        self._journal("deactivate", domain)
+        self._check("deactivate")
+
+    def teardown(self, uri, resources):
+        self._journal("teardown", resources)
+        self._check("teardown")
+        res = os.path.join(self._host(), "resource")
+        if os.path.exists(res):
+            os.unlink(res)
+
+
+def journal():
+    p = os.path.join(os.environ["TOY_DIR"], "journal")
+    if not os.path.exists(p):
+        return []
+    with open(p) as f:
+        return [json.loads(line) for line in f]
+
+
+def leftovers(root):
+    out = []
+    for d, _, files in os.walk(root):
+        out += [os.path.join(d, f) for f in files]
+    return out
+
+
+def resource_exists():
+    return os.path.exists(os.path.join(os.environ["TOY_DIR"], "resource"))
+
+
+# --- the pure state machine ------------------------------------------------------------------
+
+def run_pure(state, call, domain=None):
+    for step in plan(state, call, domain):
+        state = apply(state, step, {"x": 1} if step[0] in ("setup", "backend") else None)
+    return state
+
+
+def test_plan_refcounts_per_domain_and_tears_down_at_the_last_detach():
+    s = empty_state(URI)
+    assert plan(s, "attach", "7") == [["setup"], ["backend", "7"]]
+    s = run_pure(s, "attach", "7")
+    assert plan(s, "attach", "7") == []                     # idempotent
+    assert plan(s, "attach", "u0_vbd_0_xvda") == [["backend", "u0_vbd_0_xvda"]]
+    s = run_pure(s, "attach", "u0_vbd_0_xvda")
+    assert plan(s, "detach", "7") == [["forget", "7"]]        # another domain still uses it
+    s = run_pure(s, "detach", "7")
+    assert plan(s, "detach", "7") == []
+    assert plan(s, "detach", "u0_vbd_0_xvda") == [["forget", "u0_vbd_0_xvda"], ["teardown"]]
+    s = run_pure(s, "detach", "u0_vbd_0_xvda")
+    assert lifecycle.is_empty(s)
+
+
+def test_plan_never_mixes_read_only_and_read_write_activations():
+    s = run_pure(run_pure(run_pure(empty_state(URI), "attach", "1"), "attach", "2"), "attach", "3")
+    s = run_pure(s, "activate_readonly", "1")
+    s = run_pure(s, "activate_readonly", "2")               # many read-only: fine
+    with pytest.raises(StateError) as e:
+        plan(s, "activate", "3")
+    assert e.value.error.code == "SR_BACKEND_FAILURE_24"
+    assert e.value.error.params[0] == "VDIInUse"
+    s = run_pure(run_pure(s, "deactivate", "1"), "deactivate", "2")
+    s = run_pure(s, "activate", "3")
+    with pytest.raises(StateError):
+        plan(s, "activate_readonly", "1")
+    # one domain switching its own mode deactivates first
+    s = run_pure(run_pure(s, "deactivate", "3"), "activate", "1")
+    assert plan(s, "activate_readonly", "1") == [["deactivate", "1"], ["activate", "1", "ro"]]
+
+
+def test_plan_deactivate_twice_and_detach_of_an_active_domain():
+    s = run_pure(run_pure(empty_state(URI), "attach", "5"), "activate", "5")
+    assert plan(s, "deactivate", "5") == [["deactivate", "5"]]
+    s = run_pure(s, "deactivate", "5")
+    assert plan(s, "deactivate", "5") == []
+    s = run_pure(s, "activate", "5")
+    assert plan(s, "detach", "5") == [["deactivate", "5"], ["forget", "5"], ["teardown"]]
+
+
+def test_plan_refuses_activate_before_attach():
+    with pytest.raises(StateError) as e:
+        plan(empty_state(URI), "activate", "9")
+    assert e.value.error.params[0] == "Datapath_not_attached"
+
+
+# --- the base class on real files ------------------------------------------------------------
+
+def test_vm_start_and_shutdown_leave_nothing(state_root):
+    dp = Toy()
+    r1 = dp.attach("t", URI, "3")
+    assert r1 == {"implementations": [["BlockDevice", {"path": os.environ["TOY_DIR"] + "/resource"}]]}
+    assert dp.attach("t", URI, "3") == r1                    # same answer, no second setup
+    dp.activate("t", URI, "3")
+    dp.activate("t", URI, "3")
+    assert leftovers(state_root)                             # state while attached
+    dp.deactivate("t", URI, "3")
+    dp.deactivate("t", URI, "3")                             # VM shutdown: twice
+    dp.detach("t", URI, "3")
+    dp.detach("t", URI, "3")
+    kinds = [e[0] for e in journal()]
+    assert kinds == ["setup", "backend", "activate", "deactivate", "teardown"]
+    assert not resource_exists()
+    assert leftovers(state_root) == []
+
+
+def test_state_survives_the_process(state_root):
+    Toy().attach("t", URI, "3")
+    st = Toy().load_state(URI)                               # another instance = another call
+    assert list(st["domains"]) == ["3"] and st["resources"]
+    Toy().detach("t", URI, "3")
+    assert Toy().load_state(URI) == empty_state(URI)
+
+
+def test_detach_never_fails_and_the_next_call_finishes_the_cleanup(state_root):
+    dp = Toy()
+    dp.attach("t", URI, "3")
+    Toy.fail = {"teardown"}
+    try:
+        dp.detach("t", URI, "3")                             # no exception
+        st = dp.load_state(URI)
+        assert st["teardown_failed"] and not st["domains"]
+        assert resource_exists()
+        with pytest.raises(errors.XenAPIError) as e:         # still failing: attach says why
+            dp.attach("t", URI, "4")
+        assert e.value.params[0] == "Datapath_cleanup_failed"
+    finally:
+        Toy.fail = set()
+    dp.deactivate("t", URI, "nobody")                        # any call retries the teardown
+    assert not resource_exists()
+    assert leftovers(state_root) == []
+
+
+def test_failed_setup_or_backend_leaves_nothing(state_root):
+    dp = Toy()
+    for what in ("setup", "backend"):
+        Toy.fail = {what}
+        try:
+            with pytest.raises(OSError):
+                dp.attach("t", URI, "3")
+        finally:
+            Toy.fail = set()
+        assert not resource_exists(), what
+        assert leftovers(state_root) == [], what
+
+
+def test_activate_conflict_is_a_structured_error_and_changes_nothing(state_root):
+    dp = Toy()
+    dp.attach("t", URI, "1")
+    dp.attach("t", URI, "2")
+    dp.activate("t", URI, "1")
+    before = dp.load_state(URI)
+    with pytest.raises(errors.XenAPIError) as e:
+        dp.activate_readonly("t", URI, "2")
+    assert e.value.code == "SR_BACKEND_FAILURE_24"
+    assert dp.load_state(URI) == before
+    for d in ("1", "2"):
+        dp.detach("t", URI, d)
+    assert leftovers(state_root) == []
+
+
+def test_lock_wait_is_bounded(state_root, monkeypatch):
+    import fcntl
+    monkeypatch.setenv(lifecycle.LOCK_TIMEOUT_ENV, "0.3")
+    dp = Toy()
+    d = dp.state_dir()
+    os.makedirs(d)
+    fd = os.open(os.path.join(d, lifecycle.volume_id(URI) + ".lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(errors.XenAPIError) as e:
+            dp.attach("t", URI, "3")
+        assert e.value.params[0] == "Datapath_busy"
+        assert time.monotonic() - t0 < 3
+    finally:
+        os.close(fd)
+    assert journal() == []
+
+
+def test_concurrent_calls_on_one_volume_are_serialised(state_root):
+    dp = Toy()
+    errs = []
+
+    def worker(dom):
+        try:
+            for _ in range(5):
+                Toy().attach("t", URI, dom)
+                Toy().activate_readonly("t", URI, dom)
+                Toy().deactivate("t", URI, dom)
+                Toy().detach("t", URI, dom)
+        except Exception as e:  # noqa: BLE001
+            errs.append(e)
+    threads = [threading.Thread(target=worker, args=(str(i),)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errs
+    # every setup is matched by one teardown, never two setups in a row
+    level = 0
+    for e in journal():
+        if e[0] == "setup":
+            assert level == 0
+            level = 1
+        elif e[0] == "teardown":
+            assert level == 1
+            level = 0
+    assert level == 0 and not resource_exists()
+    assert leftovers(state_root) == []
+    assert dp.load_state(URI) == empty_state(URI)
+
+
+# --- SIGKILL at every step ---------------------------------------------------------------------
+
+CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_lifecycle import Toy
+call, uri, dom = sys.argv[2:5]
+getattr(Toy(), call)("t", uri, dom)
+"""
+
+
+def _child(call, dom, fault=None):
+    env = dict(os.environ)
+    env.pop("XAPI_STORAGE_FAULT", None)
+    if fault:
+        env["XAPI_STORAGE_FAULT"] = fault
+    p = subprocess.run([sys.executable, "-c", CHILD, os.path.dirname(__file__), call, URI, dom],
+                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=60)
+    return p.returncode, p.stderr
+
+
+POINTS = ["setup", "backend", "activate", "deactivate", "teardown"]
+
+
+@pytest.mark.parametrize("point", [f"datapath:{k}:{w}" for k in POINTS for w in ("intent", "done")])
+def test_sigkill_at_any_step_is_completed_or_cleaned_by_the_next_call(state_root, point):
+    """Kill the plugin at each point of a VM's life; the next calls must converge to the
+    same end: nothing held, no state file."""
+    seq = [("attach", "3"), ("activate", "3"), ("deactivate", "3"), ("detach", "3")]
+    killed = False
+    for call, dom in seq:
+        rc, err = _child(call, dom, point)
+        if rc == -signal.SIGKILL:
+            killed = True
+            rc, err = _child(call, dom)                     # the daemon's retry, or the next call
+        assert rc == 0, err
+    assert killed, f"{point} never reached"
+    assert not resource_exists(), journal()
+    assert leftovers(state_root) == []
+    # nothing is set up twice without a teardown between
+    level = 0
+    for e in journal():
+        if e[0] == "setup":
+            level += 1
+        elif e[0] == "teardown":
+            level = 0
+        assert level <= 1, journal()
+
+
+@pytest.mark.parametrize("point", ["datapath:setup:done", "datapath:backend:intent",
+                                   "datapath:backend:done"])
+def test_an_attach_killed_then_given_up_is_cleaned_by_the_detach(state_root, point):
+    """The toolstack may not retry a failed attach: it detaches (VBD unplug, VM start
+    abandoned). The half-made attachment must not outlive that detach."""
+    rc, _ = _child("attach", "3", point)
+    assert rc == -signal.SIGKILL
+    rc, err = _child("detach", "3")
+    assert rc == 0, err
+    assert not resource_exists(), journal()
+    assert leftovers(state_root) == []
+
+
+def test_hooks_see_the_state_before_their_step(state_root):
+    seen = []
+
+    class Peek(Toy):
+        def setup(self, uri, readonly=False):
+            seen.append(("setup", self.state["opened"], sorted(self.state["domains"])))
+            return super().setup(uri, readonly)
+
+        def backend(self, uri, domain, resources):
+            seen.append(("backend", self.state["opened"], sorted(self.state["domains"])))
+            return super().backend(uri, domain, resources)
+    dp = Peek()
+    dp.open("t", URI, False)
+    dp.attach("t", URI, "1")
+    dp.attach("t", URI, "2")
+    assert seen == [("setup", {"persistent": False}, []),
+                    ("backend", {"persistent": False}, []),
+                    ("backend", {"persistent": False}, ["1"])]
+    for d in ("1", "2"):
+        dp.detach("t", URI, d)
+    dp.close("t", URI)
+    assert leftovers(state_root) == []
+
+
+def test_a_tampered_state_file_refuses_attach_and_detach_does_no_harm(state_root):
+    dp = Toy()
+    dp.attach("t", URI, "1")
+    path = os.path.join(dp.state_dir(), lifecycle.volume_id(URI) + ".json")
+    for junk in (b"{not json", b'{"format": 1, "uri": "toy:///other"}', b"[]"):
+        with open(path, "wb") as f:
+            f.write(junk)
+        with pytest.raises(errors.XenAPIError) as e:
+            dp.attach("t", URI, "2")
+        assert e.value.params[0] == "Datapath_state_corrupt"
+        dp.deactivate("t", URI, "1")                         # no exception, nothing released
+        dp.detach("t", URI, "1")
+        assert resource_exists()
+        with open(path, "rb") as f:
+            assert f.read() == junk                          # left for someone to look at
+    assert [e[0] for e in journal()] == ["setup", "backend"]
