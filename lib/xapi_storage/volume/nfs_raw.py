@@ -36,8 +36,7 @@ CONFIGURATION = {
     "options": "optional: extra comma-separated mount options, after the defaults "
                "hard,proto=tcp,timeo=600,retrans=2 (a later option wins, so 'soft' is "
                "possible: then a server outage becomes guest I/O errors)",
-    "datapath": "comma-separated datapath preference for volume URIs, from blkback and "
-                "pyblkback (default: blkback,pyblkback)",
+    "datapath": file_raw.CONFIGURATION["datapath"],
     "sr_uuid": "set by SR.create: the SR's uuid (the directory on the export, the mount point)",
 }
 
