@@ -40,6 +40,7 @@ def volume_uris(setting):
         st_mode = 0o100600
         st_size = 1 << 20
         st_blocks = 0
+        st_nlink = 1        # a data file of ours alone (a hard-linked one gets no URI)
     return file_raw._volume("/srv/sr", order, rec, St())["uri"]
 
 

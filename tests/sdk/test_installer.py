@@ -114,8 +114,7 @@ def test_uninstall_keeps_changed_and_foreign_files(tmp_path):
     assert set(json.loads((toy / installer.MANIFEST).read_text())["files"]) == {"Volume.stat"}
     r = install(tmp_path, *TOY_PLUGINS)
     assert r.returncode == 0, r.stderr
-    assert (toy / "Volume.stat").read_text() == installer.shim_source(
-        "sdk_toy", os.path.abspath(sys.executable))
+    assert (toy / "Volume.stat").read_text() == LAID_TOY()
     assert {p.name for p in toy.iterdir()} == EXPECTED_TOY | {"notes.txt", installer.MANIFEST}
 
 
