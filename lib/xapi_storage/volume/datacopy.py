@@ -1,6 +1,7 @@
 """Copy a raw image file: a reflink where the filesystem shares extents, else a sparse copy.
 
     clone_or_copy(src_fd, dst_fd) -> "reflink" | "copy"
+    copy_block_device(src_fd, dst_fd, size)     every byte, for block devices (lvm-raw)
 
 The destination must be an empty regular file open for writing. A reflink (ioctl FICLONE:
 XFS with reflink=1, btrfs, OCFS2, bcachefs, NFS 4.2 servers that support CLONE) is instant and
@@ -92,3 +93,24 @@ def sparse_copy(src_fd, dst_fd, progress=None):
             done += copied
             if progress is not None:
                 progress(pos + copied)
+
+
+BLOCK_CHUNK = 4 << 20       # bytes per read/write of a block-device copy
+
+
+def copy_block_device(src_fd, dst_fd, size, progress=None):
+    """Copy the first `size` bytes of one block device (or file) to another, every byte:
+    a block device has no holes to skip, and a new thick LV holds whatever was on its
+    extents before, so zeroes are written too. The caller fsyncs dst."""
+    pos = 0
+    while pos < size:
+        buf = os.pread(src_fd, min(BLOCK_CHUNK, size - pos), pos)
+        if not buf:
+            raise OSError(errno.EIO, f"source ended at byte {pos} of {size}")
+        view = memoryview(buf)
+        while view:
+            n = os.pwrite(dst_fd, view, pos)
+            view = view[n:]
+            pos += n
+        if progress is not None:
+            progress(pos)

@@ -67,6 +67,16 @@ def is_uuid(key):
             and _HEX.issuperset(key.replace("-", "")))
 
 
+_SAFE_NAME = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def is_safe_name(text, max_len=100):
+    """True for 1..max_len ASCII letters, digits, '-', '_', '.', starting with a letter or a
+    digit: usable as a file name, a mount point and an LVM VG name (SR uuids)."""
+    return (type(text) is str and 0 < len(text) <= max_len and _SAFE_NAME.issuperset(text)
+            and text[0] not in "-_.")
+
+
 def new_uuid():
     """A random (version 4) uuid string, without importing the uuid module (start-up time)."""
     b = bytearray(os.urandom(16))

@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""What an lvm-raw call costs over the bare lvm2 command it runs, and whether that stays flat
+as the SR fills (issue 9, item 5). Needs root, lvm2 and device-mapper: run it in a dom0, or in
+the test bed's dom0 from this machine:
+
+    flock /work/testbed.lock .venv/bin/xapi-storage testbed run -- \\
+        /opt/xapi-storage/venv/bin/python /mnt/checkout/benchmarks/lvm_raw.py
+
+It makes a VG on two sparse loop devices (1 MiB extents), an lvm-raw SR on it through the
+installed executables, fills the SR with N plugin-format volumes (written with one `lvm` shell
+process, for speed), then measures, interleaved round by round (so that load hits every row
+alike), the median of:
+
+    python3 -c pass        the executables' interpreter doing nothing: the floor
+    lvcreate / lvremove    bare lvm2: `lvcreate -Z n -L 4m` and `lvremove -f` of a plain LV
+    lvcreate + copy        bare lvm2 and dd of the 4 MiB source: what a thick snapshot does
+    Volume.create          the plugin's executables, JSON mode, as the daemon calls them
+    Volume.snapshot        (thick: a full copy of a 4 MiB volume)
+    Volume.destroy
+
+for each N in --volumes (default 100 and 1000). Target per plugin row: at most
+1.2 x its bare peer + the floor. Prints a table; with --json one JSON object per row:
+{"call", "volumes", "median_s", "peer", "peer_median_s", "floor_s", "ratio", "target_s",
+"met"} (ratio: median over the peer's median).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MiB = 1 << 20
+PLUGIN_DIR = "volume/org.xen.xapi.storage.lvm-raw"
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sh(argv, **kw):
+    return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, **kw)
+
+
+def timed(argv, stdin=None):
+    t0 = time.monotonic()
+    r = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True)
+    dt = time.monotonic() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{argv}: exit {r.returncode}: {r.stderr}{r.stdout}")
+    return dt, r.stdout
+
+
+def call(plugin, method, **args):
+    args.setdefault("dbg", "bench")
+    dt, out = timed([os.path.join(plugin, method), "--json"], json.dumps(args))
+    return dt, json.loads(out)
+
+
+def fill(vg, count, start):
+    """Add `count` volumes in the plugin's format with one `lvm` shell process."""
+    from xapi_storage.volume import lvm, lvm_raw
+    from xapi_storage.volume.store import new_uuid
+    lines = []
+    for i in range(count):
+        key = new_uuid()
+        rec = {"key": key, "state": "ready", "name": f"fill{start + i}", "description": "",
+               "read_write": True, "sharable": False, "keys": {"vdi-type": "user"}}
+        tags = " ".join(f"--addtag {t}" for t in [lvm_raw.VOL_TAG] + lvm.encode_record(rec, 1))
+        lines.append(f"lvcreate -qq -Zn -Wn -an -L 1m -n {key} {tags} {vg}")
+    subprocess.run(["lvm"], input="\n".join(lines) + "\nexit\n", stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, universal_newlines=True)
+    have = sh(["lvs", "--noheadings", "-o", "lv_name", vg]).stdout.split()
+    missing = [ln for ln in lines if ln.split(" -n ")[1].split()[0] not in have]
+    if missing:         # an lvm2 built without its shell: one process per command
+        log(f"  lvm shell made {len(lines) - len(missing)} of {len(lines)}; the rest one by one")
+        for ln in missing:
+            sh(["lvm"] + ln.split())
+
+
+def measure(plugin, vg, sr, floor_py, runs):
+    rows = {k: [] for k in ("floor", "lvcreate", "lvremove", "lvcreate+copy", "Volume.create",
+                            "Volume.snapshot", "Volume.destroy")}
+    for _ in range(runs):
+        rows["floor"].append(timed(floor_py + ["-c", "pass"])[0])
+        rows["lvcreate"].append(timed(["lvcreate", "-qq", "-Zn", "-Wn", "-L", "4m", "-n",
+                                       "bench-bare", vg])[0])
+        t0 = time.monotonic()
+        timed(["lvcreate", "-qq", "-Zn", "-Wn", "-L", "4m", "-n", "bench-copy", vg])
+        timed(["dd", f"if=/dev/{vg}/bench-bare", f"of=/dev/{vg}/bench-copy", "bs=4M",
+               "oflag=direct", "conv=fsync"])
+        rows["lvcreate+copy"].append(time.monotonic() - t0)
+        rows["lvremove"].append(timed(["lvremove", "-qq", "-f", f"{vg}/bench-bare"])[0])
+        timed(["lvremove", "-qq", "-f", f"{vg}/bench-copy"])
+        dt, v = call(plugin, "Volume.create", sr=sr, name="b", description="", size=4 * MiB,
+                     sharable=False)
+        rows["Volume.create"].append(dt)
+        dt, s = call(plugin, "Volume.snapshot", sr=sr, key=v["key"])
+        rows["Volume.snapshot"].append(dt)
+        rows["Volume.destroy"].append(call(plugin, "Volume.destroy", sr=sr, key=s["key"])[0])
+        call(plugin, "Volume.destroy", sr=sr, key=v["key"])
+    return {k: statistics.median(v) for k, v in rows.items()}
+
+
+PEERS = {"Volume.create": "lvcreate", "Volume.snapshot": "lvcreate+copy",
+         "Volume.destroy": "lvremove"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=7, help="rounds per SR size (default 7)")
+    ap.add_argument("--volumes", default="100,1000",
+                    help="comma-separated SR sizes to measure at (default 100,1000)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per row")
+    args = ap.parse_args()
+    sizes = sorted(int(x) for x in args.volumes.split(","))
+    tmp = tempfile.mkdtemp(prefix="lvm-bench.")
+    loops, sr, plugin = [], None, None
+    try:
+        exe = shutil.which("xapi-storage", path=os.path.dirname(sys.executable))
+        sh([exe, "install", "--root", tmp + "/root"])
+        plugin = os.path.join(tmp, "root", PLUGIN_DIR)
+        with open(os.path.join(plugin, "Volume.stat")) as f:
+            floor_py = f.readline()[2:].split()
+        need = (sizes[-1] + 64) * MiB + 512 * MiB
+        for i in range(2):
+            img = f"{tmp}/pv{i}.img"
+            with open(img, "wb") as f:
+                f.truncate(need // 2 + 64 * MiB)
+            loops.append(sh(["losetup", "-f", "--show", img]).stdout.strip())
+        uuid = "be4c0000-1111-4222-8333-444444444444"
+        _, cfg = call(plugin, "SR.create", uuid=uuid, configuration={"device": ",".join(loops)},
+                      name="bench", description="")
+        _, sr = call(plugin, "SR.attach", configuration=cfg)
+        results, have = [], 0
+        for n in sizes:
+            log(f"filling the SR to {n} volumes")
+            fill(sr, n - have, have)
+            have = n
+            log(f"measuring at {n} volumes ({args.runs} rounds)")
+            med = measure(plugin, sr, sr, floor_py, args.runs)
+            for call_name, peer in PEERS.items():
+                target = 1.2 * med[peer] + med["floor"]
+                results.append({"call": call_name, "volumes": n,
+                                "median_s": round(med[call_name], 4), "peer": peer,
+                                "peer_median_s": round(med[peer], 4),
+                                "floor_s": round(med["floor"], 4),
+                                "ratio": round(med[call_name] / med[peer], 2),
+                                "target_s": round(target, 4),
+                                "met": med[call_name] <= target})
+        if args.json:
+            for r in results:
+                print(json.dumps(r))
+        else:
+            print(f"{'call':16} {'volumes':>7} {'median s':>9} {'peer':>14} {'peer s':>8} "
+                  f"{'floor s':>8} {'ratio':>6} {'target s':>9} met")
+            for r in results:
+                print(f"{r['call']:16} {r['volumes']:>7} {r['median_s']:>9.3f} "
+                      f"{r['peer']:>14} {r['peer_median_s']:>8.3f} {r['floor_s']:>8.3f} "
+                      f"{r['ratio']:>6.2f} {r['target_s']:>9.3f} {'yes' if r['met'] else 'NO'}")
+    finally:
+        if sr:
+            subprocess.run(["vgremove", "-qq", "-ff", "-y", sr], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        for dev in loops:
+            subprocess.run(["pvremove", "-qq", "-ff", "-y", dev], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            subprocess.run(["losetup", "-d", dev])
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,794 @@
+"""The `lvm-raw` volume plugin: an SR is an LVM volume group, a volume a logical volume.
+
+See docs/lvm-raw.md for the contract. In short:
+
+    VG  xapi-sr-<sr uuid>       tags: xapi-storage:sr, xsu:<sr uuid>, the SR record (xsm:...)
+    LV  <volume key>            tags: xapi-storage:vol, the volume record (xsm:...)
+    /run/lock/xapi-storage/lvm/<vg>.vg.lock        flock: this host's changes to the VG
+    /run/lock/xapi-storage/lvm/<vg>.<key>.lock     flock: held by every call on that volume
+
+Records (name, description, keys, state, ...) live in the LVs' and the VG's tags (lvm.py
+encodes them), so they are on the shared storage with the data and survive a reinstall of
+dom0. Every lvm2 call goes through lvm.LVM. Nothing without our tag is ever changed.
+"""
+
+import functools
+import os
+from stat import S_ISBLK
+
+from ..sdk import base, log
+from ..sdk.errors import SR_does_not_exist, Volume_does_not_exist, XenAPIError
+from . import lvm as lvmmod
+from .command import CommandTimeout
+from .file_raw import (
+    DATAPATHS, DEFAULT_DATAPATH, _argument_error, _config, _config_datapath, _config_error,
+    _no_space, _os_errors, _size_error, _volume_key, _want_bool, _want_size, _want_str,
+)
+from .store import faultpoint, is_safe_name, is_uuid, new_uuid
+
+PLUGIN = "lvm-raw"
+SR_FORMAT = "xapi-storage/lvm-raw"
+SR_FORMAT_VERSION = 1
+SR_TAG = "xapi-storage:sr"
+VOL_TAG = "xapi-storage:vol"
+POOL_TAG = "xapi-storage:pool"
+POOL = "xapi-pool"              # the thin pool's LV name (provisioning=thin)
+POOL_PERCENT = 90               # of the VG's free space, at SR.create; the rest for growth
+DEFAULT_OVERPROVISION = "4"
+UUID_TAG = "xsu:"
+VG_PREFIX = "xapi-sr-"
+MAX_SR_UUID = 100               # VG names are at most 127 characters
+
+CONFIGURATION = {
+    "device": "comma-separated block devices that make the SR's volume group (SR.create "
+              "makes them LVM physical volumes; a device holding a filesystem or another "
+              "VG is refused)",
+    "datapath": "the datapath of every volume's URI: blkback (default) or pyblkback (of a "
+                "comma-separated list only the first name is used: a volume has one URI)",
+    "provisioning": "thick (default: every volume a plain LV of its full size) or thin "
+                    "(volumes in one thin pool, allocated as they are written)",
+    "overprovision": "thin only: new volumes and snapshots are refused once the sum of the "
+                     "volumes' sizes would pass this multiple of the pool's size "
+                     f"(default {DEFAULT_OVERPROVISION})",
+    "sr_uuid": "set by SR.create: the SR's uuid, which names its volume group",
+}
+
+FEATURES = [
+    "SR_PROBE", "SR_CREATE", "SR_DELETE", "SR_ATTACH", "SR_DETACH", "SR_SCAN", "SR_UPDATE",
+    "VDI_CREATE", "VDI_DESTROY", "VDI_UPDATE", "VDI_RESIZE", "VDI_SNAPSHOT", "VDI_CLONE",
+    "VDI_ATTACH_OFFLINE", "LARGE_VDI",
+]
+
+_LVM = [None]
+
+
+def get_lvm():
+    """The LVM boundary of this process (tests may install another with set_lvm)."""
+    if _LVM[0] is None:
+        _LVM[0] = lvmmod.LVM()
+    return _LVM[0]
+
+
+def set_lvm(value):
+    _LVM[0] = value
+
+
+def _log(level, msg):
+    log.emit(level, "%s", msg)
+
+
+def _lvm_error(e):
+    """A structured error for a failed or hung lvm2 command."""
+    if isinstance(e, CommandTimeout):
+        return XenAPIError("SR_BACKEND_FAILURE", ["lvm2 command timed out", " ".join(e.argv)])
+    if e.no_space():
+        return _no_space(e.message())
+    return XenAPIError("SR_BACKEND_FAILURE", [
+        "lvm2 command failed", " ".join(e.argv), f"exit {e.rc}", e.message()])
+
+
+def _lvm_errors(cls):
+    """Class decorator: an lvm2 failure in any public method answers a structured error."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def method(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (lvmmod.LVMError, CommandTimeout) as e:
+                raise _lvm_error(e) from None
+            except FileNotFoundError as e:
+                if e.filename == "lvm":
+                    raise XenAPIError("SR_BACKEND_FAILURE", [
+                        "lvm2 is not installed", str(e)]) from None
+                raise
+        return method
+    for name, fn in list(vars(cls).items()):
+        if callable(fn) and not name.startswith("_"):
+            setattr(cls, name, wrap(fn))
+    return cls
+
+
+# --- names and keys ------------------------------------------------------------------------------
+
+def vg_name(sr_uuid):
+    return VG_PREFIX + sr_uuid
+
+
+def _check_sr_uuid(uuid):
+    if not is_safe_name(uuid, MAX_SR_UUID):
+        raise _argument_error("uuid", f"{uuid!r}: an SR uuid here is made of letters, digits, "
+                              "'-', '_' and '.' (it names the volume group)")
+    return uuid
+
+
+def sr_vg(sr):
+    """The VG named by an SR key; SR_does_not_exist if `sr` is not a key we could return."""
+    if type(sr) is str and sr.startswith(VG_PREFIX) and is_safe_name(sr[len(VG_PREFIX):]):
+        return sr
+    raise SR_does_not_exist(sr if type(sr) is str else repr(sr))
+
+
+def _config_provisioning(configuration):
+    """("thick", None) or ("thin", ratio) from device-config."""
+    mode = configuration.get("provisioning", "thick")
+    if mode not in ("thick", "thin"):
+        raise _config_error("provisioning", f"{mode!r}: expected thick or thin")
+    text = configuration.get("overprovision", DEFAULT_OVERPROVISION)
+    try:
+        ratio = float(text)
+    except ValueError:
+        ratio = 0.0
+    if not 0 < ratio <= 1000 or ratio != ratio:
+        raise _config_error("overprovision", f"{text!r}: expected a number above 0 "
+                            "(e.g. 1 for no over-provisioning, 4 for four times)")
+    return mode, (ratio if mode == "thin" else None)
+
+
+def _config_devices(configuration):
+    text = _config(configuration).get("device")
+    if text is None:
+        raise _config_error("device", "missing: give the block device(s), comma-separated")
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices or len(set(devices)) != len(devices):
+        raise _config_error("device", f"{text!r}: expected distinct block device paths")
+    for d in devices:
+        if not d.startswith("/dev/") or "\x00" in d:
+            raise _config_error("device", f"{d!r} is not a path under /dev")
+        try:
+            st = os.stat(d)
+        except OSError as e:
+            raise _config_error("device", f"{d}: {e.strerror}") from None
+        if not S_ISBLK(st.st_mode):
+            raise _config_error("device", f"{d} is not a block device")
+    return devices
+
+
+# --- the SR --------------------------------------------------------------------------------------
+
+def _sr_record(vgrow):
+    """The SR record of a VG row, or None if the VG is not one of our SRs."""
+    if vgrow is None or SR_TAG not in vgrow["tags"]:
+        return None
+    rec, gen, _ = lvmmod.decode_record(vgrow["tags"])
+    if rec is None or rec.get("format") != SR_FORMAT:
+        return None
+    if rec.get("version") != SR_FORMAT_VERSION:
+        raise XenAPIError("SR_BACKEND_FAILURE", [
+            "Unsupported SR format version", vgrow["name"], str(rec.get("version"))])
+    rec["_gen"] = gen
+    return rec
+
+
+def _ready_sr(sr):
+    """(VG name, VG row, SR record) of a ready SR; SR_does_not_exist otherwise."""
+    vg = sr_vg(sr)
+    row = get_lvm().vg(vg)
+    rec = _sr_record(row)
+    if rec is None or rec.get("state") != "ready":
+        raise SR_does_not_exist(sr)
+    return vg, row, rec
+
+
+def _write_tags_record(vg, lv, rec, old_tags, permission=None):
+    """Replace the record in `old_tags` by `rec`, in one lvm2 command (lvm.update_tags)."""
+    rec = {k: v for k, v in rec.items() if not k.startswith("_")}
+    new, drop = lvmmod.update_tags(old_tags, rec)
+    if lv is None:
+        get_lvm().vgchange_tags(vg, add=new, delete=drop)
+    else:
+        get_lvm().lvchange(vg, lv, add=new, delete=drop, permission=permission)
+
+
+def _update_sr(sr, change):
+    vg = sr_vg(sr)
+    with get_lvm().vg_lock(vg):
+        row = get_lvm().vg(vg)
+        rec = _sr_record(row)
+        if rec is None or rec.get("state") != "ready":
+            raise SR_does_not_exist(sr)
+        new = dict(rec)
+        change(new)
+        if new != rec:
+            _write_tags_record(vg, None, new, row["tags"])
+
+
+def _sr_stat(sr, row, rec, pool=None):
+    """The SR's stat. Thick: the VG's size and free space. Thin: the pool's size and what
+    its data area has free, and the health text gives the pool's data and metadata use."""
+    health = ["Healthy", ""]
+    total, free = row["size"], row["free"]
+    if rec.get("provisioning") == "thin":
+        if pool is None:
+            health = ["Unreachable", f"the thin pool {row['name']}/{POOL} is missing"]
+            total = free = 0
+        else:
+            total = pool["size"]
+            free = int(pool["size"] * max(0.0, 100.0 - pool["data_percent"]) / 100)
+            health = ["Healthy", f"thin pool data {pool['data_percent']:.2f}% used, "
+                      f"metadata {pool['metadata_percent']:.2f}% used"]
+    if row["missing_pvs"]:
+        health = ["Unreachable", f"{row['missing_pvs']} physical volume(s) of {row['name']} "
+                  "are missing"]
+    return {"sr": sr, "name": rec.get("name", ""), "description": rec.get("description", ""),
+            "uuid": str(rec.get("uuid")), "free_space": free, "total_space": total,
+            "datasources": [], "clustered": False, "health": health}
+
+
+def _pool_row(vg, rec, rows=None):
+    """The thin pool's LV row of a thin SR (None for thick, or if it is missing)."""
+    if rec.get("provisioning") != "thin":
+        return None
+    if rows is None:
+        return get_lvm().lv(vg, POOL)
+    return next((r for r in rows if r["name"] == POOL), None)
+
+
+def _check_overprovision(vg, rec, more):
+    """Thin: refuse (SR_BACKEND_FAILURE_44) a new volume of `more` bytes when the volumes'
+    sizes would pass `overprovision` times the pool's size. Call with the VG lock held."""
+    if rec.get("provisioning") != "thin":
+        return
+    rows = get_lvm().lvs(vg)
+    pool = _pool_row(vg, rec, rows)
+    if pool is None:
+        raise XenAPIError("SR_BACKEND_FAILURE", ["Thin pool missing", f"{vg}/{POOL}"])
+    ratio = float(rec.get("overprovision", DEFAULT_OVERPROVISION))
+    used = sum(r["size"] for r in rows if r["pool"] == POOL)
+    if used + more > ratio * pool["size"]:
+        raise _no_space(f"thin pool {vg}/{POOL}: volumes would total {used + more} bytes, "
+                        f"over {ratio:g} times the pool's {pool['size']} bytes "
+                        "(device-config overprovision)")
+
+
+# --- volumes -------------------------------------------------------------------------------------
+
+class _VolumeLock:
+    """This host's flock on one volume, held for a whole call (create, copy, change, destroy).
+    A record in state "creating" or "destroying" whose lock is free was left by a killed call."""
+
+    def __init__(self, vg, key, blocking=True):
+        self.store = get_lvm().locks()
+        self.name = f"{vg}.{key}.lock"
+        self.blocking = blocking
+        self.lock = None
+
+    def __enter__(self):
+        """self; with blocking=False, self.lock is None if another process holds it."""
+        try:
+            self.lock = self.store.lock(self.name, blocking=self.blocking)
+        except BaseException:
+            self.store.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            self.lock.release()
+        self.store.close()
+
+    def forget(self):
+        """Remove the lock file (the volume is gone); call with the lock held."""
+        self.store.unlink(self.name)
+
+
+def _vol_record(lvrow):
+    """The record of one of our LVs, or None if the LV is not ours (no tag) or its record
+    does not decode (then it is never touched: see orphans in SR.ls)."""
+    if lvrow is None or VOL_TAG not in lvrow["tags"]:
+        return None
+    rec, gen, _ = lvmmod.decode_record(lvrow["tags"])
+    if rec is None or rec.get("key") != lvrow["name"]:
+        return None
+    rec["_gen"] = gen
+    return rec
+
+
+def _new_record(key, name, description, read_write, sharable, state, origin=None):
+    rec = {"key": key, "state": state, "name": name, "description": description,
+           "read_write": read_write, "sharable": sharable, "keys": {}}
+    if origin is not None:
+        rec["origin"] = origin
+    return rec
+
+
+def _volume(vg, srrec, rec, row):
+    key = rec["key"]
+    location = f"/dev/{vg}/{key}"
+    datapath = srrec.get("datapath") or list(DEFAULT_DATAPATH)
+    used = row["size"]
+    if row["pool"]:         # thin: what the pool has allocated to it
+        used = int(row["size"] * row["data_percent"] / 100)
+    return {
+        "key": key, "uuid": key, "name": rec["name"], "description": rec["description"],
+        "read_write": rec["read_write"], "sharable": rec["sharable"],
+        "virtual_size": row["size"], "physical_utilisation": used,
+        # ONE URI, for the SR's first datapath: the rule file-raw follows (docs/file-raw.md,
+        # branch datapath): with two schemes the daemon could send a non-persistent disk's
+        # Datapath.open to one plugin and its attach and close to the other
+        "uri": [f"{datapath[0]}://{location}"],
+        "keys": dict(rec["keys"]),
+    }
+
+
+def _remove_lv(vg, key, lock):
+    """Remove one of our LVs (lvremove is one atomic metadata change) and its lock file."""
+    get_lvm().lvremove(vg, key)
+    faultpoint("remove:data-gone")
+    lock.forget()
+
+
+def _settle(vg, key, row, lock):
+    """With `key`'s lock held: the ready record, or None after removing what a killed call
+    left (an LV of ours in state creating or destroying)."""
+    rec = _vol_record(row)
+    if rec is None:
+        return None
+    if rec.get("state") == "ready":
+        return rec
+    _log(30, f"{vg}: removing volume {key} left in state {rec.get('state')!r} by a killed call")
+    with get_lvm().vg_lock(vg):
+        _remove_lv(vg, key, lock)
+    return None
+
+
+def _ready_volume(vg, key, lock):
+    """With `key`'s lock held: (LV row, ready record); Volume_does_not_exist otherwise."""
+    row = get_lvm().lv(vg, key)
+    rec = _settle(vg, key, row, lock) if row is not None else None
+    if rec is None:
+        raise Volume_does_not_exist(key)
+    return row, rec
+
+
+def _update_volume(sr, key, change):
+    _volume_key(key)
+    vg, _, _ = _ready_sr(sr)
+    with _VolumeLock(vg, key) as lock:
+        _, rec = _ready_volume(vg, key, lock)
+        new = dict(rec, keys=dict(rec["keys"]))
+        change(new)
+        if new != rec:
+            with get_lvm().vg_lock(vg):
+                row = get_lvm().lv(vg, key)
+                _write_tags_record(vg, key, new, row["tags"])
+
+
+def _copy_lv(src_path, dst_path, size):
+    """Copy `size` bytes of one block device to another and flush them (thick snapshots and
+    clones: every block, since the new LV is not zeroed)."""
+    from .datacopy import copy_block_device
+    started = [False]
+
+    def progress(_pos):
+        if not started[0]:
+            started[0] = True
+            faultpoint("copy:started")
+    src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dst = os.open(dst_path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            copy_block_device(src, dst, size, progress=progress)
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _copy_volume(sr, key, read_write):
+    """Snapshot (read_write=False) or clone of `key`: thick, a new LV holding a full copy;
+    thin, a thin snapshot (blocks shared until written), made ready in one lvcreate."""
+    _volume_key(key)
+    kind = "clone" if read_write else "snapshot"
+    vg, _, srrec = _ready_sr(sr)
+    new = new_uuid()
+    with _VolumeLock(vg, key) as src_lock, _VolumeLock(vg, new) as new_lock:
+        src_row, src_rec = _ready_volume(vg, key, src_lock)
+        thin = bool(src_row["pool"])
+        rec = _new_record(new, src_rec["name"], src_rec["description"], read_write,
+                          src_rec["sharable"], "ready" if thin else "creating",
+                          origin={"kind": kind, "of": key})
+        if thin:
+            try:
+                faultpoint(f"{kind}:pending")
+                with get_lvm().vg_lock(vg):
+                    _check_overprovision(vg, srrec, src_row["size"])
+                    get_lvm().lvcreate_thin_snapshot(vg, key, new,
+                                                     [VOL_TAG] + lvmmod.encode_record(rec, 1),
+                                                     read_only=not read_write)
+            except BaseException:
+                new_lock.forget()
+                raise
+            faultpoint(f"{kind}:ready")
+            return _volume(vg, srrec, rec, get_lvm().lv(vg, new))
+        with get_lvm().vg_lock(vg):
+            get_lvm().lvcreate(vg, new, src_row["size"],
+                               [VOL_TAG] + lvmmod.encode_record(rec, 1))
+        try:
+            faultpoint(f"{kind}:pending")
+            if not src_row["active"]:
+                get_lvm().activate(vg, [key])
+            _copy_lv(f"/dev/{vg}/{key}", f"/dev/{vg}/{new}", src_row["size"])
+            faultpoint(f"{kind}:data")
+            rec["state"] = "ready"
+            with get_lvm().vg_lock(vg):
+                row = get_lvm().lv(vg, new)
+                _write_tags_record(vg, new, rec, row["tags"],
+                                   permission=None if read_write else "r")
+            faultpoint(f"{kind}:ready")
+        except BaseException:
+            with get_lvm().vg_lock(vg):
+                _remove_lv(vg, new, new_lock)
+            raise
+        row = get_lvm().lv(vg, new)
+        return _volume(vg, srrec, rec, row)
+
+
+# --- the interfaces ------------------------------------------------------------------------------
+
+class Plugin(base.Plugin):
+    def query(self, dbg):
+        from .. import __version__
+        return {
+            "plugin": PLUGIN,
+            "name": "lvm-raw volume plugin",
+            "description": "SRs are LVM volume groups; volumes are raw logical volumes",
+            "vendor": "xapi-storage-suite",
+            "copyright": "(C) xapi-storage-suite contributors, BSD-2-Clause",
+            "version": __version__,
+            "required_api_version": "5.0",
+            "features": list(FEATURES),
+            "configuration": dict(CONFIGURATION),
+            "required_cluster_stack": [],
+        }
+
+    def diagnostics(self, dbg):
+        from .. import __version__
+        return (f"lvm-raw {__version__}; datapaths {','.join(DATAPATHS)}; "
+                f"locks in {get_lvm().lock_dir}")
+
+
+def _probe_result(config, vgrow, rec):
+    vg = vgrow["name"]
+    return {"configuration": dict(config, sr_uuid=str(rec.get("uuid"))), "complete": True,
+            "sr": _sr_stat(vg, vgrow, rec, _pool_row(vg, rec)),
+            "extra_info": {"vg": vg, "provisioning": rec.get("provisioning", "thick")}}
+
+
+@_lvm_errors
+@_os_errors         # lock waits past their bound, a full or read-only dom0
+class SR(base.SR):
+    def probe(self, dbg, configuration):
+        config = {k: v for k, v in _config(configuration).items() if k != "sr_uuid"}
+        lv = get_lvm()
+        results, ours = [], {}
+        for row in lv.vgs():
+            rec = _sr_record(row)
+            if rec is not None:
+                ours[row["name"]] = (row, rec)
+        if "device" not in config:
+            for name in sorted(ours):
+                row, rec = ours[name]
+                if rec.get("state") == "ready":
+                    results.append(_probe_result(config, row, rec))
+            return results
+        devices = _config_devices(config)
+        pvs = {p["name"]: p for p in lv.pvs()}
+        vgs = {pvs[d]["vg"] for d in devices if d in pvs and pvs[d]["vg"]}
+        if not vgs:
+            return [{"configuration": config, "complete": True,
+                     "extra_info": {"reason": "no volume group on these devices: usable for "
+                                    "SR.create (which refuses a device holding other data)"}}]
+        for name in sorted(vgs):
+            if name in ours and ours[name][1].get("state") == "ready":
+                results.append(_probe_result(config, *ours[name]))
+            else:
+                results.append({"configuration": config, "complete": False,
+                                "extra_info": {"reason": f"volume group {name} on these "
+                                               "devices is not a ready lvm-raw SR"}})
+        return results
+
+    def create(self, dbg, uuid, configuration, name, description):
+        _want_str("uuid", uuid)
+        _want_str("name", name)
+        _want_str("description", description)
+        devices = _config_devices(configuration)
+        datapath = _config_datapath(configuration)
+        mode, ratio = _config_provisioning(configuration)
+        _check_sr_uuid(uuid)
+        if configuration.get("sr_uuid", uuid) != uuid:
+            raise _config_error("sr_uuid", f"{configuration['sr_uuid']} differs from the uuid "
+                                f"{uuid} given to SR.create")
+        vg = vg_name(uuid)
+        lv = get_lvm()
+        with lv.vg_lock(vg):
+            row = lv.vg(vg)
+            if row is not None:
+                rec = _sr_record(row)
+                if rec is None or rec.get("uuid") != uuid or \
+                        rec.get("state") not in ("ready", "creating"):
+                    raise XenAPIError("SR_BACKEND_FAILURE", [
+                        "SR already exists", vg, "a volume group of that name exists"])
+            else:
+                made = self._make_pvs(devices)
+                faultpoint("sr-create:checked")
+                rec = {"format": SR_FORMAT, "version": SR_FORMAT_VERSION,
+                       "state": "ready" if mode == "thick" else "creating",
+                       "uuid": uuid, "name": name, "description": description,
+                       "datapath": list(datapath or DEFAULT_DATAPATH), "provisioning": mode}
+                if ratio is not None:
+                    rec["overprovision"] = f"{ratio:g}"
+                try:
+                    lv.vgcreate(vg, devices, [SR_TAG, UUID_TAG + uuid]
+                                + lvmmod.encode_record(rec, 1))
+                except BaseException:
+                    if made:
+                        lv.pvremove(made)
+                    raise
+                row = lv.vg(vg)
+            if rec.get("state") == "creating":      # thin: the pool, then ready
+                if lv.lv(vg, POOL) is None:
+                    lv.lvcreate_pool(vg, POOL, f"{POOL_PERCENT}%FREE", [POOL_TAG])
+                faultpoint("sr-create:pool")
+                _write_tags_record(vg, None, dict(rec, state="ready"), row["tags"])
+        result = dict(configuration)
+        result["sr_uuid"] = uuid
+        return result
+
+    @staticmethod
+    def _make_pvs(devices):
+        """Make the devices PVs; those already orphan PVs (a killed SR.create) are reused.
+        A device in another VG, or holding a filesystem (pvcreate -qq says no), is refused."""
+        lv = get_lvm()
+        pvs = {p["name"]: p for p in lv.pvs()}
+        for d in devices:
+            if d in pvs and pvs[d]["vg"]:
+                raise _config_error("device", f"{d} belongs to volume group {pvs[d]['vg']}")
+        todo = [d for d in devices if d not in pvs]
+        if todo:
+            try:
+                lv.pvcreate(todo)
+            except lvmmod.LVMError as e:
+                # pvcreate makes what it can: undo those, so nothing is left behind
+                made = [p["name"] for p in lv.pvs() if p["name"] in todo]
+                if made:
+                    lv.pvremove(made)
+                raise _config_error("device", f"cannot make {', '.join(todo)} LVM physical "
+                                    f"volumes (in use, or holding data?): {e.message()}") \
+                    from None
+        return todo
+
+    def attach(self, dbg, configuration):
+        uuid = _config(configuration).get("sr_uuid")
+        if uuid is None:
+            raise _config_error("sr_uuid", "missing: attach the configuration SR.create returned")
+        datapath = _config_datapath(configuration)
+        vg = vg_name(_check_sr_uuid(uuid))
+        _, row, rec = _ready_sr(vg)
+        if row["missing_pvs"]:
+            raise XenAPIError("SR_BACKEND_FAILURE", [
+                "SR is not reachable", vg, f"{row['missing_pvs']} physical volume(s) missing"])
+        ours = [r["name"] for r in get_lvm().lvs(vg)
+                if VOL_TAG in r["tags"] and not r["active"]]
+        get_lvm().activate(vg, ours)
+        if datapath is not None and datapath != rec.get("datapath"):
+            _update_sr(vg, lambda r: r.__setitem__("datapath", datapath))
+        return vg
+
+    def detach(self, dbg, sr):
+        vg = sr_vg(sr)
+        row = get_lvm().vg(vg)
+        if _sr_record(row) is None:
+            return None             # gone already: detach is idempotent
+        rows = [r for r in get_lvm().lvs(vg) if VOL_TAG in r["tags"] and r["active"]]
+        busy = [r["name"] for r in rows if r["open"]]
+        if busy:
+            raise XenAPIError("SR_BACKEND_FAILURE", [
+                "SR is in use", vg, "open volumes: " + ", ".join(sorted(busy))])
+        get_lvm().activate(vg, [r["name"] for r in rows], active=False)
+        # a thin SR's pool: it was activated with its first volume
+        get_lvm().activate(vg, [r["name"] for r in get_lvm().lvs(vg)
+                                if POOL_TAG in r["tags"] and r["active"]], active=False)
+        return None
+
+    def destroy(self, dbg, sr):
+        vg = sr_vg(sr)
+        lv = get_lvm()
+        with lv.vg_lock(vg):
+            row = lv.vg(vg)
+            rec = _sr_record(row)
+            if rec is None:
+                raise SR_does_not_exist(sr)
+            lvs = lv.lvs(vg)
+            foreign = [r["name"] for r in lvs
+                       if VOL_TAG not in r["tags"] and POOL_TAG not in r["tags"]]
+            if foreign:
+                raise XenAPIError("SR_BACKEND_FAILURE", [
+                    "SR holds logical volumes that are not ours", vg, ", ".join(foreign)])
+            busy = [r["name"] for r in lvs if r["open"]]
+            if busy:
+                raise XenAPIError("SR_BACKEND_FAILURE", [
+                    "SR is in use", vg, "open volumes: " + ", ".join(sorted(busy))])
+            if rec.get("state") != "destroying":
+                _write_tags_record(vg, None, dict(rec, state="destroying"), row["tags"])
+            faultpoint("sr-destroy:marked")
+            store = lv.locks()
+            with store:
+                for r in sorted(lvs, key=lambda r: POOL_TAG in r["tags"]):  # the pool last
+                    lv.lvremove(vg, r["name"])
+                    store.unlink(f"{vg}.{r['name']}.lock")
+                    faultpoint("sr-destroy:volume-gone")
+            devices = [p["name"] for p in lv.pvs() if p["vg"] == vg]
+            lv.vgremove(vg)
+            faultpoint("sr-destroy:locks-gone")
+            if devices:
+                lv.pvremove(devices)
+        with lv.locks() as store:
+            store.unlink(f"{vg}.vg.lock")
+        return None
+
+    def stat(self, dbg, sr):
+        vg, row, rec = _ready_sr(sr)
+        return _sr_stat(vg, row, rec, _pool_row(vg, rec))
+
+    def set_name(self, dbg, sr, new_name):
+        _want_str("new_name", new_name)
+        _update_sr(sr, lambda r: r.__setitem__("name", new_name))
+
+    def set_description(self, dbg, sr, new_description):
+        _want_str("new_description", new_description)
+        _update_sr(sr, lambda r: r.__setitem__("description", new_description))
+
+    def ls(self, dbg, sr):
+        vg, _, srrec = _ready_sr(sr)
+        result = []
+        rows = get_lvm().lvs(vg)
+        _forget_stray_locks(vg, {r["name"] for r in rows})
+        for row in rows:
+            if VOL_TAG not in row["tags"]:
+                continue            # not ours: never listed, never touched
+            rec = _vol_record(row)
+            if rec is None:
+                _log(40, f"{vg}/{row['name']} (LV uuid {row['uuid']}): tagged {VOL_TAG} "
+                     f"but its record does not decode (tags {row['tags']}): an orphan, left "
+                     "untouched")
+                continue
+            if rec.get("state") == "ready":
+                result.append(_volume(vg, srrec, rec, row))
+                continue
+            with _VolumeLock(vg, row["name"], blocking=False) as lock:
+                if lock.lock is not None:       # else a call on it is running
+                    _settle(vg, row["name"], row, lock)
+        return result
+
+
+def _forget_stray_locks(vg, lv_names):
+    """Remove this host's lock files of volumes that have no LV (a create killed before its
+    lvcreate, or a destroy killed after its lvremove), unless a call holds them."""
+    prefix = vg + "."
+    with get_lvm().locks() as store:
+        for name in store.names():
+            key = name[len(prefix):-len(".lock")] if name.startswith(prefix) else ""
+            if not is_uuid(key) or not name.endswith(".lock") or key in lv_names:
+                continue
+            lock = store.lock(name, blocking=False, create=False)
+            if lock is not None:
+                with lock:
+                    store.unlink(name)
+
+
+@_lvm_errors
+@_os_errors         # lock waits past their bound, a full or read-only dom0
+class Volume(base.Volume):
+    def create(self, dbg, sr, name, description, size, sharable):
+        _want_str("name", name)
+        _want_str("description", description)
+        size = _want_size("size", size)
+        _want_bool("sharable", sharable)
+        vg, _, srrec = _ready_sr(sr)
+        key = new_uuid()
+        rec = _new_record(key, name, description, True, sharable, "ready")
+        with _VolumeLock(vg, key) as lock:
+            faultpoint("create:pending")
+            thin = srrec.get("provisioning") == "thin"
+            try:
+                with get_lvm().vg_lock(vg):
+                    _check_overprovision(vg, srrec, size)
+                    get_lvm().lvcreate(vg, key, max(size, 1),
+                                       [VOL_TAG] + lvmmod.encode_record(rec, 1),
+                                       pool=POOL if thin else None)
+            except BaseException:
+                lock.forget()
+                raise
+            faultpoint("create:ready")
+            row = get_lvm().lv(vg, key)
+        return _volume(vg, srrec, rec, row)
+
+    def snapshot(self, dbg, sr, key):
+        return _copy_volume(sr, key, read_write=False)
+
+    def clone(self, dbg, sr, key):
+        return _copy_volume(sr, key, read_write=True)
+
+    def destroy(self, dbg, sr, key):
+        _volume_key(key)
+        vg, _, _ = _ready_sr(sr)
+        with _VolumeLock(vg, key) as vl:
+            row = get_lvm().lv(vg, key)
+            if row is None:
+                vl.forget()
+                return None             # already gone: destroy is idempotent
+            if VOL_TAG not in row["tags"]:
+                raise Volume_does_not_exist(key)    # not ours: never touched
+            if row["open"]:
+                raise XenAPIError("SR_BACKEND_FAILURE", [
+                    "Volume is in use", key, f"/dev/{vg}/{key} is open (attached?)"])
+            faultpoint("destroy:marked")
+            with get_lvm().vg_lock(vg):
+                _remove_lv(vg, key, vl)
+        return None
+
+    def stat(self, dbg, sr, key):
+        _volume_key(key)
+        vg, _, srrec = _ready_sr(sr)
+        row = get_lvm().lv(vg, key)
+        rec = _vol_record(row)
+        if rec is None or rec.get("state") != "ready":
+            raise Volume_does_not_exist(key)
+        return _volume(vg, srrec, rec, row)
+
+    def set(self, dbg, sr, key, k, v):
+        _want_str("k", k)
+        _want_str("v", v)
+        _update_volume(sr, key, lambda rec: rec["keys"].__setitem__(k, v))
+
+    def unset(self, dbg, sr, key, k):
+        _want_str("k", k)
+        _update_volume(sr, key, lambda rec: rec["keys"].pop(k, None))
+
+    def set_name(self, dbg, sr, key, new_name):
+        _want_str("new_name", new_name)
+        _update_volume(sr, key, lambda rec: rec.__setitem__("name", new_name))
+
+    def set_description(self, dbg, sr, key, new_description):
+        _want_str("new_description", new_description)
+        _update_volume(sr, key, lambda rec: rec.__setitem__("description", new_description))
+
+    def resize(self, dbg, sr, key, new_size):
+        _volume_key(key)
+        size = _want_size("new_size", new_size)
+        vg, _, _ = _ready_sr(sr)
+        with _VolumeLock(vg, key) as lock:
+            row, rec = _ready_volume(vg, key, lock)
+            if not rec["read_write"]:
+                raise XenAPIError("SR_BACKEND_FAILURE", [
+                    "Volume is read-only", key, "a snapshot cannot be resized"])
+            if size < row["size"]:
+                raise _size_error("shrinking not allowed")
+            if size > row["size"]:
+                with get_lvm().vg_lock(vg):
+                    get_lvm().lvextend(vg, key, size)
+        return None
+
+
+IMPLEMENTATIONS = {"Plugin": Plugin, "SR": SR, "Volume": Volume}
