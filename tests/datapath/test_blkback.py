@@ -218,3 +218,30 @@ def test_detach_of_a_loop_device_still_open_marks_it_autoclear(dpenv):
             break
         time.sleep(0.1)
     assert loops_of(data_path(env, vol)) == []
+
+
+@pytest.mark.parametrize("uri", [
+    "blkback://host/srv/a.img",         # an authority
+    "blkback:/srv/a.img",               # no authority part at all
+    "blkback:///srv/a.img?x=1",         # a query
+    "blkback:///srv/a.img#frag",        # a fragment
+    "pyblkback:///srv/a.img",           # another scheme
+    "blkback://",                       # no path
+    "blkback:///srv/a%2",               # a cut escape
+    "blkback:///srv/a%00b",             # a NUL
+    "blkback:///srv/%e9",               # not quote_path's (lower-case hex)
+])
+def test_path_of_refuses_what_is_not_a_plain_percent_encoded_path(uri):
+    from xapi_storage.datapath import blkback as dp
+    from xapi_storage.sdk.errors import XenAPIError
+    with pytest.raises(XenAPIError) as e:
+        dp.path_of(uri)
+    assert e.value.params[0] == "Datapath_invalid_uri"
+
+
+def test_path_of_decodes_the_path():
+    from xapi_storage.datapath import blkback as dp
+    from xapi_storage.volume.store import quote_path
+    name = "/srv/sr 1/a#b?c%d.img"
+    assert dp.path_of("blkback://" + quote_path(name)) == name
+    assert dp.path_of("pyblkback:///x/y", "pyblkback") == "/x/y"

@@ -45,7 +45,6 @@ The state machine itself is pure (`plan` and `apply` below: no I/O, testable alo
 persists and acts on what they decide.
 """
 
-import hashlib
 import os
 import time
 
@@ -59,6 +58,16 @@ DEFAULT_LOCK_TIMEOUT = 60.0
 FORMAT = 1
 
 RW, RO = "rw", "ro"
+
+# SHA-256 from the interpreter's built-in module: `hashlib` loads OpenSSL first, a cost every
+# datapath call would pay at start-up (the same digest either way)
+try:
+    from _sha256 import sha256 as _sha256          # Python 3.6 - 3.11
+except ImportError:
+    try:
+        from _sha2 import sha256 as _sha256        # Python 3.12 and later
+    except ImportError:
+        from hashlib import sha256 as _sha256
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -236,7 +245,7 @@ def lock_timeout():
 
 def volume_id(uri):
     """The file name stem of a volume's state: a digest of its URI (any text is safe)."""
-    return hashlib.sha256(uri.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+    return _sha256(uri.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
 class Lifecycle(base.Datapath):

@@ -28,14 +28,10 @@ Lifecycle, state and crash safety: `xapi_storage.datapath.lifecycle`.
 """
 
 import os
-import shutil
-import signal
 import stat
-import subprocess
 import sys
 import time
 
-from ..blkback import volume_server as vsrv
 from ..sdk import log
 from .blkback import path_of as _path_of, stat_volume
 from .lifecycle import Lifecycle, datapath_error, plugin_class, volume_id
@@ -49,8 +45,15 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 
 
+def _vsrv():
+    """The server's module, imported when a call needs it (it imports far more than a
+    datapath call that finds everything in place does: start-up time)."""
+    from ..blkback import volume_server
+    return volume_server
+
+
 def run_dir():
-    return os.environ.get(RUN_ENV) or vsrv.RUN_DIR
+    return os.environ.get(RUN_ENV) or _vsrv().RUN_DIR
 
 
 def log_dir():
@@ -70,7 +73,7 @@ def server_id(uri):
 def ping(vid):
     """The server's answer to ping, or None if no server answers."""
     try:
-        r = vsrv.call(run_dir(), vid, timeout=5.0, op="ping")
+        r = _vsrv().call(run_dir(), vid, timeout=5.0, op="ping")
     except (OSError, ValueError):
         return None
     return r if r.get("ok") else None
@@ -85,6 +88,7 @@ def _systemd():
                 return None
     except OSError:
         return None
+    import shutil
     return shutil.which("systemd-run")
 
 
@@ -128,6 +132,7 @@ def spawn(uri, vid, path, backend, nonpersistent, domains):
     run = _systemd()
     logfile = None
     if run:
+        import subprocess   # only here: a call that finds its server running needs none
         unit = f"pyblkback-{vid}"
         env = [f"--setenv={k}={v}" for k, v in os.environ.items()
                if k in ("XAPI_STORAGE_XEN", "PYTHONPATH")]
@@ -188,7 +193,7 @@ def stop(vid, pid=None, timeout=STOP_TIMEOUT):
     """Ask the volume's server to exit once no device is left, and wait for it (bounded).
     True if it is gone."""
     try:
-        r = vsrv.call(run_dir(), vid, timeout=5.0, op="stop")
+        r = _vsrv().call(run_dir(), vid, timeout=5.0, op="stop")
         pid = r.get("pid", pid)
     except (OSError, ValueError):
         pass
@@ -246,7 +251,7 @@ class Datapath(Lifecycle):
         domains.discard("")
         if ping(vid) is not None:
             if domain is not None:
-                vsrv.call(run_dir(), vid, op="attach", domain=domain)
+                _vsrv().call(run_dir(), vid, op="attach", domain=domain)
             return
         if not os.path.exists(res["path"]):
             raise datapath_error("Datapath_volume_missing", uri, f"{res['path']}: gone")
@@ -255,10 +260,10 @@ class Datapath(Lifecycle):
     def backend(self, uri, domain, resources):
         self._ensure(uri, resources, domain)
         vid = resources["id"]
-        sock = vsrv.nbd_path(run_dir(), vid)
+        sock = _vsrv().nbd_path(run_dir(), vid)
         return {"implementations": [
             ["XenDisk", {"backend_type": "qdisk", "params": f"{SCHEME}:{vid}",
-                         "extra": {vsrv.SM_KEY: vid}}],
+                         "extra": {_vsrv().SM_KEY: vid}}],
             ["Nbd", {"uri": f"nbd:unix:{sock}:exportname={vid}"}]]}
 
     def activate_hook(self, uri, domain, resources, readonly):
