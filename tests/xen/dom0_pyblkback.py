@@ -126,12 +126,16 @@ def op_nbd_md5(req):
 def op_check(req):
     vid = pbb.server_id(req["uri"])
     states = []
-    for d, _, files in os.walk(state_root()):
+    for d, _, files in os.walk(os.path.join(state_root(), pbb.SCHEME)):
         states += [os.path.join(d, f) for f in files]
     xs = xenopsd.open_xenstore()
     try:
-        nodes = ["/local/domain/0/backend/qdisk/" + c
-                 for c in xs.list("/local/domain/0/backend/qdisk")]
+        # this guest's qdisk backends only: another guest of the bed (the shared `smoke` one
+        # has a qdisk disk of QEMU's in its config) is not ours to count
+        qdisk = "/local/domain/0/backend/qdisk"
+        guest = str(req["guest"])
+        nodes = ([qdisk + "/" + guest + "/" + c for c in xs.list(qdisk + "/" + guest)]
+                 if guest in xs.list(qdisk) else [])
         nodes += ["fe:%s" % v.devid for v in xenopsd.find_vbds(xs, req["guest"])]
     finally:
         xs.close()
