@@ -484,22 +484,10 @@ def plugin_class(scheme, description, features=(), name=None, vendor="xapi-stora
                  version=None):
     """A `sdk.base.Plugin` subclass answering Plugin.Query for a datapath plugin
     (required_api_version "5.0", which the daemon requires to register it)."""
-    from .. import __version__
-
     class DatapathPlugin(base.Plugin):
         def query(self, dbg):
-            return {
-                "plugin": scheme,
-                "name": name or f"{scheme} datapath plugin",
-                "description": description,
-                "vendor": vendor,
-                "copyright": "(C) xapi-storage-suite contributors, BSD-2-Clause",
-                "version": version or __version__,
-                "required_api_version": "5.0",
-                "features": list(features),
-                "configuration": {},
-                "required_cluster_stack": [],
-            }
+            return base.query_result(scheme, name or f"{scheme} datapath plugin", description,
+                                     features, vendor=vendor, version=version)
 
         def diagnostics(self, dbg):
             return f"{scheme} datapath; state under {os.path.join(state_root(), scheme)}"

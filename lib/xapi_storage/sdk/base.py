@@ -44,6 +44,19 @@ class _Interface:
     NAMESPACE = None
 
 
+def query_result(plugin, name, description, features=(), configuration=None, version=None,
+                 vendor="xapi-storage-suite",
+                 copyright="(C) xapi-storage-suite contributors, BSD-2-Clause"):
+    """The Plugin.query record of one of this project's plugins (required_api_version "5.0",
+    which the daemon requires; every field present, maps as objects)."""
+    if version is None:
+        from .. import __version__ as version
+    return {"plugin": plugin, "name": name, "description": description, "vendor": vendor,
+            "copyright": copyright, "version": version, "required_api_version": "5.0",
+            "features": list(features), "configuration": dict(configuration or {}),
+            "required_cluster_stack": []}
+
+
 class Plugin(_Interface):
     NAMESPACE = "Plugin"
 

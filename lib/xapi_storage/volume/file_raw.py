@@ -576,19 +576,9 @@ def _new_record(key, name, description, read_write, sharable, origin=None):
 
 class Plugin(base.Plugin):
     def query(self, dbg):
-        from .. import __version__
-        return {
-            "plugin": PLUGIN,
-            "name": "file-raw volume plugin",
-            "description": "SRs are directories; volumes are sparse raw files with JSON records",
-            "vendor": "xapi-storage-suite",
-            "copyright": "(C) xapi-storage-suite contributors, BSD-2-Clause",
-            "version": __version__,
-            "required_api_version": "5.0",
-            "features": list(FEATURES),
-            "configuration": dict(CONFIGURATION),
-            "required_cluster_stack": [],
-        }
+        return base.query_result(PLUGIN, "file-raw volume plugin",
+                                 "SRs are directories; volumes are sparse raw files with JSON records",
+                                 FEATURES, CONFIGURATION)
 
     def diagnostics(self, dbg):
         from .datacopy import reflink_disabled

@@ -448,19 +448,9 @@ def _copy_volume(sr, key, read_write):
 
 class Plugin(base.Plugin):
     def query(self, dbg):
-        from .. import __version__
-        return {
-            "plugin": PLUGIN,
-            "name": "lvm-raw volume plugin",
-            "description": "SRs are LVM volume groups; volumes are raw logical volumes",
-            "vendor": "xapi-storage-suite",
-            "copyright": "(C) xapi-storage-suite contributors, BSD-2-Clause",
-            "version": __version__,
-            "required_api_version": "5.0",
-            "features": list(FEATURES),
-            "configuration": dict(CONFIGURATION),
-            "required_cluster_stack": [],
-        }
+        return base.query_result(PLUGIN, "lvm-raw volume plugin",
+                                 "SRs are LVM volume groups; volumes are raw logical volumes",
+                                 FEATURES, CONFIGURATION)
 
     def diagnostics(self, dbg):
         from .. import __version__

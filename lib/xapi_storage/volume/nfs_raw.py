@@ -281,19 +281,9 @@ def _needs_mount(fn):
 
 class Plugin(base.Plugin):
     def query(self, dbg):
-        from .. import __version__
-        return {
-            "plugin": PLUGIN,
-            "name": "nfs-raw volume plugin",
-            "description": "SRs are directories on an NFS export; volumes are sparse raw files",
-            "vendor": "xapi-storage-suite",
-            "copyright": "(C) xapi-storage-suite contributors, BSD-2-Clause",
-            "version": __version__,
-            "required_api_version": "5.0",
-            "features": list(file_raw.FEATURES),
-            "configuration": dict(CONFIGURATION),
-            "required_cluster_stack": [],
-        }
+        return base.query_result(PLUGIN, "nfs-raw volume plugin",
+                                 "SRs are directories on an NFS export; volumes are sparse raw files",
+                                 file_raw.FEATURES, CONFIGURATION)
 
     def diagnostics(self, dbg):
         from .. import __version__
