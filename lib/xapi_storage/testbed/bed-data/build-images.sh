@@ -6,7 +6,7 @@
 #   OUT/dom0.img      the dom0 root disk (ext4, made with mkfs.ext4 -d: no loop mount)
 #   OUT/packages.lock the exact Debian package versions inside (dpkg-query)
 # and, inside dom0.img, /var/lib/testbed/guest/{vmlinuz,initrd.gz}: the guest's kernel and its
-# busybox + fio + xen-blkfront initramfs.
+# busybox + fio + e2fsprogs + xen-blkfront initramfs.
 #   build-images.sh ROOTFS.tar.zst DATA_DIR OUT_DIR
 set -euo pipefail
 rootfs_tar=$1 data=$2 out=$3
@@ -43,8 +43,18 @@ for applet in $(chroot "$R" /bin/busybox --list); do
     # never link busybox to itself (the guest would fail to run /init with ELOOP)
     [ "$applet" = busybox ] || ln -sf busybox "$G/bin/$applet"
 done
+# fio, and e2fsprogs' mke2fs/e2fsck for ext4 in the guest (busybox has neither ext4 nor a real
+# fsck); called by full path in /usr/sbin so busybox's applets of the same names never shadow them
+mkdir -p "$G/usr/sbin"
 cp "$R/usr/bin/fio" "$G/usr/bin/fio"
-chroot "$R" /lib64/ld-linux-x86-64.so.2 --list /usr/bin/fio | sed -n 's/.*=> \(\/[^ ]*\) .*/\1/p' |
+cp "$R/sbin/mke2fs" "$G/usr/sbin/mke2fs"
+cp "$R/sbin/e2fsck" "$G/usr/sbin/e2fsck"
+ln -sf mke2fs "$G/usr/sbin/mkfs.ext4"
+ln -sf e2fsck "$G/usr/sbin/fsck.ext4"
+cp "$R/etc/mke2fs.conf" "$G/etc/mke2fs.conf"
+for bin in /usr/bin/fio /sbin/mke2fs /sbin/e2fsck; do
+    chroot "$R" /lib64/ld-linux-x86-64.so.2 --list "$bin" | sed -n 's/.*=> \(\/[^ ]*\) .*/\1/p'
+done | sort -u |
 while read -r lib; do
     mkdir -p "$G$(dirname "$lib")"
     cp -L "$R$lib" "$G$lib"

@@ -1,5 +1,5 @@
 #!/bin/sh
-# /init of the test bed's PV guest initramfs (busybox, fio, xen-blkfront).
+# /init of the test bed's PV guest initramfs (busybox, fio, mkfs.ext4/fsck.ext4, xen-blkfront).
 # After a minimal boot it serves dom0's agent on the PV console hvc0 (framing in dom0-agent.py):
 #   in:  TBCMD <id> <timeout> <base64 script>
 #   out: @@TB OUT <id> / base64 / @@TB ERR <id> / base64 / @@TB END <id> <rc>
