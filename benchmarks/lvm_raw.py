@@ -3,7 +3,7 @@
 as the SR fills (issue 9, item 5). Needs root, lvm2 and device-mapper: run it in a dom0, or in
 the test bed's dom0 from this machine:
 
-    flock /work/testbed.lock .venv/bin/xapi-storage testbed run -- \\
+    flock /work/testbed.lock .venv/bin/xapi-storage testbed run --timeout 3600 -- \\
         /opt/xapi-storage/venv/bin/python /mnt/checkout/benchmarks/lvm_raw.py
 
 It makes a VG on two sparse loop devices (1 MiB extents), an lvm-raw SR on it through the
@@ -124,7 +124,8 @@ def main():
     loops, sr, plugin = [], None, None
     try:
         exe = shutil.which("xapi-storage", path=os.path.dirname(sys.executable))
-        sh([exe, "install", "--root", tmp + "/root"])
+        # observer mode checked with this interpreter: dom0's /usr/bin/python3 may lack the package
+        sh([exe, "install", "--root", tmp + "/root", "--observer-python", sys.executable])
         plugin = os.path.join(tmp, "root", PLUGIN_DIR)
         with open(os.path.join(plugin, "Volume.stat")) as f:
             floor_py = f.readline()[2:].split()
@@ -141,7 +142,9 @@ def main():
         results, have = [], 0
         for n in sizes:
             log(f"filling the SR to {n} volumes")
+            t0 = time.monotonic()
             fill(sr, n - have, have)
+            log(f"  filled in {time.monotonic() - t0:.0f} s")
             have = n
             log(f"measuring at {n} volumes ({args.runs} rounds)")
             med = measure(plugin, sr, sr, floor_py, args.runs)

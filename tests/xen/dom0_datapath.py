@@ -8,8 +8,9 @@ Requests ({"op": ..., ...}):
     sr        {path}                      create and attach a file-raw SR -> {"sr"}
     create    {sr, size}                  Volume.create -> the volume
     resize    {sr, key, size}             Volume.resize
-    run       {operation, ctx, [fault]}   Toolstack.run(operation, ctx) -> {"ctx"} or {"error"}
-                                          (fault: XAPI_STORAGE_FAULT for the plugin processes)
+    run       {operation, ctx, [fault],   Toolstack.run(operation, ctx) -> {"ctx"} or {"error"}
+               [plugin]}                  (fault: XAPI_STORAGE_FAULT for the plugin processes;
+                                          plugin: the volume plugin, default file-raw)
     check     {sr, key}                   what is left: loop devices of the volume, state files,
                                           backend/frontend nodes, plugin processes
 """
@@ -58,7 +59,7 @@ def op_resize(req):
 
 
 def op_run(req):
-    ctx = dict(req["ctx"], plugin=FILE_RAW)
+    ctx = dict(req["ctx"], plugin=req.get("plugin", FILE_RAW))
     if ctx.get("vbd"):
         ctx["vbd"] = xenopsd.Vbd.from_dict(ctx["vbd"])
     xs = xenopsd.open_xenstore()
@@ -77,8 +78,9 @@ def op_run(req):
     return {"ctx": ctx, "error": err}
 
 
-def op_check(req):
-    path = os.path.join(req["path"], req["key"] + ".img")
+def leftovers(guest=None):
+    """Datapath state files, backend/frontend nodes (those of `guest`'s frontends too) and
+    plugin processes: what a clean unplug leaves none of beyond the bed's own."""
     states = []
     for d, _, files in os.walk(state_root()):
         states += [os.path.join(d, f) for f in files]
@@ -88,7 +90,6 @@ def op_check(req):
         for p in ("/local/domain/0/backend/vbd", "/xenops", "/xapi"):
             for c in xs.list(p):
                 nodes.append(f"{p}/{c}")
-        guest = req.get("guest")
         if guest is not None:
             nodes += [f"fe:{v.devid}" for v in xenopsd.find_vbds(xs, guest)]
     finally:
@@ -96,7 +97,12 @@ def op_check(req):
     ps = subprocess.run(["ps", "-eo", "pid,args"], stdout=subprocess.PIPE,
                         universal_newlines=True).stdout
     procs = [line for line in ps.splitlines() if ROOT in line]
-    return {"loops": loops_of(path), "states": states, "nodes": nodes, "procs": procs}
+    return {"states": states, "nodes": nodes, "procs": procs}
+
+
+def op_check(req):
+    path = os.path.join(req["path"], req["key"] + ".img")
+    return dict(leftovers(req.get("guest")), loops=loops_of(path))
 
 
 def main():
