@@ -127,8 +127,8 @@ def export(bed):
     return EXPORT
 
 
-# 8 MiB of random 16 KiB writes at 160 KiB/s (reads not capped): about 50 s of writing, so that the 20 s outage
-# falls in the middle; then fio reads every block back and checks its crc32c
+# 8 MiB of random 16 KiB writes at 160 KiB/s (reads not capped): about 50 s of writing, so
+# that the 20 s outage falls in the middle; then fio reads every block back, checks its crc32c
 FIO = ("fio --name=nfs --filename={f} --rw=randwrite --bs=16k --size=8M --direct=1 "
        "--ioengine=psync --verify=crc32c --verify_fatal=1 --randseed=4711 {extra}")
 
