@@ -63,7 +63,8 @@ def same_host_state(now, before, what):
 WRITE = ("set -e; /usr/sbin/mkfs.ext4 -q -F /dev/{d}; mkdir -p /mnt/gv; "
          "mount -t ext4 /dev/{d} /mnt/gv; mkdir /mnt/gv/dir; "
          "for i in 1 2 3 4 5 6 7 8; do "
-         "dd if=/dev/urandom of=/mnt/gv/dir/f$i bs=64k count=$((i * 4)) 2>/dev/null; done; sync; cd /mnt/gv && md5sum dir/* > /tmp/gv.md5; cd /; "
+         "dd if=/dev/urandom of=/mnt/gv/dir/f$i bs=64k count=$((i * 4)) 2>/dev/null; done; "
+         "sync; cd /mnt/gv && md5sum dir/* > /tmp/gv.md5; cd /; "
          "umount /mnt/gv; cat /tmp/gv.md5")
 FSCK = "/usr/sbin/fsck.ext4 -fn /dev/{d}"
 READ = ("set -e; mount -t ext4 -o ro /dev/{d} /mnt/gv; cd /mnt/gv; md5sum -c /tmp/gv.md5; "
