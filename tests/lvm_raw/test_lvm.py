@@ -259,3 +259,54 @@ def test_block_device_copy_of_a_short_source_is_an_error(tmp_path):
     finally:
         os.close(s)
         os.close(d)
+
+
+def _report(kind, rows):
+    import json
+    return json.dumps({"report": [{kind: rows}]})
+
+
+def _sr_vg_row(vg, uuid):
+    rec = {"format": lvm_raw.SR_FORMAT, "version": lvm_raw.SR_FORMAT_VERSION, "state": "ready",
+           "uuid": uuid, "name": "", "description": "", "datapath": "blkback"}
+    tags = [lvm_raw.SR_TAG, lvm_raw.UUID_TAG + uuid] + lvm.encode_record(rec, 1)
+    return {"vg_name": vg, "vg_uuid": "U", "vg_size": "260046848", "vg_free": "0",
+            "vg_extent_size": "4194304", "vg_missing_pv_count": "0", "pv_count": "1",
+            "vg_tags": ",".join(tags)}
+
+
+def _lv_report_row(name, tags, open_):
+    return {"lv_name": name, "lv_uuid": name, "lv_size": "4194304", "lv_attr": "",
+            "lv_active": "active", "lv_device_open": "open" if open_ else "", "pool_lv": "",
+            "segtype": "thin-pool", "data_percent": "", "metadata_percent": "",
+            "lv_tags": ",".join(tags)}
+
+
+@pytest.mark.parametrize("volume_open", [False, True])
+def test_sr_destroy_of_an_attached_thin_sr_is_not_refused_for_its_pool(tmp_path, volume_open):
+    """The daemon calls SR.destroy with the SR attached: a thin SR's active pool reads as
+    open (lvm2 reports its visible LV open: it is a device over the pool's -tpool layer).
+    Only an open volume refuses the destroy."""
+    uuid = "9e570000-1111-4222-8333-00000000000b"
+    vg = lvm_raw.VG_PREFIX + uuid
+    pool = _lv_report_row(lvm_raw.POOL, [lvm_raw.POOL_TAG], True)
+    vol = _lv_report_row("7d0a1d2e-5b5c-4d7e-9a61-3c7f1f0c0b01", [lvm_raw.VOL_TAG],
+                         volume_open)
+    rec = Recorder({"vgs": (0, _report("vg", [_sr_vg_row(vg, uuid)]), ""),
+                    "lvs": (0, _report("lv", [pool, vol]), ""),
+                    "pvs": (0, _report("pv", []), "")})
+    lvm_raw.set_lvm(lvm.LVM(runner=rec, lock_dir=str(tmp_path)))
+    try:
+        sr = lvm_raw.SR()
+        if volume_open:
+            with pytest.raises(lvm_raw.XenAPIError) as e:
+                sr.destroy("dbg", vg)
+            assert e.value.params[:3] == ["SR is in use", vg, f"open volumes: {vol['lv_name']}"]
+            assert not [c for c in rec.calls if c[0] in ("lvremove", "vgremove")]
+        else:
+            sr.destroy("dbg", vg)
+            removed = [c[-1] for c in rec.calls if c[0] == "lvremove"]
+            assert removed == [f"{vg}/{vol['lv_name']}", f"{vg}/{lvm_raw.POOL}"]  # pool last
+            assert ["vgremove", "-qq", vg] in rec.calls
+    finally:
+        lvm_raw.set_lvm(None)

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
@@ -601,49 +600,6 @@ def check_nfs_crash_sweep():
     nfs_ok("SR.destroy", sr=sr)
     assert mounts_under() == []
     print(f"  {n} killed calls")
-
-
-def check_nfs_outage_hard_mount():
-    """The NFS server stops for 20 s while a writer streams to a volume through the hard
-    mount, then comes back: the writer sees no error and every byte is on the server."""
-    install()
-    uuid = "4e0f2a6b-1111-4222-8333-000000000006"
-    cfg = nfs_ok("SR.create", uuid=uuid, configuration=nfs_config(), name="", description="")
-    sr = nfs_ok("SR.attach", configuration=cfg)
-    v = nfs_ok("Volume.create", sr=sr, name="v", description="", size=32 * MiB,
-               sharable=False)
-    path = f"/run/sr-mount/{uuid}/{v['key']}.img"
-    data = hashlib.sha256(b"outage").digest() * (32 * MiB // 32)
-    writer = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import os, sys, time\n"
-            "data = sys.stdin.buffer.read()\n"
-            "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)\n"
-            "import mmap\n"
-            "buf = mmap.mmap(-1, 1 << 20)\n"
-            "for i in range(32):\n"
-            "    buf[:] = data[i << 20:(i + 1) << 20]\n"
-            "    assert os.pwrite(fd, buf, i << 20) == 1 << 20\n"
-            "    time.sleep(1)\n"
-            "os.fsync(fd)\n"
-            "print('writer done')\n"), path],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    writer.stdin.write(data)
-    writer.stdin.close()
-    time.sleep(4)
-    sh("rpc.nfsd 0")                       # the server stops serving
-    t0 = time.monotonic()
-    time.sleep(20)
-    assert writer.poll() is None, "the writer ended while the server was away"
-    sh("rpc.nfsd 4")                       # and comes back
-    rc = writer.wait(timeout=600)
-    out, err = writer.stdout.read().decode(), writer.stderr.read().decode()
-    print(f"  server away {time.monotonic() - t0:.0f} s; writer: rc {rc} {out.strip()} {err.strip()}")
-    assert rc == 0 and "writer done" in out, err
-    assert digest(f"{NFS_EXPORT}/{uuid}/{v['key']}.img", 32 * MiB) == \
-        hashlib.sha256(data).hexdigest(), "data lost"
-    nfs_ok("Volume.destroy", sr=sr, key=v["key"])
-    nfs_ok("SR.destroy", sr=sr)
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in list(globals().items())

@@ -615,7 +615,9 @@ class SR(base.SR):
             if foreign:
                 raise XenAPIError("SR_BACKEND_FAILURE", [
                     "SR holds logical volumes that are not ours", vg, ", ".join(foreign)])
-            busy = [r["name"] for r in lvs if r["open"]]
+            # a volume open is a user; an active thin pool always reads as open (its visible
+            # LV is a device over the pool's own -tpool layer), users or not
+            busy = [r["name"] for r in lvs if r["open"] and VOL_TAG in r["tags"]]
             if busy:
                 raise XenAPIError("SR_BACKEND_FAILURE", [
                     "SR is in use", vg, "open volumes: " + ", ".join(sorted(busy))])
