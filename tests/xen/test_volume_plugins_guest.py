@@ -167,10 +167,6 @@ def test_nfs_raw_server_away_20s_under_guest_fio_hard_mount(drv, export):
         out = drv.sh("cat /tmp/fio.log; echo fio-rc=$(cat /tmp/fio.rc)").stdout
         print(f"server away {away:.0f} s; fio:\n{out[-1500:]}")
         assert "fio-rc=0" in out and "err= 0" in out, out
-        # the client has reclaimed its state (its I/O went on): end the server's 90 s grace
-        # period, in which the next tests' NFS opens would wait
-        drv.bed.dom0("[ ! -e /proc/fs/nfsd/v4_end_grace ] || echo Y > /proc/fs/nfsd/v4_end_grace",
-                     timeout=30, check=True)
         dmesg = drv.sh("dmesg").stdout
         assert "I/O error" not in dmesg and "blk_update_request" not in dmesg, dmesg[-3000:]
         r = drv.call(op="steps", plugin=nfs,
