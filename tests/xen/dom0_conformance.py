@@ -2,7 +2,7 @@
 venv's python): `xapi-storage conformance` against our lvm-raw and nfs-raw volume plugins, as
 a vendor runs it against theirs, with our blkback datapath installed beside them.
 
-    python dom0_conformance.py lvm-thick|lvm-thin|nfs
+    python dom0_conformance.py lvm-thick|lvm-thin|nfs|vendor-pytest
 
 installs every registered plugin into a fresh root (`xapi-storage install --root`), gives the
 run its own datapath state directory, and runs the command line with the device-config of
@@ -11,6 +11,10 @@ lvm2 and device-mapper); for nfs-raw the export EXPORT of dom0's own kernel NFS 
 test makes it with bed.nfs_export), mounted over 127.0.0.1, with --hide-storage unmounting
 the SR and --restore-storage attaching it again through the plugin's own SR.attach.
 
+`vendor-pytest` runs tests/kit/vendor_loop_fixtures.py with pytest, as a vendor's test of the
+loop_devices and loop_vg fixtures (pytest comes from the wheels the host test puts in the
+checkout's build/dom0-wheels, seen here through the 9p share).
+
 It prints the run's table, then `LEFT <what>` for each thing the run left behind (a logical
 volume, volume group or physical volume on the loop devices, a loop device of its own, a mount
 under the SR mount root, a file on the export, a datapath state file, a lock file) or `LEFT
@@ -18,6 +22,7 @@ nothing`, and exits with the command's exit status (1 as well when something was
 """
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -31,8 +36,18 @@ MOUNT_ROOT = "/run/sr-mount"
 LVM_LOCKS = "/run/lock/xapi-storage/lvm"
 MiB = 1 << 20
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dom0_volume_plugins import Loops, sh  # noqa: E402 - the same directory, on 9p
+from xapi_storage.scratch import LoopDevices, still_there
+
+WHEELS = "/mnt/checkout/build/dom0-wheels"      # pytest and its dependencies, from the host
+VENDOR_TEST = "/mnt/checkout/tests/kit/vendor_loop_fixtures.py"
+
+
+def sh(cmd, check=True):
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd}: exit {r.returncode}: {r.stderr}{r.stdout}")
+    return r
 
 
 def mounts():
@@ -55,19 +70,53 @@ def conformance(plugin_dir, config, extra, env):
     return r.returncode
 
 
+def vendor_pytest(work):
+    """The loop_devices and loop_vg fixtures in a vendor's own test directory, run by pytest
+    (installed from the host's wheels into a directory of its own: dom0 has no PyPI), once
+    passing and once failing on purpose after making a logical volume; what is left."""
+    site, tests = os.path.join(work, "pytest-site"), os.path.join(work, "vendor")
+    sh([VENV + "/bin/python", "-m", "pip", "install", "-q", "--no-index", "--find-links",
+        WHEELS, "--target", site, "pytest"])
+    os.mkdir(tests)
+    shutil.copy(VENDOR_TEST, os.path.join(tests, "test_vendor.py"))
+    record = os.path.join(work, "record.jsonl")
+    rc = 0
+    for fail, want in (("0", "2 passed"), ("1", "2 failed")):
+        env = dict(os.environ, PYTHONPATH=site, SCRATCH_RECORD=record, SCRATCH_FAIL=fail,
+                   CI="true")
+        r = subprocess.run([VENV + "/bin/python", "-m", "pytest", "-q", "-rs", "-p",
+                            "no:cacheprovider", "test_vendor.py"], cwd=tests, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=600)
+        print(f"pytest (SCRATCH_FAIL={fail}): exit {r.returncode}\n{r.stdout}", flush=True)
+        if want not in r.stdout:
+            print(f"expected {want!r}")
+            rc = 1
+    with open(record) as f:
+        records = [json.loads(ln) for ln in f]
+    print(f"records: {len(records)}")
+    if len(records) != 4:
+        rc = 1
+    return rc, [x for rec in records for x in still_there(rec["devices"], rec["files"], rec["vg"])]
+
+
 def main(which):
     work = tempfile.mkdtemp(prefix="xs-conformance.", dir="/root")
     root, state = os.path.join(work, "plugins"), os.path.join(work, "datapath-state")
     env = dict(os.environ, XAPI_STORAGE_DATAPATH_STATE=state)
-    sh([VENV + "/bin/xapi-storage", "install", "--root", root])
+    sh([VENV + "/bin/xapi-storage", "install", "--root", root, "--observer-python",
+        VENV + "/bin/python"])
     left = []
     mounts_before = mounts()
     try:
-        if which.startswith("lvm-"):
+        if which == "vendor-pytest":
+            rc, left = vendor_pytest(work)
+        elif which.startswith("lvm-"):
             d = root + "/volume/org.xen.xapi.storage.lvm-raw"
             locks_before = set(glob.glob(LVM_LOCKS + "/*"))
-            with Loops(2, 128 * MiB) as devs:
-                config = {"device": ",".join(devs)}
+            with LoopDevices(2, 128 * MiB) as loops:
+                devs = loops.devices
+                config = {"device": loops.device}
                 if which == "lvm-thin":
                     config["provisioning"] = "thin"
                 # no --hide-storage: a volume group cannot be taken away and given back
@@ -92,7 +141,7 @@ def main(which):
                              env)
             left += [f"{EXPORT}/{n} on the export" for n in sorted(os.listdir(EXPORT))]
         else:
-            raise SystemExit(f"unknown run {which!r}: lvm-thick, lvm-thin or nfs")
+            raise SystemExit(f"unknown run {which!r}: lvm-thick, lvm-thin, nfs or vendor-pytest")
         left += [f"mount {m}" for m in mounts() if m not in mounts_before]
         left += [f"datapath state {p}" for p in files_under(state)]
         for n in sorted(os.listdir("/sys/block")):

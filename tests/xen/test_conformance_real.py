@@ -3,7 +3,11 @@ test bed, each with our blkback datapath beside it (real lvm2 and device-mapper 
 devices; dom0's own kernel NFS server): every check that applies passes and the run leaves
 nothing behind. The run itself is tests/xen/dom0_conformance.py, started in dom0."""
 
+import glob
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +18,8 @@ pytestmark = pytest.mark.xen
 VENV = "/opt/xapi-storage/venv"
 SCRIPT = "/mnt/checkout/tests/xen/dom0_conformance.py"
 EXPORT = "/srv/nfs/conformance"        # dom0_conformance.EXPORT
+ROOT = Path(__file__).resolve().parents[2]
+WHEELS = ROOT / "build" / "dom0-wheels"   # dom0_conformance.WHEELS, through the 9p share
 
 
 def _run(bed, which):
@@ -52,3 +58,29 @@ def test_nfs_raw_with_blkback(bed):
     rc, out, rows = _run(bed, "nfs")
     _expect(rows, out)
     assert rc == 0, out
+
+
+def _pytest_wheels(bed):
+    """pytest's wheels for dom0's Python, in the checkout's build/ (dom0 reads it over 9p):
+    dom0 has no PyPI, this machine has (or has them in pip's cache already)."""
+    rc, ver, err = bed.dom0([VENV + "/bin/python", "-c",
+                             "import sys; print('%d.%d' % sys.version_info[:2])"])
+    assert rc == 0, err
+    if not glob.glob(str(WHEELS / "pytest-*.whl")):
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                            "--only-binary=:all:", "--implementation", "py", "--python-version",
+                            ver.strip(), "-d", str(WHEELS), "pytest", "pluggy", "iniconfig",
+                            "packaging", "pygments"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=300)
+        assert r.returncode == 0, f"pip download of pytest for dom0 failed:\n{r.stdout}"
+
+
+def test_loop_vg_fixture_in_a_vendor_test_run_by_pytest_in_dom0(bed):
+    """tests/kit/vendor_loop_fixtures.py run by pytest in dom0, with CI=true (a missing lvm2
+    or device-mapper would fail it): loop_vg makes a tagged VG on two loop devices, both
+    fixtures remove everything, also what the tests made and also after they failed."""
+    _pytest_wheels(bed)
+    rc, out, rows = _run(bed, "vendor-pytest")
+    assert "2 passed" in out and "2 failed" in out and "records: 4" in out, out
+    assert "LEFT nothing" in out and rc == 0, out
