@@ -158,18 +158,28 @@ class LoopDevices:
         return left
 
 
+def loop_backings():
+    """{"/dev/loopN": backing file} of every loop device in use ("<file> (deleted)" once the
+    file is removed)."""
+    out = {}
+    for n in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{n}/loop/backing_file") as f:
+                out["/dev/" + n] = f.read().strip()
+        except OSError:
+            continue
+    return out
+
+
 def still_there(devices=(), files=(), vg=None):
     """What of these still exists: a loop device still backed by its file (`devices` and
     `files` pairwise, as LoopDevices made them), a file, the volume group `vg`. For tests of
     a cleanup; [] when everything is gone."""
     left = []
+    backings = loop_backings()
     for dev, f in zip(devices, files):
-        try:
-            with open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file") as b:
-                if b.read().strip().startswith(f):      # "<file> (deleted)" once removed
-                    left.append(f"loop device {dev} on {f}")
-        except OSError:
-            pass
+        if backings.get(dev, "").startswith(f):
+            left.append(f"loop device {dev} on {f}")
     left += [f"file {f}" for f in files if os.path.exists(f)]
     if vg and shutil.which("lvm") and _run(["vgs", vg], check=False).returncode == 0:
         left.append(f"volume group {vg}")

@@ -36,7 +36,7 @@ MOUNT_ROOT = "/run/sr-mount"
 LVM_LOCKS = "/run/lock/xapi-storage/lvm"
 MiB = 1 << 20
 
-from xapi_storage.scratch import LoopDevices, still_there
+from xapi_storage.scratch import LoopDevices, loop_backings, still_there
 
 WHEELS = "/mnt/checkout/build/dom0-wheels"      # pytest and its dependencies, from the host
 VENDOR_TEST = "/mnt/checkout/tests/kit/vendor_loop_fixtures.py"
@@ -144,15 +144,8 @@ def main(which):
             raise SystemExit(f"unknown run {which!r}: lvm-thick, lvm-thin, nfs or vendor-pytest")
         left += [f"mount {m}" for m in mounts() if m not in mounts_before]
         left += [f"datapath state {p}" for p in files_under(state)]
-        for n in sorted(os.listdir("/sys/block")):
-            try:
-                with open(f"/sys/block/{n}/loop/backing_file") as f:
-                    backing = f.read().strip()
-            except OSError:
-                continue
-            if backing.startswith(work) or backing.startswith(MOUNT_ROOT + "/") \
-                    or backing.startswith(EXPORT + "/"):
-                left.append(f"loop device /dev/{n} on {backing}")
+        left += [f"loop device {dev} on {backing}" for dev, backing in loop_backings().items()
+                 if backing.startswith((work, MOUNT_ROOT + "/", EXPORT + "/"))]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for what in left:
