@@ -40,17 +40,20 @@ def _loops_on(prefix):
                   and (_sys(n, "loop", "backing_file") or "").startswith(prefix))
 
 
-def _work_dirs():
-    import tempfile
-    base = tempfile.gettempdir()
-    return {n for n in os.listdir(base) if n.startswith("xapi-storage-conformance.")}
+def _scratch(tmp_path):
+    """The run's scratch directory: its own per test (runs of other tests and interpreters go
+    on at the same time)."""
+    d = tmp_path / "scratch"
+    d.mkdir()
+    return str(d)
 
 
 @pytest.mark.parametrize("uri", ["blkback://{file}", "blkback://{loop}"])
 def test_blkback_passes_every_applicable_check(uri, install_plugin, conformance, tmp_path):
     d = _install(install_plugin, "xapi_storage.datapath.blkback")
-    before = _work_dirs()
-    report = conformance(d, uris=[uri], repeat=3, parallel=4, env=_env(tmp_path))
+    scratch = _scratch(tmp_path)
+    report = conformance(d, uris=[uri], repeat=3, parallel=4, env=_env(tmp_path),
+                         scratch_dir=scratch)
     report.assert_ok()
     want = {c.name: "PASS" for c in DATAPATH_CHECKS}
     want["nonpersistent"] = "SKIP"          # blkback does not declare NONPERSISTENT
@@ -58,15 +61,15 @@ def test_blkback_passes_every_applicable_check(uri, install_plugin, conformance,
     assert "does not declare NONPERSISTENT" in report.results[4].detail
     # nothing left: no datapath state, no loop device on the run's files, no work directory
     assert not any(f for _, _, f in os.walk(str(tmp_path / "dpstate")))
-    assert _work_dirs() == before
-    assert _loops_on("/tmp/xapi-storage-conformance.") == []
+    assert os.listdir(scratch) == []
+    assert _loops_on(scratch) == []
 
 
 @pytest.fixture
 def toy(install_plugin, tmp_path):
     d = _install(install_plugin, "conformance_dp_defects")
     yield d
-    for n in _loops_on("/tmp/xapi-storage-conformance."):   # what the cleanup defect left
+    for n in _loops_on(str(tmp_path)):          # what the cleanup defect left
         subprocess.run(["losetup", "-d", "/dev/" + n])
 
 
@@ -74,6 +77,7 @@ def _run_toy(conformance, d, tmp_path, defect=""):
     state = tmp_path / "state"
     state.mkdir()
     return conformance(d, uris=["blkback://{file}"], repeat=2, parallel=3,
+                       scratch_dir=_scratch(tmp_path),
                        env=_env(tmp_path, CONFORMANCE_DEFECT=defect,
                                 CONFORMANCE_STATE=str(state)))
 
@@ -91,7 +95,7 @@ def test_a_planted_defect_fails_exactly_its_check(defect, toy, conformance, tmp_
     assert [r.name for r in report.failed] == [defect], report.table()
     assert report.teardown == [], report.table()
     if defect != "cleanup":
-        assert _loops_on("/tmp/xapi-storage-conformance.") == [], report.table()
+        assert _loops_on(str(tmp_path)) == [], report.table()
 
 
 def _cli(*args):
@@ -118,3 +122,26 @@ def test_list_names_the_datapath_checks():
     out = _cli("--list")
     assert out.returncode == 0
     assert "checks of a datapath plugin:" in out.stdout and "live-migration" in out.stdout
+
+
+def test_pyblkback_passes_every_check_on_the_simulated_xen(install_plugin, conformance, simxen,
+                                                           tmp_path):
+    """pyblkback declares NONPERSISTENT (so every check runs) and answers a dom0 plug with an
+    Nbd only (xapi runs nbd-client on it); it serves through XenStore: the simulated Xen's."""
+    import tempfile
+    d = install_plugin("datapath", "pyblkback", "xapi_storage.datapath.pyblkback")
+    run = tempfile.mkdtemp(prefix="pbb-", dir="/tmp")      # short: unix socket paths
+    try:
+        report = conformance(d, uris=["pyblkback://{file}"], repeat=2, parallel=3, timeout=60,
+                             scratch_dir=_scratch(tmp_path), env=_env(tmp_path, XAPI_STORAGE_XEN=f"sim:{simxen.dir}",
+                                      XAPI_STORAGE_PYBLKBACK_RUN=run,
+                                      XAPI_STORAGE_PYBLKBACK_LOG=str(tmp_path / "log"),
+                                      XAPI_STORAGE_PYBLKBACK_SYSTEMD="0"))
+        assert [r.status for r in report.results] == ["PASS"] * len(DATAPATH_CHECKS), \
+            report.table()
+        assert report.teardown == []
+        assert os.listdir(run) == []                # no server left
+        assert not any(f for _, _, f in os.walk(str(tmp_path / "dpstate")))
+    finally:
+        import shutil
+        shutil.rmtree(run, ignore_errors=True)

@@ -72,14 +72,17 @@ DAEMON_KEYS = ("vdi-type", "content_id", "snapshot_time", "is_a_snapshot", "snap
 class Options:
     """Knobs of a run. `hide_storage`/`restore_storage`: callables of the SR's configuration
     that make its storage unreachable and bring it back (the storage-gone check needs both).
-    `uris`, `size`: for a datapath plugin, the URIs to plug (see conformance/datapath.py) and
-    the size of the scratch files made for {file} and {loop}."""
+    `uris`, `size`, `scratch_dir`: for a datapath plugin, the URIs to plug (see
+    conformance/datapath.py), the size of the scratch files made for {file} and {loop} and the
+    directory they are made in (default: the system's temporary directory, $TMPDIR)."""
 
     def __init__(self, configuration=None, repeat=10, parallel=8, timeout=60.0, only=(),
-                 hide_storage=None, restore_storage=None, env=None, uris=(), size=64 << 20):
+                 hide_storage=None, restore_storage=None, env=None, uris=(), size=64 << 20,
+                 scratch_dir=None):
         self.configuration = dict(configuration or {})
         self.uris = list(uris)      # a datapath plugin's run: the URIs it serves ({file}, {loop})
         self.size = int(size)
+        self.scratch_dir = scratch_dir  # where those are made (default: the temporary directory)
         self.repeat = max(1, int(repeat))
         self.parallel = max(2, int(parallel))
         self.timeout = float(timeout)

@@ -77,7 +77,8 @@ class DatapathContext(_c.Context):
     def __init__(self, plugin_dir, options):
         self.plugin_dir = os.path.abspath(plugin_dir)
         self.scheme = os.path.basename(self.plugin_dir)
-        self.work = tempfile.mkdtemp(prefix="xapi-storage-conformance.")
+        self.work = tempfile.mkdtemp(prefix="xapi-storage-conformance.",
+                                     dir=options.scratch_dir)
         self.root = os.path.join(self.work, "root")
         os.makedirs(os.path.join(self.root, "datapath"))
         link = os.path.join(self.root, "datapath", self.scheme)
@@ -286,8 +287,10 @@ _CALLS = ("Datapath.attach", "Datapath.activate", "Datapath.deactivate", "Datapa
 @dp_check("dom0-plug", needs=_CALLS)
 def dom0_plug(ctx):
     """A dom0 plug as xapi makes one for a copy or export (attach and activate, domain
-    "u0_<dp>"), repeated N times, answers a File or BlockDevice under /dev, the same each time;
-    xapi reads and writes it; the unplug (deactivate, detach) runs twice, as a retried one does."""
+    "u0_<dp>"), repeated N times, answers the same each time: a File or BlockDevice under /dev
+    (written and read back on the run's scratch storage), or an Nbd (xapi would run nbd-client
+    on it; not connected here); the unplug (deactivate, detach) runs twice, as a retried one
+    does."""
     key = ctx.need_uri()
     ctx.plugged.add((key, _daemon.dom0_token("vbd/0/xvdz")))
     first = ctx.run_op("dom0-plug", key=key, dp="vbd/0/xvdz")["backend"]
@@ -297,7 +300,7 @@ def dom0_plug(ctx):
         if again != first:
             raise Failed(f"dom0 plug #{i + 2}: Datapath.attach answered {again!r}, the first "
                          f"{first!r}")
-    if key in ctx.scratch_of:               # never written unless the run made the storage
+    if key in ctx.scratch_of and path:      # never written unless the run made the storage
         _write(path, b"conformance" * 100, "of the dom0 plug")
     ctx.run_op("dom0-unplug", key=key, dp="vbd/0/xvdz")
     ctx.plugged.clear()
@@ -337,7 +340,7 @@ def readonly(ctx):
     ctx.run_op("dom0-unplug", key=key, dp="export")
     ctx.plugged.add((key, _daemon.dom0_token("copy")))
     path = _backend_path(ctx.run_op("dom0-plug", key=key, dp="copy")["backend"])
-    if key in ctx.scratch_of:
+    if key in ctx.scratch_of and path:
         _write(path, b"read-write again" * 32, "of a read-write plug after a read-only one")
     ctx.run_op("dom0-unplug", key=key, dp="copy")
     ctx.plugged.discard((key, _daemon.dom0_token("copy")))
