@@ -69,6 +69,11 @@ def _datapath_usage(args):
         return "--configuration, --hide-storage and --restore-storage are for a volume plugin"
     if args.size < 1 << 20:
         return "--size: at least 1 MiB"
+    if any("{loop}" in u for u in args.uri):
+        from ..scratch import unavailable
+        why = unavailable()
+        if why:
+            return f"--uri with {{loop}} cannot be served here: {why}"
     return None
 
 
