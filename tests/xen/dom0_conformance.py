@@ -60,8 +60,8 @@ def files_under(d):
 
 
 def conformance(plugin_dir, config, extra, env):
-    argv = [VENV + "/bin/xapi-storage", "conformance", plugin_dir, "--repeat", "3",
-            "--parallel", "4", "--timeout", "120"]
+    argv = [VENV + "/bin/xapi-storage", "conformance", plugin_dir, "--repeat", "2",
+            "--parallel", "3", "--timeout", "120"]
     for k, v in sorted(config.items()):
         argv += ["-c", f"{k}={v}"]
     r = subprocess.run(argv + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
