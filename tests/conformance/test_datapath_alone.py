@@ -145,3 +145,24 @@ def test_pyblkback_passes_every_check_on_the_simulated_xen(install_plugin, confo
     finally:
         import shutil
         shutil.rmtree(run, ignore_errors=True)
+
+
+def test_sigterm_mid_run_leaves_nothing(install_plugin, tmp_path):
+    """A CI job cancelled during the run: exit 130 after the teardown unplugged everything and
+    removed the scratch loop device and file."""
+    import signal
+    import time
+    d = _install(install_plugin, "xapi_storage.datapath.blkback")
+    scratch = _scratch(tmp_path)
+    env = _env(tmp_path, TMPDIR=scratch)
+    p = subprocess.Popen([sys.executable, "-m", "xapi_storage.cli", "conformance", d, "--uri",
+                          "blkback://{loop}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, env=env)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, out + err
+    assert "interrupted; what the run made was destroyed" in err
+    assert os.listdir(scratch) == []
+    assert _loops_on(scratch) == []
+    assert not any(f for _, _, f in os.walk(str(tmp_path / "dpstate")))
