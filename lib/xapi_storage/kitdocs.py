@@ -18,6 +18,7 @@ from .toolstack import diagrams, sequences
 # what each operation is, for a person (the keys are the table's operations)
 TITLES = {
     "sr-create": "xe sr-create", "sr-attach": "PBD.plug (xe pbd-plug, host boot)",
+    "sr-destroy": "xe pbd-unplug, then xe sr-destroy",
     "sr-scan": "xe sr-scan", "vdi-create": "xe vdi-create",
     "vdi-snapshot": "xe vdi-snapshot (each disk of xe vm-snapshot)",
     "vdi-resize": "xe vdi-resize", "vdi-destroy": "xe vdi-destroy",

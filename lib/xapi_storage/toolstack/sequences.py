@@ -57,6 +57,9 @@ SEQUENCES = {
     "sr-create": (("daemon", "sr_create"), ("daemon", "sr_attach")),
     # PBD.plug (xe pbd-plug, host boot, xe sr-create)
     "sr-attach": (("daemon", "sr_attach"),),
+    # xe pbd-unplug (every host), then xe sr-destroy: xapi attaches the SR again on one host
+    # and destroys it attached (storage_access.ml destroy_sr; SR.detach only if that fails)
+    "sr-destroy": (("daemon", "sr_detach"), ("daemon", "sr_attach"), ("daemon", "sr_destroy")),
     # xe sr-scan (and xapi's periodic scan)
     "sr-scan": (("daemon", "sr_scan"),),
     # xe vdi-create
@@ -94,6 +97,8 @@ DAEMON_CALLS = {
     "dp_destroy": ("Volume.stat", "Datapath.deactivate", "Datapath.detach"),
     "sr_create": ("SR.create",),
     "sr_attach": ("SR.attach", "SR.stat"),
+    "sr_detach": ("SR.detach",),
+    "sr_destroy": ("SR.destroy",),
     "sr_scan": ("SR.stat", "SR.ls"),
     "vdi_create": ("Volume.create", "Volume.set"),
     "vdi_snapshot": ("Volume.snapshot",) + ("Volume.set",) * 5,
@@ -114,6 +119,7 @@ SMAPIV2 = {
     "activate": "VDI.activate3", "activate_readonly": "VDI.activate_readonly",
     "deactivate": "VDI.deactivate", "detach": "VDI.detach", "dp_destroy": "DP.destroy2",
     "sr_create": "SR.create", "sr_attach": "SR.attach", "sr_scan": "SR.scan2",
+    "sr_detach": "SR.detach", "sr_destroy": "SR.destroy",
     "vdi_create": "VDI.create", "vdi_snapshot": "VDI.snapshot", "vdi_resize": "VDI.resize",
     "vdi_destroy": "VDI.destroy",
 }
@@ -123,6 +129,8 @@ SMAPIV2 = {
 VOLUME_STEPS = {
     "sr_create": ("uuid", "configuration", "name", "description"),
     "sr_attach": ("configuration",),
+    "sr_detach": ("sr",),
+    "sr_destroy": ("sr",),
     "sr_scan": ("sr",),
     "vdi_create": ("sr", "name", "description", "size", "sharable", "vdi_type"),
     "vdi_snapshot": ("sr", "key", "content_id", "vdi_type", "tags"),
