@@ -47,6 +47,7 @@ def test_lvm_raw_thick_with_blkback(bed):
     assert rc == 0, out
 
 
+@pytest.mark.bedsweep      # ~6.5 min under TCG: opt in (-m bedsweep), CI's budget is 60 min
 def test_lvm_raw_thin_with_blkback(bed):
     rc, out, rows = _run(bed, "lvm-thin")
     _expect(rows, out, skipped=("storage-gone",))
