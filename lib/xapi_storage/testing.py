@@ -11,6 +11,15 @@ xapi_storage` in setup.cfg): once the package is installed, any test can ask for
     conformance      conformance(plugin_dir, configuration={...}, **options) runs
                      `xapi-storage conformance` in-process and returns its Report;
                      report.assert_ok() fails the test with the report's table
+    loop_devices     two fresh 128 MiB loop devices (.devices, and .device: the same
+                     comma-separated), for a plugin whose SR.create makes the volume group
+    loop_vg          the same with a volume group on them (.vg, tagged "xapi_storage_test"),
+                     for a plugin given an existing VG
+                     Both remove after the test whatever lvm2 has on the devices (volume
+                     groups living only on them, with their LVs; PV labels), then the loop
+                     devices and files, also when the test failed; they skip with the reason
+                     where loop devices (loop_vg: lvm2, device-mapper) are missing, and fail
+                     under CI=true. Other sizes: xapi_storage.scratch.LoopDevices.
 
 The simulated Xen fixtures (simxen, simxen_guest) come from xapi_storage.xen.sim.pytest_plugin.
 need_loop_devices() skips a test (fails it under CI=true) where loop devices cannot be used.
@@ -31,15 +40,12 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def need_loop_devices(what="this test"):
+def need_loop_devices(what="this test", lvm=False):
     """Skip (loudly, with the reason) when loop devices cannot be used here: they need root
-    and the loop driver. Under CI=true, fail instead: CI must run what it claims to."""
-    import shutil
-    why = None
-    if os.geteuid() != 0:
-        why = "loop devices need root"
-    elif not os.path.exists("/dev/loop-control") or not shutil.which("losetup"):
-        why = "no loop driver (/dev/loop-control) or no losetup"
+    and the loop driver; with `lvm`, a volume group also needs lvm2 and device-mapper. Under
+    CI=true, fail instead: CI must run what it claims to."""
+    from .scratch import unavailable
+    why = unavailable(lvm=lvm)
     if why:
         if IN_CI:
             pytest.fail(f"{what} cannot run in CI: {why}", pytrace=False)
@@ -122,3 +128,21 @@ def conformance():
     def run(plugin_dir, configuration=None, **options):
         return conf.run(plugin_dir, conf.Options(configuration=configuration, **options))
     return run
+
+
+def _loops(what, vg):
+    from .scratch import LoopDevices
+    need_loop_devices(f"the {what} fixture", lvm=bool(vg))
+    return LoopDevices(2, vg=vg)
+
+
+@pytest.fixture
+def loop_devices():
+    with _loops("loop_devices", None) as loops:
+        yield loops
+
+
+@pytest.fixture
+def loop_vg():
+    with _loops("loop_vg", True) as loops:
+        yield loops

@@ -13,7 +13,9 @@ Requests ({"op": ..., ...}):
     activate  {uri, domain}               Datapath.activate again (starts a dead server)
     pid       {uri}                       the volume's server pid (null: none answers)
     kill      {uri}                       SIGKILL the volume's server
-    nbd_md5   {uri, offset, length}       md5 of that range read over the volume's NBD export
+    nbd_check {uri, files}                a dom0 plug through the kernel's nbd-client: the
+                                          md5 of each ext4 file (debugfs), fsck.ext4 -fn,
+                                          what is left after the disconnect
     check     {uri, guest}                what is left: server, sockets, state, nodes
 """
 
@@ -21,12 +23,10 @@ import hashlib
 import json
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
+import time
 
-from xapi_storage.blkback import nbd
 from xapi_storage.datapath import pyblkback as pbb
 from xapi_storage.datapath.lifecycle import state_root
 from xapi_storage.toolstack import xenopsd
@@ -86,41 +86,67 @@ def op_kill(req):
     return {"pid": pid}
 
 
-def _recv(s, n):
-    b = b""
-    while len(b) < n:
-        x = s.recv(n - len(b))
-        if not x:
-            raise EOFError("NBD server closed the connection")
-        b += x
-    return b
+def _nbd_device():
+    """A /dev/nbdN with no connection (the nbd module loaded)."""
+    subprocess.run(["modprobe", "nbd"], check=True, timeout=60)
+    for n in range(16):
+        if not os.path.exists(f"/sys/block/nbd{n}/pid") and _nbd_size(n) == 0:
+            return n
+    raise RuntimeError("no free /dev/nbdN")
 
 
-def op_nbd_md5(req):
-    """A minimal NBD client (fixed newstyle, EXPORT_NAME, READ): the guest's data as dom0
-    sees it over the volume's export."""
-    vid = pbb.server_id(req["uri"])
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(60)
-    s.connect(os.path.join(pbb.run_dir(), vid + ".nbd"))
-    _recv(s, 18)
-    name = vid.encode()
-    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_EXPORT_NAME,
-                                                  len(name)) + name)
-    size, _flags = struct.unpack(">QH", _recv(s, 10))
-    h = hashlib.md5()
-    off, end = req["offset"], req["offset"] + req["length"]
-    while off < end:
-        n = min(1 << 20, end - off)
-        s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, off, off, n))
-        magic, err, handle = struct.unpack(">IIQ", _recv(s, 16))
-        if err:
-            raise OSError(err, "NBD read error")
-        h.update(_recv(s, n))
-        off += n
-    s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_DISC, 0, 0, 0))
-    s.close()
-    return {"md5": h.hexdigest(), "size": size}
+def _nbd_size(n):
+    with open(f"/sys/block/nbd{n}/size") as f:
+        return int(f.read())
+
+
+def _sh(argv, timeout=120):
+    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def op_nbd_check(req):
+    """A dom0 plug as xapi makes one (VDI copy, export, static-vdis) of a datapath whose
+    result has no File/BlockDevice: Datapath.attach + activate for dom0, the kernel's NBD
+    client (`nbd-client -unix SOCK /dev/nbdN -N EXPORT`) on the result's Nbd URI, then, through
+    /dev/nbdN: the md5 of each of `files` in the ext4 file system (debugfs) and
+    `fsck.ext4 -fn`; then `nbd-client -d`, deactivate, detach. -> {"md5", "fsck", "left"}"""
+    uri, dom = req["uri"], "0"
+    r = dp("attach", uri=uri, domain=dom)
+    dp("activate", uri=uri, domain=dom)
+    nbd_uri = xenopsd.implementations(r)["Nbd"]["uri"]          # nbd:unix:<sock>:exportname=<n>
+    _, _, rest = nbd_uri.partition("nbd:unix:")
+    sock, _, export = rest.rpartition(":exportname=")
+    n = _nbd_device()
+    dev = f"/dev/nbd{n}"
+    out = {"device": dev}
+    try:
+        rc, o, e = _sh(["nbd-client", "-unix", sock, dev, "-N", export, "-timeout", "60"])
+        assert rc == 0, f"nbd-client: rc {rc}: {o}{e}"
+        out["size"] = _nbd_size(n) * 512
+        out["md5"] = {}
+        for name in req["files"]:
+            p = subprocess.run(["debugfs", "-R", f"cat /{name}", dev], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, timeout=120)
+            out["md5"][name] = hashlib.md5(p.stdout).hexdigest()
+        rc, o, e = _sh(["fsck.ext4", "-fn", dev], timeout=300)
+        out["fsck"] = {"rc": rc, "out": o + e}
+    finally:
+        rc, o, e = _sh(["nbd-client", "-d", dev])
+        out["disconnect"] = {"rc": rc, "out": o + e}
+        dp("deactivate", uri=uri, domain=dom)
+        dp("detach", uri=uri, domain=dom)
+    end = time.monotonic() + 15          # the kernel lets go of the socket asynchronously
+    while True:
+        ps = _sh(["ps", "-eo", "pid,args"])[1]
+        out["left"] = {"connected": [f"nbd{i}" for i in range(16)
+                                     if os.path.exists(f"/sys/block/nbd{i}/pid")],
+                       "size": _nbd_size(n),
+                       "clients": [ln for ln in ps.splitlines() if "nbd-client" in ln]}
+        if not any(out["left"].values()) or time.monotonic() > end:
+            return out
+        time.sleep(0.2)
 
 
 def op_check(req):

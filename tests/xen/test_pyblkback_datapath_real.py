@@ -79,21 +79,44 @@ def _fio_ok(res):
     assert res.stdout.split(";")[4] == "0", res.stdout             # no error
 
 
-def test_fio_verify_in_the_guest_and_dom0_reads_its_data_over_nbd(pbb):
+MKFS, FSCK = "/usr/sbin/mkfs.ext4", "/usr/sbin/fsck.ext4"     # e2fsprogs' (busybox's know no ext4)
+FILES = ("a", "b", "fio.dat")
+
+
+def test_ext4_and_fio_verify_in_the_guest_then_dom0_checks_it_over_nbd(pbb):
+    """The guest makes, fills and checks an ext4 file system on its pyblkback disk (fio crc32c
+    verify on a file in it); dom0 then plugs the volume as xapi does for a VDI copy, through
+    the kernel's NBD client on the attach result's Nbd export: the same files, the same md5s,
+    fsck clean, and nothing connected afterwards; after the unplug dom0's file holds it all."""
     path, uri = pbb.volume("pbb-a", "64M")
     r = pbb.plug(uri)
     disk = dict(r["result"]["implementations"])["XenDisk"]
     assert disk["backend_type"] == "qdisk" and disk["params"].count(":") == 1
     name = r["device"]
     assert pbb.sh(f"cat /sys/block/{name}/size").stdout.strip() == str(64 * MIB // 512)
-    _fio_ok(pbb.sh(FIO.format(d=name, bs="4k", size="4M", engine="psync", depth=1),
-                   timeout=600))
-    _fio_ok(pbb.sh(FIO.format(d=name, bs="256k", size="8M", engine="libaio", depth=8)
-                   .replace("randwrite", "write"), timeout=600))
-    gsum = pbb.sh(f"dd if=/dev/{name} bs=1M count=8 2>/dev/null | md5sum").stdout.split()[0]
-    assert pbb.call(op="nbd_md5", uri=uri, offset=0, length=8 * MIB)["md5"] == gsum
+    pbb.sh(f"{MKFS} -q -F /dev/{name} && mkdir -p /mnt/pbb && "
+           f"mount -t ext4 /dev/{name} /mnt/pbb && "
+           "dd if=/dev/urandom of=/mnt/pbb/a bs=64k count=16 2>/dev/null && "
+           "dd if=/dev/urandom of=/mnt/pbb/b bs=4k count=3 2>/dev/null", timeout=300)
+    _fio_ok(pbb.sh(FIO.format(d=name, bs="16k", size="4M", engine="libaio", depth=8)
+                   .replace(f"/dev/{name}", "/mnt/pbb/fio.dat"), timeout=600))
+    sums = pbb.sh("md5sum " + " ".join("/mnt/pbb/" + f for f in FILES) +
+                  " && umount /mnt/pbb").stdout.split()
+    md5 = dict(zip(FILES, sums[0::2]))
+    fsck = pbb.sh(f"{FSCK} -fn /dev/{name}", timeout=300, check=False)
+    assert fsck.rc == 0, fsck.stdout + fsck.stderr
+    got = pbb.call(op="nbd_check", uri=uri, files=list(FILES))
+    assert got["size"] == 64 * MIB, got
+    assert got["md5"] == md5, got
+    assert got["fsck"]["rc"] == 0, got["fsck"]["out"]
+    assert got["disconnect"]["rc"] == 0, got["disconnect"]["out"]
+    assert got["left"] == {"connected": [], "size": 0, "clients": []}, got["left"]
     pbb.unplug(uri, r)
-    assert pbb.md5_dom0(path, 8 * MIB) == gsum
+    rc, out, err = pbb.bed.dom0(f"{FSCK} -fn {path} >/dev/null && for f in {' '.join(FILES)}; "
+                                f"do debugfs -R \"cat /$f\" {path} 2>/dev/null | md5sum; done",
+                                timeout=300)
+    assert rc == 0, out + err
+    assert [ln.split()[0] for ln in out.splitlines()] == [md5[f] for f in FILES]
     pbb.assert_clean(uri)
 
 

@@ -582,7 +582,7 @@ class Server:
     # -- the loop ---------------------------------------------------------------------------
     def step(self, timeout=TICK):
         """Wait up to `timeout` for something to do, then do it."""
-        if self.ready:
+        if self.ready or self.xs.pending_events:   # events a call took in with its reply
             timeout = 0
         xs_ready = False
         for key, mask in self.sel.select(timeout):

@@ -1,4 +1,4 @@
-"""`xapi-storage conformance`: check an installed volume plugin through its executables.
+"""`xapi-storage conformance`: check an installed plugin through its executables.
 
     from xapi_storage.conformance import run, Options
     report = run("/usr/libexec/xapi-storage-script/volume/org.xen.xapi.storage.acme",
@@ -8,6 +8,8 @@
 The run calls the plugin only as the daemon does (caller.py), makes an SR and volumes, runs the
 checks of checks.py in order (each gated on the executables and features the plugin has), and
 always ends by destroying what it made, even when a check failed or the run was interrupted.
+A datapath plugin's directory (ROOT/datapath/<scheme>) gets the checks of datapath.py instead,
+on the URIs of Options(uris=[...]).
 """
 
 import os
@@ -16,8 +18,10 @@ import time
 from . import checks as _checks
 from .caller import Caller
 from .checks import CHECKS, Options
+from .datapath import DATAPATH_CHECKS, DatapathContext
 
-__all__ = ["run", "Options", "Report", "Result", "CHECKS", "plugin_kind"]
+__all__ = ["run", "Options", "Report", "Result", "CHECKS", "DATAPATH_CHECKS", "plugin_kind",
+           "checks_for"]
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
@@ -80,19 +84,28 @@ def plugin_kind(plugin_dir):
     return None, None
 
 
+def checks_for(kind):
+    """The checks of a run against a plugin of `kind` ("volume" or "datapath")."""
+    return DATAPATH_CHECKS if kind == "datapath" else CHECKS
+
+
 def run(plugin_dir, options=None, progress=None):
-    """Run the checks against the volume plugin installed in `plugin_dir`; return a Report.
-    `progress(result)` is called after each check."""
+    """Run the checks against the plugin installed in `plugin_dir` (a volume plugin, or a
+    datapath plugin with options.uris); return a Report. `progress(result)` is called after
+    each check."""
     options = options or Options()
     t0 = time.monotonic()
     kind, name = plugin_kind(plugin_dir)
-    caller = Caller(plugin_dir, timeout=options.timeout, env=options.env)
-    ctx = _checks.Context(caller, options, name if kind == "volume" else None)
     results = []
     teardown = []
+    if kind == "datapath":
+        ctx = DatapathContext(plugin_dir, options)
+    else:
+        caller = Caller(plugin_dir, timeout=options.timeout, env=options.env)
+        ctx = _checks.Context(caller, options, name if kind == "volume" else None)
     try:
         ctx.setup()
-        for chk in CHECKS:
+        for chk in checks_for(kind):
             if options.only and chk.name not in options.only and chk.name != "results-valid":
                 continue
             results.append(_run_check(ctx, chk))

@@ -71,11 +71,18 @@ DAEMON_KEYS = ("vdi-type", "content_id", "snapshot_time", "is_a_snapshot", "snap
 
 class Options:
     """Knobs of a run. `hide_storage`/`restore_storage`: callables of the SR's configuration
-    that make its storage unreachable and bring it back (the storage-gone check needs both)."""
+    that make its storage unreachable and bring it back (the storage-gone check needs both).
+    `uris`, `size`, `scratch_dir`: for a datapath plugin, the URIs to plug (see
+    conformance/datapath.py), the size of the scratch files made for {file} and {loop} and the
+    directory they are made in (default: the system's temporary directory, $TMPDIR)."""
 
     def __init__(self, configuration=None, repeat=10, parallel=8, timeout=60.0, only=(),
-                 hide_storage=None, restore_storage=None, env=None):
+                 hide_storage=None, restore_storage=None, env=None, uris=(), size=64 << 20,
+                 scratch_dir=None):
         self.configuration = dict(configuration or {})
+        self.uris = list(uris)      # a datapath plugin's run: the URIs it serves ({file}, {loop})
+        self.size = int(size)
+        self.scratch_dir = scratch_dir  # where those are made (default: the temporary directory)
         self.repeat = max(1, int(repeat))
         self.parallel = max(2, int(parallel))
         self.timeout = float(timeout)
@@ -264,8 +271,8 @@ class Context:
                 else:
                     problems.append(f"teardown: {out.describe()}")
             if self.sr_created and self.caller.has("SR.destroy"):
-                if self.caller.has("SR.detach"):
-                    self.call("SR.detach", sr=self.sr)
+                # as xapi destroys an SR: attached (a check may have left it detached)
+                self.call("SR.attach", configuration=self.sr_config)
                 out = self.call("SR.destroy", sr=self.sr)
                 if out.rc == 0:
                     self.sr_destroyed = True
@@ -569,11 +576,14 @@ def clone(ctx):
 
 @check("resize", needs=("Volume.create", "Volume.resize", "Volume.stat"))
 def resize(ctx):
-    """Volume.resize to a larger size (not a multiple of 512) gives virtual_size >= the new
-    size in Volume.stat; resizing to the current size changes nothing."""
+    """Volume.resize to a size 2 MiB + 1 byte above the volume's virtual_size (not a multiple of
+    512) gives virtual_size >= the new size in Volume.stat; resizing to the current size
+    changes nothing."""
     ctx.need_sr()
     vol = ctx.create(size=1 << 20)
-    new = (3 << 20) + 1
+    # larger than what the plugin gave (xapi refuses a VDI.resize below the VDI's virtual size
+    # before the daemon is called: a plugin rounding sizes up never sees one)
+    new = vol["virtual_size"] + (2 << 20) + 1
     size = ctx.operation("vdi-resize", key=vol["key"], new_size=new)["virtual_size"]
     if not isinstance(size, int) or size < new:
         raise Failed(f"Volume.resize new_size={new}: Volume.stat then says virtual_size "
@@ -830,8 +840,9 @@ def storage_gone(ctx):
 @check("cleanup", needs=("Volume.destroy",))
 def cleanup(ctx):
     """Everything the run made goes: Volume.destroy of each remaining volume, SR.ls lists none
-    of them, then (when the run created the SR) SR.detach and SR.destroy succeed and SR.attach
-    of the same configuration fails afterwards."""
+    of them, then (when the run created the SR) xe sr-destroy succeeds as xapi does it (SR.detach
+    by xe pbd-unplug, then SR.attach and SR.stat, then SR.destroy of the attached SR) and
+    SR.attach of the same configuration fails afterwards."""
     ctx.need_sr()
     made = sorted(ctx.volumes)
     for key in made:
@@ -843,8 +854,9 @@ def cleanup(ctx):
             raise Failed(f"SR.ls still lists {left} after Volume.destroy")
     if ctx.sr_created and ctx.caller.has("SR.destroy"):
         if ctx.caller.has("SR.detach"):
-            ctx.ok("SR.detach", sr=ctx.sr)
-        ctx.ok("SR.destroy", sr=ctx.sr)
+            ctx.operation("sr-destroy", configuration=ctx.sr_config)
+        else:
+            ctx.ok("SR.destroy", sr=ctx.sr)
         ctx.sr_destroyed = True
         out = ctx.call("SR.attach", configuration=ctx.sr_config)
         if out.rc == 0:

@@ -5,14 +5,23 @@ import signal
 import subprocess
 import sys
 
-HELP = ("check an installed volume plugin through its executables as the daemon calls them; "
-        "prints a table, exit 1 if a check fails")
+HELP = ("check an installed volume or datapath plugin through its executables as the daemon "
+        "calls them; prints a table, exit 1 if a check fails")
 
 
 def add_arguments(parser):
     parser.add_argument("plugin_dir", metavar="DIR", nargs="?",
                         help="the installed plugin, e.g. /usr/libexec/xapi-storage-script/volume/"
-                             "org.xen.xapi.storage.acme")
+                             "org.xen.xapi.storage.acme, or a datapath plugin alone, e.g. "
+                             ".../datapath/acme+nbd (then give --uri)")
+    parser.add_argument("--uri", action="append", default=[], metavar="URI",
+                        help="datapath plugin: a URI of its scheme to plug (repeatable: a volume "
+                             "each; the checks plug the first); {file} in it is replaced by "
+                             "a sparse scratch file the run makes, {loop} by a loop device over "
+                             "one, e.g. --uri 'acme+nbd://{file}'. Without {file} or {loop} the "
+                             "volume is never written and the cleanup check is skipped")
+    parser.add_argument("--size", type=int, default=64 << 20, metavar="BYTES",
+                        help="datapath plugin: size of the scratch files (default 64 MiB)")
     parser.add_argument("--configuration", "-c", action="append", default=[], metavar="KEY=VALUE",
                         help="device-config for SR.create / SR.attach (repeatable)")
     parser.add_argument("--repeat", type=int, default=10, metavar="N",
@@ -45,6 +54,29 @@ def _write(text):
     sys.stdout.flush()
 
 
+def _datapath_usage(args):
+    """Why the options do not fit a datapath plugin's run, or None."""
+    from ..toolstack.daemon import uri_scheme
+    scheme = os.path.basename(os.path.abspath(args.plugin_dir))
+    if not args.uri:
+        return (f"a datapath plugin is checked on URIs it serves: give --uri, e.g. "
+                f"--uri '{scheme}://{{file}}'")
+    for u in args.uri:
+        if uri_scheme(u) != scheme:
+            return (f"--uri {u!r}: its scheme is not {scheme!r}, the datapath's (the daemon "
+                    "chooses a datapath by the URI's scheme)")
+    if args.configuration or args.hide_storage or args.restore_storage:
+        return "--configuration, --hide-storage and --restore-storage are for a volume plugin"
+    if args.size < 1 << 20:
+        return "--size: at least 1 MiB"
+    if any("{loop}" in u for u in args.uri):
+        from ..scratch import unavailable
+        why = unavailable()
+        if why:
+            return f"--uri with {{loop}} cannot be served here: {why}"
+    return None
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -68,21 +100,32 @@ def _hook(command):
 
 
 def run(args):
-    from . import CHECKS, Options, plugin_kind
+    from . import CHECKS, DATAPATH_CHECKS, Options, checks_for, plugin_kind
     from . import run as run_checks
     if args.list:
-        for c in CHECKS:
-            print(f"{c.name}\n    {c.doc}")
+        for title, checks in (("volume plugin", CHECKS), ("datapath plugin", DATAPATH_CHECKS)):
+            print(f"checks of a {title}:")
+            for c in checks:
+                print(f"  {c.name}\n      {c.doc}")
         return 0
     if not args.plugin_dir:
         print("xapi-storage conformance: give the plugin's directory (see --help)",
               file=sys.stderr)
         return 2
     kind, _ = plugin_kind(args.plugin_dir)
-    if not os.path.isdir(args.plugin_dir) or kind != "volume":
-        print(f"xapi-storage conformance: {args.plugin_dir} is not an installed volume plugin "
-              "directory (ROOT/volume/org.xen.xapi.storage.<srtype>; lay one out with "
-              "`xapi-storage install --root ROOT`)", file=sys.stderr)
+    if not os.path.isdir(args.plugin_dir) or kind not in ("volume", "datapath"):
+        print(f"xapi-storage conformance: {args.plugin_dir} is not an installed plugin "
+              "directory (ROOT/volume/org.xen.xapi.storage.<srtype> or ROOT/datapath/<scheme>; "
+              "lay one out with `xapi-storage install --root ROOT`)", file=sys.stderr)
+        return 2
+    if kind == "datapath":
+        problem = _datapath_usage(args)
+        if problem:
+            print(f"xapi-storage conformance: {problem}", file=sys.stderr)
+            return 2
+    elif args.uri:
+        print("xapi-storage conformance: --uri is for a datapath plugin; a volume plugin's "
+              "volumes have their own", file=sys.stderr)
         return 2
     config = {}
     for item in args.configuration:
@@ -92,7 +135,7 @@ def run(args):
                   file=sys.stderr)
             return 2
         config[k] = v
-    names = {c.name for c in CHECKS}
+    names = {c.name for c in checks_for(kind)}
     unknown = [o for o in args.only if o not in names]
     if unknown:
         print(f"xapi-storage conformance: unknown check {unknown[0]!r} (see --list)",
@@ -105,7 +148,8 @@ def run(args):
     options = Options(configuration=config, repeat=args.repeat, parallel=args.parallel,
                       timeout=args.timeout, only=args.only,
                       hide_storage=_hook(args.hide_storage),
-                      restore_storage=_hook(args.restore_storage))
+                      restore_storage=_hook(args.restore_storage), uris=args.uri,
+                      size=args.size)
 
     def progress(result):
         print(f"  {result.name}: {result.status}", file=sys.stderr)

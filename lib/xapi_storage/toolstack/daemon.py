@@ -240,6 +240,14 @@ class Daemon:
         self.volume(plugin, "SR.stat", {"dbg": dbg, "sr": sr})
         return sr
 
+    def sr_detach(self, dbg, plugin, sr):
+        """PBD.unplug: SR.detach."""
+        return self.volume(plugin, "SR.detach", {"dbg": dbg, "sr": sr})
+
+    def sr_destroy(self, dbg, plugin, sr):
+        """SR.destroy, of an SR xapi has just attached again (see sequences "sr-destroy")."""
+        return self.volume(plugin, "SR.destroy", {"dbg": dbg, "sr": sr})
+
     def sr_scan(self, dbg, plugin, sr):
         """SR.scan2: SR.stat, whose health must be Healthy (xapi: SR_UNHEALTHY otherwise;
         the daemon retries Unreachable 3 times, 1 s apart: not emulated), then SR.ls; the

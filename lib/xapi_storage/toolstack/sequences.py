@@ -38,7 +38,8 @@ SEQUENCES = {
     "vm-shutdown": (("xenopsd", "hard_unplug"), ("daemon", "deactivate"),
                     ("daemon", "dp_destroy"), ("daemon", "epoch_end")),
     # a dom0 plug by xapi (VDI.copy, export, import, sparse_dd): a "u0_" token, no open, no
-    # XenStore; xapi uses the File, else BlockDevice path (it must be under /dev/)
+    # XenStore; xapi uses the File, else BlockDevice path (it must be under /dev/), else runs
+    # nbd-client on the Nbd
     "dom0-plug": (("daemon", "attach"), ("daemon", "activate")),
     "dom0-unplug": (("daemon", "dp_destroy"),),
     # static-vdis (HA statefile, redo log) at boot, before xapi: command-line mode, domain "0",
@@ -56,6 +57,9 @@ SEQUENCES = {
     "sr-create": (("daemon", "sr_create"), ("daemon", "sr_attach")),
     # PBD.plug (xe pbd-plug, host boot, xe sr-create)
     "sr-attach": (("daemon", "sr_attach"),),
+    # xe pbd-unplug (every host), then xe sr-destroy: xapi attaches the SR again on one host
+    # and destroys it attached (storage_access.ml destroy_sr; SR.detach only if that fails)
+    "sr-destroy": (("daemon", "sr_detach"), ("daemon", "sr_attach"), ("daemon", "sr_destroy")),
     # xe sr-scan (and xapi's periodic scan)
     "sr-scan": (("daemon", "sr_scan"),),
     # xe vdi-create
@@ -93,6 +97,8 @@ DAEMON_CALLS = {
     "dp_destroy": ("Volume.stat", "Datapath.deactivate", "Datapath.detach"),
     "sr_create": ("SR.create",),
     "sr_attach": ("SR.attach", "SR.stat"),
+    "sr_detach": ("SR.detach",),
+    "sr_destroy": ("SR.destroy",),
     "sr_scan": ("SR.stat", "SR.ls"),
     "vdi_create": ("Volume.create", "Volume.set"),
     "vdi_snapshot": ("Volume.snapshot",) + ("Volume.set",) * 5,
@@ -113,6 +119,7 @@ SMAPIV2 = {
     "activate": "VDI.activate3", "activate_readonly": "VDI.activate_readonly",
     "deactivate": "VDI.deactivate", "detach": "VDI.detach", "dp_destroy": "DP.destroy2",
     "sr_create": "SR.create", "sr_attach": "SR.attach", "sr_scan": "SR.scan2",
+    "sr_detach": "SR.detach", "sr_destroy": "SR.destroy",
     "vdi_create": "VDI.create", "vdi_snapshot": "VDI.snapshot", "vdi_resize": "VDI.resize",
     "vdi_destroy": "VDI.destroy",
 }
@@ -122,6 +129,8 @@ SMAPIV2 = {
 VOLUME_STEPS = {
     "sr_create": ("uuid", "configuration", "name", "description"),
     "sr_attach": ("configuration",),
+    "sr_detach": ("sr",),
+    "sr_destroy": ("sr",),
     "sr_scan": ("sr",),
     "vdi_create": ("sr", "name", "description", "size", "sharable", "vdi_type"),
     "vdi_snapshot": ("sr", "key", "content_id", "vdi_type", "tags"),
@@ -161,7 +170,8 @@ class Toolstack:
     domid as text); readonly; persistent; for "dom0-plug" dp (the token is made from it);
     for "live-migration" src_domain and domain (the destination). Results land in ctx:
     "backend" (the attach result), "vbd" (xenopsd.Vbd), "device" (the guest's device name or,
-    for a dom0 plug, the dom0 path)."""
+    for a dom0 plug, the dom0 path; None when the datapath answered only an Nbd, whose URI is
+    then "nbd": xapi runs nbd-client on it)."""
 
     def __init__(self, daemon, xs=None, hotplug_timeout=xenopsd.HOTPLUG_TIMEOUT,
                  unplug_timeout=xenopsd.UNPLUG_TIMEOUT):
@@ -177,10 +187,15 @@ class Toolstack:
             getattr(self, "_" + actor.split("@")[0].replace("-", "_"))(actor, step, ctx)
         if operation == "dom0-plug":
             path = xenopsd.dom0_path(ctx["backend"])
+            nbd = xenopsd.implementations(ctx["backend"]).get("Nbd")
+            if path is None and isinstance(nbd, dict) and isinstance(nbd.get("uri"), str):
+                # xapi connects nbd-client to it and uses the /dev/nbdN that gives
+                ctx["device"], ctx["nbd"] = None, nbd["uri"]
+                return ctx
             if path is None or not path.startswith("/dev/"):
                 raise xenopsd.DeviceError(
                     f"a dom0 plug needs a File or BlockDevice under /dev/ (xapi cuts the first "
-                    f"five characters); the datapath answered {ctx['backend']!r}")
+                    f"five characters), or an Nbd; the datapath answered {ctx['backend']!r}")
             ctx["device"] = path
         return ctx
 

@@ -308,8 +308,13 @@ class SR(file_raw.SR):
                 found = file_raw._probe_dir(f"{tmp}/{name}")
                 if type(found) is dict and found.get("state") == "ready" \
                         and found.get("uuid") == name:
+                    # an SR found carries its stat (xe sr-probe lists it as an existing SR),
+                    # with the `sr` key SR.attach will answer for it
                     results.append({"configuration": dict(base_config, sr_uuid=name),
-                                    "complete": True, "extra_info": {}})
+                                    "complete": True, "extra_info": {},
+                                    "sr": file_raw._sr_stat(
+                                        file_raw.sr_key(sr_mountpoint(name)), f"{tmp}/{name}",
+                                        found)})
         results.append({"configuration": base_config, "complete": True,
                         "extra_info": {"reason": "the export is reachable: SR.create makes "
                                        "a new SR in <serverpath>/<sr uuid>"}})

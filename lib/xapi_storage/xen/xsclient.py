@@ -121,7 +121,9 @@ class XenStore:
 
     @property
     def pending_events(self):
-        """True if watch events are buffered (events() returns them without reading)."""
+        """True if watch events are buffered (events() returns them without reading). Check
+        it after every call, not only when fileno() polls readable: a call's reply can
+        arrive together with events, which the call then takes in."""
         return bool(self._events)
 
     def fileno(self):
@@ -163,6 +165,18 @@ class XenStore:
             self._events.append((parts[0].decode(errors="replace"),
                                  parts[1].decode(errors="replace")))
 
+    def _take_events(self):
+        """Every complete message in the buffer: watch events to the event list; anything else
+        is a reply nobody waits for (dropped)."""
+        while True:
+            m = self._take()
+            if m is None:
+                return
+            if m[0] == W.WATCH_EVENT:
+                self._event(m[3])
+            else:
+                log.warning("XenStore: dropped a reply to request %d", m[1])
+
     def pump(self):
         """Take in whatever has arrived (watch events) without blocking."""
         with self._lock:
@@ -170,12 +184,7 @@ class XenStore:
                 return
             while self._recv():
                 pass
-            while True:
-                m = self._take()
-                if m is None:
-                    return
-                if m[0] == W.WATCH_EVENT:
-                    self._event(m[3])
+            self._take_events()
 
     def _send(self, data, deadline):
         view = memoryview(data)
@@ -214,6 +223,10 @@ class XenStore:
                     if m[1] != rid:
                         log.warning("XenStore: dropped a reply to request %d", m[1])
                         continue
+                    # watch events read in the same chunk as this reply: parse them now, or
+                    # nothing would show them (the socket has no more to read, so a caller
+                    # that polls it and pending_events would wait on them for ever)
+                    self._take_events()
                     if m[0] == W.ERROR:
                         name = m[3].rstrip(b"\0").decode(errors="replace")
                         code = getattr(errno, name, errno.EIO)
