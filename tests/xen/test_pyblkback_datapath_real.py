@@ -120,6 +120,11 @@ def test_ext4_and_fio_verify_in_the_guest_then_dom0_checks_it_over_nbd(pbb):
     pbb.assert_clean(uri)
 
 
+# Failed in 1 of 4 whole test-bed runs (2026-12-01): after the SIGKILL and the restart by
+# Datapath.activate, the guest's fio never finished (600 s), and the guest's disk stayed stuck,
+# failing the two checks after it. Cause not found yet; kept out of CI until it is (see
+# docs/testing.md, "unstable").
+@pytest.mark.unstable
 def test_a_server_killed_under_fio_load_resumes_the_ring(pbb):
     path, uri = pbb.volume("pbb-b", "64M")
     r = pbb.plug(uri)
