@@ -12,7 +12,7 @@ so `tail -f` there shows each round while it runs; the table comes at the end.)
 
 It makes a VG on two sparse loop devices, an lvm-raw SR on it through the installed
 executables (lvm2's default 4 MiB extents), fills the SR with N plugin-format volumes of one
-extent each (inactive, written in one metadata change: see `fill`), then measures,
+extent each (inactive, made by one `lvm` process: see `fill`), then measures,
 interleaved round by round (so that load hits every row alike), the median of:
 
     python3 -c pass        the executables' interpreter doing nothing: the floor
@@ -74,103 +74,53 @@ def call(plugin, method, **args):
 
 
 def fill(vg, count, start):
-    """Add `count` inactive 1-extent volumes in the plugin's format (its tag and a ready record).
+    """Add `count` inactive 1-extent volumes in the plugin's format (its tag and a ready
+    record), made by lvm2 itself in ONE `lvm` process: under TCG a process costs a second or
+    more, so one `lvcreate` process per volume would take 15-25 minutes for 1,000.
 
-    One metadata change for all of them (vgcfgbackup, the LVs added to the text, vgcfgrestore):
-    under TCG each lvcreate costs seconds and more as the metadata grows. What that did not
-    make is made with one `lvm` shell process, and what the shell did not either (an lvm2
-    built without it), one process per LV."""
+    First lvm2's shell (`lvm` reading commands from stdin, when lvm2 is built with readline);
+    what that did not make, a script (`lvm <file>`, a file starting `#!`, lines of at most
+    255 characters: so an lvcreate with our tag, then one lvchange per record tag); what
+    neither made is an error (one process per volume would take too long to be worth a run).
+    """
     from xapi_storage.volume import lvm, lvm_raw
     from xapi_storage.volume.store import new_uuid
     vols = []
     for i in range(count):
         key = new_uuid()
         rec = {"key": key, "state": "ready", "name": f"fill{start + i}", "description": "",
-               "read_write": True, "sharable": False, "keys": {"vdi-type": "user"}}
-        vols.append((key, [lvm_raw.VOL_TAG] + lvm.encode_record(rec, 1)))
-    try:
-        restore_with(vg, vols)
-    except Exception as e:      # noqa: BLE001 - whatever it was, the slow way below
-        log(f"  vgcfgrestore did not add them ({e}); lvcreate instead")
-    have = lv_names(vg)         # once: each lvs is an lvm2 process (about a second under TCG)
+               "read_write": True, "sharable": False, "keys": {}}
+        vols.append((key, lvm.encode_record(rec, 1)))
+
+    def create(key):
+        return f"lvcreate -qq -Zn -Wn -an -L 1m -n {key} --addtag {lvm_raw.VOL_TAG} {vg}"
+    shell = [create(k) + "".join(f" --addtag {t}" for t in tags) for k, tags in vols]
+    subprocess.run(["lvm"], input="\n".join(shell) + "\nexit\n", stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, universal_newlines=True)
+    have = lv_names(vg)         # once: each lvs is an lvm2 process
     missing = [v for v in vols if v[0] not in have]
-    lines = [f"lvcreate -qq -Zn -Wn -an -L 1m -n {key} "
-             + " ".join(f"--addtag {t}" for t in tags) + f" {vg}" for key, tags in missing]
-    if lines:
-        subprocess.run(["lvm"], input="\n".join(lines) + "\nexit\n", stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, universal_newlines=True)
+    log(f"  lvm shell (stdin) made {count - len(missing)} of {count}")
+    if missing:
+        lines = ["#!lvm"]
+        for key, tags in missing:
+            lines.append(create(key))
+            lines += [f"lvchange -qq --addtag {t} {vg}/{key}" for t in tags]
+        fd, path = tempfile.mkstemp(prefix="lvm-bench.", suffix=".lvm")
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        try:
+            subprocess.run(["lvm", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finally:
+            os.unlink(path)
         have = lv_names(vg)
-        left = [ln for ln in lines if ln.split(" -n ")[1].split()[0] not in have]
-        if left:        # an lvm2 built without its shell: one process per command
-            log(f"  lvm shell made {len(lines) - len(left)} of {len(lines)}; the rest one by one")
-            for ln in left:
-                sh(["lvm"] + ln.split())
-    have = lv_names(vg)
-    if any(v[0] not in have for v in vols):
-        raise RuntimeError("fill: volumes missing after lvcreate")
+        left = [v for v in missing if v[0] not in have]
+        log(f"  lvm script made {len(missing) - len(left)} of {len(missing)}")
+        if left:
+            raise RuntimeError(f"fill: lvm2 made {count - len(left)} of {count} volumes")
 
 
 def lv_names(vg):
     return set(sh(["lvs", "--noheadings", "-o", "lv_name", vg]).stdout.split())
-
-
-def restore_with(vg, vols):
-    """Add LVs of one extent each, on free extents, in ONE metadata change: the VG's metadata
-    text (vgcfgbackup) with their sections added, written back by vgcfgrestore (the LVs are
-    inactive, which it requires)."""
-    import random
-    import re
-    import string
-    fd, path = tempfile.mkstemp(prefix="lvm-bench.", suffix=".vg")
-    os.close(fd)
-    try:
-        sh(["vgcfgbackup", "-q", "-f", path, vg])
-        with open(path) as f:
-            text = f.read()
-        pv_key = {dev: key for key, dev in re.findall(
-            r'\n\t\t(pv\d+) \{\n\t\t\tid = "[^"]*"\n\t\t\tdevice = "([^"]*)"', text)}
-        free = []           # (pv key, extent) of every free extent
-        for ln in sh(["pvs", "--noheadings", "--segments", "--separator", ",", "-o",
-                      "pv_name,pvseg_start,pvseg_size,lv_name", "-S", f"vg_name={vg}"]
-                     ).stdout.splitlines():
-            dev, seg_start, seg_size, lv_name = [x.strip() for x in ln.split(",")]
-            if not lv_name:
-                free += [(pv_key[dev], e) for e in range(int(seg_start),
-                                                          int(seg_start) + int(seg_size))]
-        if len(free) < len(vols):
-            raise ValueError(f"{len(free)} free extents for {len(vols)} volumes")
-        free = free[-len(vols):]        # the highest: out of the measured calls' way
-        alnum = string.ascii_letters + string.digits
-        now = int(time.time())
-        sections = []
-        for (key, tags), (pv, extent) in zip(vols, free):
-            raw = "".join(random.choice(alnum) for _ in range(32))
-            lv_id = "-".join(raw[a:b] for a, b in ((0, 6), (6, 10), (10, 14), (14, 18),
-                                                    (18, 22), (22, 26), (26, 32)))
-            sections.append(
-                f"\t\t{key} {{\n\t\t\tid = \"{lv_id}\"\n"
-                f"\t\t\tstatus = [\"READ\", \"WRITE\", \"VISIBLE\"]\n\t\t\tflags = []\n"
-                f"\t\t\ttags = [{', '.join(json.dumps(t) for t in tags)}]\n"
-                f"\t\t\tcreation_time = {now}\n\t\t\tcreation_host = \"bench\"\n"
-                f"\t\t\tsegment_count = 1\n\n\t\t\tsegment1 {{\n"
-                f"\t\t\t\tstart_extent = 0\n\t\t\t\textent_count = 1\n\n"
-                f"\t\t\t\ttype = \"striped\"\n\t\t\t\tstripe_count = 1\n\n"
-                f"\t\t\t\tstripes = [\n\t\t\t\t\t\"{pv}\", {extent}\n\t\t\t\t]\n"
-                f"\t\t\t}}\n\t\t}}\n")
-        block = "\n".join(sections)
-        if "\n\tlogical_volumes {\n" in text:
-            text = text.replace("\n\tlogical_volumes {\n", "\n\tlogical_volumes {\n\n"
-                                + block + "\n", 1)
-        else:       # no LV yet: a section before the VG's closing brace
-            head = text.index(f"\n{vg} {{\n")
-            close = text.index("\n}\n", head)
-            text = (text[:close] + "\n\n\tlogical_volumes {\n\n" + block + "\t}\n"
-                    + text[close:])
-        with open(path, "w") as f:
-            f.write(text)
-        sh(["vgcfgrestore", "-q", "-f", path, vg])
-    finally:
-        os.unlink(path)
 
 
 def measure(plugin, vg, sr, floor_py, runs):

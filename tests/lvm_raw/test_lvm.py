@@ -310,3 +310,96 @@ def test_sr_destroy_of_an_attached_thin_sr_is_not_refused_for_its_pool(tmp_path,
             assert ["vgremove", "-qq", vg] in rec.calls
     finally:
         lvm_raw.set_lvm(None)
+
+
+class ModelLVM2:
+    """A small model of lvm2 for counting the processes a call runs: one VG whose LVs have a
+    name, size (whole 4 MiB extents), tags and open flag; answers vgs, lvs (LV fields and the
+    VG's), lvcreate, lvchange and lvremove in the argument shapes lvm.py uses. What lvm2
+    really does with them is proven in the test bed (tests/xen/dom0_volume_plugins.py)."""
+
+    EXTENT = 4 << 20
+
+    def __init__(self, vg, uuid):
+        self.vg = _sr_vg_row(vg, uuid)
+        self.lvs = {}
+        self.calls = []
+
+    def _lv_out(self, name):
+        lv = self.lvs[name]
+        return dict(self.vg, lv_name=name, lv_uuid=name, lv_size=str(lv["size"]), lv_attr="",
+                    lv_active="active", lv_device_open="open" if lv["open"] else "",
+                    pool_lv="", segtype="linear", data_percent="", metadata_percent="",
+                    lv_tags=",".join(lv["tags"]))
+
+    def __call__(self, args):
+        self.calls.append(list(args))
+        cmd, target = args[0], args[-1]
+        vg, _, name = target.partition("/")
+        if vg != self.vg["vg_name"]:
+            return 5, "", f'  Volume group "{vg}" not found\n'
+        opts = list(zip(args, args[1:]))
+        add = [b for a, b in opts if a == "--addtag"]
+        drop = [b for a, b in opts if a == "--deltag"]
+        if cmd == "vgs":
+            return 0, _report("vg", [self.vg]), ""
+        if cmd == "lvs":
+            if name and name not in self.lvs:
+                return 5, "", f'  Failed to find logical volume "{target}"\n'
+            return 0, _report("lv", [self._lv_out(n) for n in self.lvs if n == name or
+                                     not name]), ""
+        if cmd == "lvcreate":
+            size = int(dict(opts)["-L"].rstrip("b"))
+            self.lvs[dict(opts)["-n"]] = {"size": -(-size // self.EXTENT) * self.EXTENT,
+                                          "tags": add, "open": False}
+            return 0, "", ""
+        if name not in self.lvs:
+            return 5, "", f'  Failed to find logical volume "{target}"\n'
+        if cmd == "lvchange":
+            lv = self.lvs[name]
+            lv["tags"] = [t for t in lv["tags"] if t not in drop] + add
+            return 0, "", ""
+        if cmd == "lvremove":
+            if self.lvs[name]["open"]:
+                return 5, "", f"  Logical volume {target} in use.\n"
+            del self.lvs[name]
+            return 0, "", ""
+        raise AssertionError(f"unexpected lvm2 command {args}")
+
+
+def test_each_volume_call_runs_only_the_lvm2_commands_it_needs(tmp_path):
+    """Under TCG each lvm2 process costs about a second: create is `vgs` + `lvcreate` (its
+    answer computed, not read back), destroy one `lvs` (SR record and LV in one report) +
+    `lvremove`, stat one `lvs`, a record change one `lvs` + one `lvchange`."""
+    uuid = "9e570000-1111-4222-8333-00000000000c"
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+    lvm_raw.set_lvm(lvm.LVM(runner=model, lock_dir=str(tmp_path)))
+
+    def cmds(fn, *args):
+        del model.calls[:]
+        result = fn("dbg", vg, *args)
+        return result, [c[0] for c in model.calls]
+    try:
+        vol, ran = cmds(lvm_raw.Volume().create, "n", "d", 10 << 20, False)
+        assert ran == ["vgs", "lvcreate"]
+        assert vol["virtual_size"] == vol["physical_utilisation"] == 12 << 20   # 3 extents
+        stat, ran = cmds(lvm_raw.Volume().stat, vol["key"])
+        assert ran == ["lvs"] and stat == vol       # the computed answer is what lvm2 holds
+        _, ran = cmds(lvm_raw.Volume().set, vol["key"], "k", "v")
+        assert ran == ["lvs", "lvchange"]
+        assert lvm_raw.Volume().stat("dbg", vg, vol["key"])["keys"] == {"k": "v"}
+        model.lvs[vol["key"]]["open"] = True
+        with pytest.raises(lvm_raw.XenAPIError, match="Volume is in use"):
+            lvm_raw.Volume().destroy("dbg", vg, vol["key"])
+        model.lvs[vol["key"]]["open"] = False
+        _, ran = cmds(lvm_raw.Volume().destroy, vol["key"])
+        assert ran == ["lvs", "lvremove"] and not model.lvs
+        _, ran = cmds(lvm_raw.Volume().destroy, vol["key"])     # idempotent
+        assert ran == ["lvs", "vgs"]
+        assert os.listdir(str(tmp_path)) == [f"{vg}.vg.lock"]   # no volume lock file left
+        with pytest.raises(lvm_raw.SR_does_not_exist):
+            lvm_raw.Volume().destroy("dbg", vg + "x", vol["key"])
+        assert os.listdir(str(tmp_path)) == [f"{vg}.vg.lock"]
+    finally:
+        lvm_raw.set_lvm(None)

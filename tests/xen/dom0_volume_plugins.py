@@ -173,6 +173,8 @@ def check_lvm_lifecycle():
         dev = f"/dev/{sr}/{key}"
         assert v["uri"] == [f"blkback://{dev}"], v["uri"]
         assert v["virtual_size"] == 12 * MiB, v        # whole 4 MiB extents
+        # create's answer is computed from its lvcreate arguments: what lvm2 holds
+        assert ok("Volume.stat", sr=sr, key=key) == v, (v, ok("Volume.stat", sr=sr, key=key))
         assert os.path.exists(dev), dev
         sum_v = write_pattern(dev, "v", 12 * MiB)
         for k, val in (("vdi-type", "user"), ("weird key, with = and ü", "x" * 3000)):
@@ -184,6 +186,7 @@ def check_lvm_lifecycle():
         snap = ok("Volume.snapshot", sr=sr, key=key)
         assert snap["read_write"] is False and snap["name"] == "renamed", snap
         assert snap["keys"] == {}, snap
+        assert ok("Volume.stat", sr=sr, key=snap["key"]) == snap, snap
         snap_dev = f"/dev/{sr}/{snap['key']}"
         assert digest(snap_dev, 12 * MiB) == sum_v
         attr = sh(["lvs", "--noheadings", "-o", "lv_attr", f"{sr}/{snap['key']}"]).stdout
@@ -201,6 +204,7 @@ def check_lvm_lifecycle():
         assert digest(snap_dev, 12 * MiB) == sum_v
         clone = ok("Volume.clone", sr=sr, key=snap["key"])
         assert clone["read_write"] is True
+        assert ok("Volume.stat", sr=sr, key=clone["key"]) == clone, clone
         clone_dev = f"/dev/{sr}/{clone['key']}"
         assert digest(clone_dev, 12 * MiB) == sum_v
         write_pattern(clone_dev, "clone", 4 * MiB)
@@ -375,6 +379,7 @@ def check_lvm_thin():
         assert 150 * MiB < pool < 256 * MiB and "thin pool data" in st["health"][1], st
         v = ok("Volume.create", sr=sr, name="t", description="", size=pool, sharable=False)
         assert v["virtual_size"] >= pool and v["physical_utilisation"] == 0, v
+        assert ok("Volume.stat", sr=sr, key=v["key"]) == v, v      # computed = what lvm2 holds
         dev = f"/dev/{sr}/{v['key']}"
         sum_v = write_pattern(dev, "thin", 16 * MiB)
         v2 = ok("Volume.stat", sr=sr, key=v["key"])
@@ -384,6 +389,7 @@ def check_lvm_thin():
         snap = ok("Volume.snapshot", sr=sr, key=v["key"])
         assert snap["read_write"] is False and digest(f"/dev/{sr}/{snap['key']}",
                                                       16 * MiB) == sum_v
+        assert ok("Volume.stat", sr=sr, key=snap["key"]) == snap, snap
         clone = ok("Volume.clone", sr=sr, key=snap["key"])
         write_pattern(f"/dev/{sr}/{clone['key']}", "other", 4 * MiB)
         assert digest(dev, 16 * MiB) == sum_v and \

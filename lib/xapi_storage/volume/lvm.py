@@ -56,6 +56,9 @@ class LVMError(Exception):
         text = self.stderr.lower()
         return "insufficient free space" in text or "insufficient suitable" in text
 
+    def in_use(self):
+        return " in use" in self.stderr.lower()
+
     def not_found(self):
         text = self.stderr.lower()
         return ("not found" in text or "failed to find" in text
@@ -257,6 +260,22 @@ class LVM:
             raise
         return rows[0] if rows else None
 
+    def lv_and_vg(self, vg, lv):
+        """(VG row, LV row) of `vg`/`lv` from ONE `lvs` report that carries the VG's fields
+        too (lvm2 reports VG fields on LV rows): the call that needs the SR record and one
+        volume pays one lvm2 process. When the VG has no such LV: (the VG's row, None), which
+        costs a `vgs` more; no VG: (None, None)."""
+        args = ["lvs"] + _REPORT + ["-o", LV_FIELDS + "," + VG_FIELDS, f"{vg}/{lv}"]
+        try:
+            rows = parse_report(self.run(args), "lv")
+        except LVMError as e:
+            if not e.not_found():
+                raise
+            rows = []
+        if not rows:
+            return self.vg(vg), None
+        return vg_row(rows[0]), lv_row(rows[0])
+
     def pvs(self, devices=None):
         args = ["pvs"] + _REPORT + ["-o", PV_FIELDS] + list(devices or ())
         return [pv_row(r) for r in parse_report(self.run(args), "pv")]
@@ -322,6 +341,12 @@ class LVM:
         storage whose discard zeroes (loop devices, thin LUNs)."""
         self.run(["lvremove", "-qq", "-f", "--config", "devices { issue_discards = 1 }",
                   f"{vg}/{lv}"])
+
+
+def round_up(size, extent_size):
+    """The size lvm2 gives an LV asked for `size` bytes: whole extents, at least one."""
+    extent_size = max(int(extent_size), 1)
+    return max(1, -(-int(size) // extent_size)) * extent_size
 
 
 def _tag_args(option, tags):

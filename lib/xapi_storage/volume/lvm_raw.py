@@ -189,6 +189,17 @@ def _ready_sr(sr):
     return vg, row, rec
 
 
+def _sr_and_volume(sr, key):
+    """(VG name, SR record, VG row, LV row or None) of a ready SR and its LV `key`: ONE
+    `lvs` report (lvm.lv_and_vg) when the LV exists. SR_does_not_exist otherwise."""
+    vg = sr_vg(sr)
+    vgrow, row = get_lvm().lv_and_vg(vg, key)
+    rec = _sr_record(vgrow)
+    if rec is None or rec.get("state") != "ready":
+        raise SR_does_not_exist(sr)
+    return vg, rec, vgrow, row
+
+
 def _write_tags_record(vg, lv, rec, old_tags, permission=None):
     """Replace the record in `old_tags` by `rec`, in one lvm2 command (lvm.update_tags)."""
     rec = {k: v for k, v in rec.items() if not k.startswith("_")}
@@ -330,6 +341,13 @@ def _volume(vg, srrec, rec, row):
     }
 
 
+def _new_row(key, size, pool="", data_percent=0.0):
+    """The LV row of a volume this call has just made, computed from what it asked lvm2 for
+    (no report read back): `size` is already rounded to whole extents."""
+    return {"name": key, "size": size, "pool": pool, "data_percent": data_percent,
+            "active": True, "open": False}
+
+
 def _remove_lv(vg, key, lock):
     """Remove one of our LVs (lvremove is one atomic metadata change) and its lock file."""
     get_lvm().lvremove(vg, key)
@@ -351,25 +369,31 @@ def _settle(vg, key, row, lock):
     return None
 
 
-def _ready_volume(vg, key, lock):
-    """With `key`'s lock held: (LV row, ready record); Volume_does_not_exist otherwise."""
-    row = get_lvm().lv(vg, key)
-    rec = _settle(vg, key, row, lock) if row is not None else None
-    if rec is None:
-        raise Volume_does_not_exist(key)
-    return row, rec
+def _locked_volume(sr, key, lock):
+    """With `key`'s lock held: (VG name, SR record, VG row, LV row, ready record) from one
+    `lvs`; Volume_does_not_exist or SR_does_not_exist otherwise (then this lock file, made
+    for nothing, is removed)."""
+    try:
+        vg, srrec, vgrow, row = _sr_and_volume(sr, key)
+        rec = _settle(vg, key, row, lock) if row is not None else None
+        if rec is None:
+            raise Volume_does_not_exist(key)
+    except (SR_does_not_exist, Volume_does_not_exist):
+        lock.forget()
+        raise
+    return vg, srrec, vgrow, row, rec
 
 
 def _update_volume(sr, key, change):
     _volume_key(key)
-    vg, _, _ = _ready_sr(sr)
-    with _VolumeLock(vg, key) as lock:
-        _, rec = _ready_volume(vg, key, lock)
+    with _VolumeLock(sr_vg(sr), key) as lock:
+        vg, _, _, row, rec = _locked_volume(sr, key, lock)
         new = dict(rec, keys=dict(rec["keys"]))
         change(new)
         if new != rec:
+            # the row read under the volume's lock is current: every change of a volume's
+            # tags holds that lock
             with get_lvm().vg_lock(vg):
-                row = get_lvm().lv(vg, key)
                 _write_tags_record(vg, key, new, row["tags"])
 
 
@@ -397,33 +421,43 @@ def _copy_lv(src_path, dst_path, size):
 
 def _copy_volume(sr, key, read_write):
     """Snapshot (read_write=False) or clone of `key`: thick, a new LV holding a full copy;
-    thin, a thin snapshot (blocks shared until written), made ready in one lvcreate."""
+    thin, a thin snapshot (blocks shared until written), made ready in one lvcreate.
+    lvm2 processes: one `lvs` (SR record and source together), the `lvcreate`, and for thick
+    the `lvchange` that marks the copy ready; nothing is read back."""
     _volume_key(key)
     kind = "clone" if read_write else "snapshot"
-    vg, _, srrec = _ready_sr(sr)
     new = new_uuid()
-    with _VolumeLock(vg, key) as src_lock, _VolumeLock(vg, new) as new_lock:
-        src_row, src_rec = _ready_volume(vg, key, src_lock)
+    with _VolumeLock(sr_vg(sr), key) as src_lock, _VolumeLock(sr_vg(sr), new) as new_lock:
+        try:
+            vg, srrec, _, src_row, src_rec = _locked_volume(sr, key, src_lock)
+        except BaseException:
+            new_lock.forget()
+            raise
         thin = bool(src_row["pool"])
         rec = _new_record(new, src_rec["name"], src_rec["description"], read_write,
                           src_rec["sharable"], "ready" if thin else "creating",
                           origin={"kind": kind, "of": key})
+        tags = [VOL_TAG] + lvmmod.encode_record(rec, 1)
         if thin:
             try:
                 faultpoint(f"{kind}:pending")
                 with get_lvm().vg_lock(vg):
                     _check_overprovision(vg, srrec, src_row["size"])
-                    get_lvm().lvcreate_thin_snapshot(vg, key, new,
-                                                     [VOL_TAG] + lvmmod.encode_record(rec, 1),
+                    get_lvm().lvcreate_thin_snapshot(vg, key, new, tags,
                                                      read_only=not read_write)
             except BaseException:
                 new_lock.forget()
                 raise
             faultpoint(f"{kind}:ready")
-            return _volume(vg, srrec, rec, get_lvm().lv(vg, new))
-        with get_lvm().vg_lock(vg):
-            get_lvm().lvcreate(vg, new, src_row["size"],
-                               [VOL_TAG] + lvmmod.encode_record(rec, 1))
+            # a thin snapshot maps its origin's blocks: the pool reports the same use
+            return _volume(vg, srrec, rec, _new_row(new, src_row["size"], POOL,
+                                                    src_row["data_percent"]))
+        try:
+            with get_lvm().vg_lock(vg):
+                get_lvm().lvcreate(vg, new, src_row["size"], tags)
+        except BaseException:
+            new_lock.forget()
+            raise
         try:
             faultpoint(f"{kind}:pending")
             if not src_row["active"]:
@@ -432,16 +466,16 @@ def _copy_volume(sr, key, read_write):
             faultpoint(f"{kind}:data")
             rec["state"] = "ready"
             with get_lvm().vg_lock(vg):
-                row = get_lvm().lv(vg, new)
-                _write_tags_record(vg, new, rec, row["tags"],
+                # the tags are the ones lvcreate was given: nobody else changes them (the
+                # new volume's lock is held and its key is not known outside this call)
+                _write_tags_record(vg, new, rec, tags,
                                    permission=None if read_write else "r")
             faultpoint(f"{kind}:ready")
         except BaseException:
             with get_lvm().vg_lock(vg):
                 _remove_lv(vg, new, new_lock)
             raise
-        row = get_lvm().lv(vg, new)
-        return _volume(vg, srrec, rec, row)
+        return _volume(vg, srrec, rec, _new_row(new, src_row["size"]))
 
 
 # --- the interfaces ------------------------------------------------------------------------------
@@ -697,7 +731,7 @@ class Volume(base.Volume):
         _want_str("description", description)
         size = _want_size("size", size)
         _want_bool("sharable", sharable)
-        vg, _, srrec = _ready_sr(sr)
+        vg, vgrow, srrec = _ready_sr(sr)
         key = new_uuid()
         rec = _new_record(key, name, description, True, sharable, "ready")
         with _VolumeLock(vg, key) as lock:
@@ -713,8 +747,10 @@ class Volume(base.Volume):
                 lock.forget()
                 raise
             faultpoint("create:ready")
-            row = get_lvm().lv(vg, key)
-        return _volume(vg, srrec, rec, row)
+        # the new LV's row from the lvcreate arguments, not read back (an lvm2 process less):
+        # lvm2 gives whole extents, thick or thin; a new thin volume has no block allocated
+        return _volume(vg, srrec, rec, _new_row(
+            key, lvmmod.round_up(max(size, 1), vgrow["extent_size"]), POOL if thin else ""))
 
     def snapshot(self, dbg, sr, key):
         return _copy_volume(sr, key, read_write=False)
@@ -723,27 +759,40 @@ class Volume(base.Volume):
         return _copy_volume(sr, key, read_write=True)
 
     def destroy(self, dbg, sr, key):
+        """lvm2 processes: one `lvs` (SR record and LV together), the `lvremove`."""
         _volume_key(key)
-        vg, _, _ = _ready_sr(sr)
+        vg = sr_vg(sr)
         with _VolumeLock(vg, key) as vl:
-            row = get_lvm().lv(vg, key)
+            try:
+                vg, _, _, row = _sr_and_volume(sr, key)
+            except SR_does_not_exist:
+                vl.forget()
+                raise
             if row is None:
                 vl.forget()
                 return None             # already gone: destroy is idempotent
             if VOL_TAG not in row["tags"]:
                 raise Volume_does_not_exist(key)    # not ours: never touched
+            in_use = XenAPIError("SR_BACKEND_FAILURE", [
+                "Volume is in use", key, f"/dev/{vg}/{key} is open (attached?)"])
             if row["open"]:
-                raise XenAPIError("SR_BACKEND_FAILURE", [
-                    "Volume is in use", key, f"/dev/{vg}/{key} is open (attached?)"])
+                raise in_use
             faultpoint("destroy:marked")
             with get_lvm().vg_lock(vg):
-                _remove_lv(vg, key, vl)
+                try:
+                    _remove_lv(vg, key, vl)
+                except lvmmod.LVMError as e:
+                    if e.in_use():          # opened since the report: lvm2 refuses, so do we
+                        raise in_use from None
+                    if e.not_found():       # a concurrent destroy came first
+                        vl.forget()
+                        return None
+                    raise
         return None
 
     def stat(self, dbg, sr, key):
         _volume_key(key)
-        vg, _, srrec = _ready_sr(sr)
-        row = get_lvm().lv(vg, key)
+        vg, srrec, _, row = _sr_and_volume(sr, key)
         rec = _vol_record(row)
         if rec is None or rec.get("state") != "ready":
             raise Volume_does_not_exist(key)
@@ -769,9 +818,8 @@ class Volume(base.Volume):
     def resize(self, dbg, sr, key, new_size):
         _volume_key(key)
         size = _want_size("new_size", new_size)
-        vg, _, _ = _ready_sr(sr)
-        with _VolumeLock(vg, key) as lock:
-            row, rec = _ready_volume(vg, key, lock)
+        with _VolumeLock(sr_vg(sr), key) as lock:
+            vg, _, _, row, rec = _locked_volume(sr, key, lock)
             if not rec["read_write"]:
                 raise XenAPIError("SR_BACKEND_FAILURE", [
                     "Volume is read-only", key, "a snapshot cannot be resized"])
