@@ -327,7 +327,8 @@ class ModelLVM2:
 
     def _lv_out(self, name):
         lv = self.lvs[name]
-        return dict(self.vg, lv_name=name, lv_uuid=name, lv_size=str(lv["size"]), lv_attr="",
+        return dict(self.vg, lv_name=name, lv_uuid=lv.get("data", name),
+                    lv_size=str(lv["size"]), lv_attr="",
                     lv_active="active", lv_device_open="open" if lv["open"] else "",
                     pool_lv="", segtype="linear", data_percent="", metadata_percent="",
                     lv_tags=",".join(lv["tags"]))
@@ -335,6 +336,8 @@ class ModelLVM2:
     def __call__(self, args):
         self.calls.append(list(args))
         cmd, target = args[0], args[-1]
+        if cmd == "lvrename":           # lvrename VG OLD NEW
+            target = f"{args[-3]}/{args[-2]}"
         vg, _, name = target.partition("/")
         if vg != self.vg["vg_name"]:
             return 5, "", f'  Volume group "{vg}" not found\n'
@@ -348,6 +351,12 @@ class ModelLVM2:
                 return 5, "", f'  Failed to find logical volume "{target}"\n'
             return 0, _report("lv", [self._lv_out(n) for n in self.lvs if n == name or
                                      not name]), ""
+        if cmd == "lvrename":
+            old, new = args[-2:]
+            if new in self.lvs:
+                return 5, "", f"  cannot rename {old} to {new}\n"
+            self.lvs[new] = self.lvs.pop(old)
+            return 0, "", ""
         if cmd == "lvcreate":
             size = int(dict(opts)["-L"].rstrip("b"))
             self.lvs[dict(opts)["-n"]] = {"size": -(-size // self.EXTENT) * self.EXTENT,
@@ -396,10 +405,79 @@ def test_each_volume_call_runs_only_the_lvm2_commands_it_needs(tmp_path):
         _, ran = cmds(lvm_raw.Volume().destroy, vol["key"])
         assert ran == ["lvs", "lvremove"] and not model.lvs
         _, ran = cmds(lvm_raw.Volume().destroy, vol["key"])     # idempotent
-        assert ran == ["lvs", "vgs"]
+        assert ran == ["lvs", "vgs", "lvs"]        # gone: also no revert left it aside
         assert os.listdir(str(tmp_path)) == [f"{vg}.vg.lock"]   # no volume lock file left
         with pytest.raises(lvm_raw.SR_does_not_exist):
             lvm_raw.Volume().destroy("dbg", vg + "x", vol["key"])
         assert os.listdir(str(tmp_path)) == [f"{vg}.vg.lock"]
+    finally:
+        lvm_raw.set_lvm(None)
+
+
+def _vol_tags(key, state="ready", reverting=False):
+    rec = {"key": key, "state": state, "name": "n", "description": "", "read_write": True,
+           "sharable": False, "keys": {}}
+    return [lvm_raw.VOL_TAG] + [lvm_raw.REVERT_TAG] * reverting + lvm.encode_record(rec, 1)
+
+
+KEY = "3c7f1f0c-0b01-4d7e-9a61-7d0a1d2e5b5c"
+
+
+# which LVs a killed Volume.revert left (data: "old" = the volume's, "new" = the snapshot's)
+# -> which data the volume holds once SR.ls or the next call has finished it
+@pytest.mark.parametrize("left, state, after", [
+    ({"": "old", ".rv": "new"}, "ready", "old"),          # made, not swapped: undone
+    ({"": "old", ".rv": "new"}, "creating", "old"),       # killed during the copy
+    ({".old": "old", ".rv": "new"}, "ready", "new"),      # set aside: the swap is finished
+    ({".old": "old", ".rv": "new"}, "creating", "old"),   # (never made so) put back
+    ({"": "new", ".old": "old"}, "ready", "new"),         # swapped: the old data goes
+    ({"": "new"}, "ready", "new"),                        # done but for the tag
+])
+@pytest.mark.parametrize("finisher", ["SR.ls", "Volume.set", "Volume.destroy"])
+def test_a_killed_revert_leaves_the_old_or_the_reverted_volume(tmp_path, left, state, after,
+                                                                finisher):
+    uuid = "9e570000-1111-4222-8333-00000000000d"
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+    for suffix, data in left.items():
+        model.lvs[KEY + suffix] = {"size": 4 << 20, "open": False, "data": data,
+                                   "tags": _vol_tags(KEY, state if suffix == ".rv" else
+                                                     "ready", reverting=True)}
+    lvm_raw.set_lvm(lvm.LVM(runner=model, lock_dir=str(tmp_path)))
+    try:
+        if finisher == "SR.ls":
+            assert [v["key"] for v in lvm_raw.SR().ls("dbg", vg)] == [KEY]
+        elif finisher == "Volume.set":
+            lvm_raw.Volume().set("dbg", vg, KEY, "k", "v")
+        else:
+            lvm_raw.Volume().destroy("dbg", vg, KEY)
+            assert model.lvs == {} and lvm_raw.SR().ls("dbg", vg) == []   # not resurrected
+            return
+        assert sorted(model.lvs) == [KEY] and model.lvs[KEY]["data"] == after
+        assert lvm_raw.REVERT_TAG not in model.lvs[KEY]["tags"]
+        del model.calls[:]
+        lvm_raw.Volume().set("dbg", vg, KEY, "k", "w")      # finished: back to one lvs
+        assert [c[0] for c in model.calls] == ["lvs", "lvchange"]
+    finally:
+        lvm_raw.set_lvm(None)
+
+
+def test_revert_refuses_itself_a_snapshot_target_and_an_open_volume(tmp_path):
+    uuid = "9e570000-1111-4222-8333-00000000000e"
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+    snap = "4d7e0b01-3c7f-4d7e-9a61-7d0a1d2e5b5c"
+    model.lvs[KEY] = {"size": 4 << 20, "open": True, "tags": _vol_tags(KEY)}
+    model.lvs[snap] = {"size": 4 << 20, "open": False, "tags": _vol_tags(snap)}
+    lvm_raw.set_lvm(lvm.LVM(runner=model, lock_dir=str(tmp_path)))
+    try:
+        with pytest.raises(lvm_raw.XenAPIError, match="reverted to itself"):
+            lvm_raw.Volume().revert("dbg", vg, KEY, KEY)
+        with pytest.raises(lvm_raw.XenAPIError, match="in use"):
+            lvm_raw.Volume().revert("dbg", vg, snap, KEY)
+        with pytest.raises(lvm_raw.Volume_does_not_exist):
+            lvm_raw.Volume().revert("dbg", vg, "5d7e0b01-3c7f-4d7e-9a61-7d0a1d2e5b5c", KEY)
+        assert sorted(model.lvs) == sorted([KEY, snap])
+        assert not [c for c in model.calls if c[0] in ("lvcreate", "lvrename", "lvremove")]
     finally:
         lvm_raw.set_lvm(None)

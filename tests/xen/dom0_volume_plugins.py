@@ -151,6 +151,7 @@ def check_lvm_lifecycle():
     with Loops(2) as devs:
         q = ok("Plugin.Query")
         assert q["plugin"] == "lvm-raw" and "VDI_SNAPSHOT" in q["features"], q
+        assert "VDI_REVERT" in q["features"], q
         [p] = ok("SR.probe", configuration={"device": ",".join(devs)})
         assert p["complete"] is True and "sr" not in p, p
         uuid = "7d0a1d2e-5b5c-4d7e-9a61-3c7f1f0c0b01"
@@ -209,6 +210,17 @@ def check_lvm_lifecycle():
         assert digest(clone_dev, 12 * MiB) == sum_v
         write_pattern(clone_dev, "clone", 4 * MiB)
         assert digest(dev, 12 * MiB) == sum_v, "writing the clone changed its origin"
+        # revert: the volume gets the snapshot's data back and keeps its key, name and keys
+        write_pattern(dev, "after the snapshot", 12 * MiB)
+        ok("Volume.revert", sr=sr, snapshot=snap["key"], key=key)
+        assert digest(dev, 12 * MiB) == sum_v, "revert did not bring the snapshot's data back"
+        s = ok("Volume.stat", sr=sr, key=key)
+        assert s["name"] == "renamed" and s["read_write"] is True and \
+            s["keys"] == {"weird key, with = and ü": "x" * 3000}, s
+        assert lv_names(sr) == sorted([key, snap["key"], clone["key"]]), lv_names(sr)
+        code, params = fails("Volume.revert", sr=sr, snapshot=key, key=snap["key"])
+        assert params[0] == "Volume is read-only", params
+        print("  reverted to the snapshot")
         ok("Volume.resize", sr=sr, key=key, new_size=20 * MiB)
         assert ok("Volume.stat", sr=sr, key=key)["virtual_size"] == 20 * MiB
         code, params = fails("Volume.resize", sr=sr, key=key, new_size=4 * MiB)
@@ -345,6 +357,29 @@ def check_lvm_crash_sweep():
                     ok("Volume.destroy", sr=sr, key=k)
                 n += 1
                 print(f"  killed at {point}: accounted, retried")
+        # revert killed at each step: the old volume or the reverted one, never half of each
+        tgt = ok("Volume.create", sr=sr, name="tgt", description="", size=8 * MiB,
+                 sharable=False)["key"]
+        snap = ok("Volume.snapshot", sr=sr, key=src)["key"]
+        for point, expect in (("revert:pending", "old"), ("copy:started", "old"),
+                              ("revert:made", "old"), ("revert:old-aside", "reverted"),
+                              ("revert:swapped", "reverted"), ("revert:old-gone", "reverted")):
+            sum_old = write_pattern(f"/dev/{sr}/{tgt}", "tgt", 8 * MiB)
+            rc, _ = call("Volume.revert", env={"XAPI_STORAGE_FAULT": point}, sr=sr,
+                         snapshot=snap, key=tgt)
+            assert rc == -9, f"Volume.revert never reached {point}: rc {rc}"
+            listed = accounted(sr)
+            assert listed == {src, snap, tgt}, (point, listed)
+            got = digest(f"/dev/{sr}/{tgt}", 8 * MiB)
+            assert got == {"old": sum_old, "reverted": sum_src}[expect], (point, expect)
+            tags = sh(["lvs", "--noheadings", "-o", "lv_tags", sr]).stdout
+            assert "xapi-storage:reverting" not in tags, (point, tags)
+            ok("Volume.revert", sr=sr, snapshot=snap, key=tgt)
+            assert digest(f"/dev/{sr}/{tgt}", 8 * MiB) == sum_src, point
+            n += 1
+            print(f"  killed at {point}: the {expect} volume, retried")
+        for k in (tgt, snap):
+            ok("Volume.destroy", sr=sr, key=k)
         victim = ok("Volume.create", sr=sr, name="victim", description="", size=4 * MiB,
                     sharable=False)["key"]
         for point in ("destroy:marked", "remove:data-gone"):
@@ -411,6 +446,11 @@ def check_lvm_thin():
             assert len(after - before) == (point == "snapshot:ready"), (point, after - before)
             for k in after - before:
                 ok("Volume.destroy", sr=sr, key=k)
+        # revert: a thin snapshot of the snapshot, swapped in
+        write_pattern(dev, "after the snapshot", 16 * MiB)
+        ok("Volume.revert", sr=sr, snapshot=snap["key"], key=v["key"])
+        assert digest(dev, 16 * MiB) == sum_v, "thin revert did not bring the data back"
+        assert sorted(lv_names(sr)) == sorted([v["key"], snap["key"], "xapi-pool"])
         ok("Volume.resize", sr=sr, key=v["key"], new_size=v["virtual_size"] + 8 * MiB)
         assert ok("Volume.stat", sr=sr, key=v["key"])["virtual_size"] >= v["virtual_size"] + 8 * MiB
         for k in (snap["key"], v["key"]):

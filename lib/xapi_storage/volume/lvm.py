@@ -332,6 +332,10 @@ class LVM:
         if names:
             self.run(["lvchange", "-qq", "-a", "y" if active else "n"] + names)
 
+    def lvrename(self, vg, old, new):
+        """Rename an LV (one metadata change; an active LV's device is renamed with it)."""
+        self.run(["lvrename", "-qq", vg, old, new])
+
     def lvextend(self, vg, lv, size):
         self.run(["lvextend", "-qq", "-L", f"{size}b", f"{vg}/{lv}"])
 

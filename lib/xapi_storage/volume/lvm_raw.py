@@ -12,6 +12,7 @@ encodes them), so they are on the shared storage with the data and survive a rei
 dom0. Every lvm2 call goes through lvm.LVM. Nothing without our tag is ever changed.
 """
 
+import contextlib
 import functools
 import os
 from stat import S_ISBLK
@@ -36,6 +37,9 @@ POOL = "xapi-pool"              # the thin pool's LV name (provisioning=thin)
 POOL_PERCENT = 90               # of the VG's free space, at SR.create; the rest for growth
 DEFAULT_OVERPROVISION = "4"
 UUID_TAG = "xsu:"
+REVERT_TAG = "xapi-storage:reverting"  # on a volume whose revert may have left LVs behind
+REVERT_NEW = ".rv"              # Volume.revert: <key>.rv is the reverted data being made,
+REVERT_OLD = ".old"             # <key>.old the volume's old data set aside (see _finish_revert)
 VG_PREFIX = "xapi-sr-"
 MAX_SR_UUID = 100               # VG names are at most 127 characters
 
@@ -56,7 +60,7 @@ CONFIGURATION = {
 FEATURES = [
     "SR_PROBE", "SR_CREATE", "SR_DELETE", "SR_ATTACH", "SR_DETACH", "SR_SCAN", "SR_UPDATE",
     "VDI_CREATE", "VDI_DESTROY", "VDI_UPDATE", "VDI_RESIZE", "VDI_SNAPSHOT", "VDI_CLONE",
-    "VDI_ATTACH_OFFLINE", "LARGE_VDI",
+    "VDI_REVERT", "VDI_ATTACH_OFFLINE", "LARGE_VDI",
 ]
 
 _LVM = [None]
@@ -369,12 +373,75 @@ def _settle(vg, key, row, lock):
     return None
 
 
+def _revert_leftovers(key, rows):
+    """{suffix: (row, record)} of the LVs a revert of `key` made or set aside: ours (tagged,
+    a record naming `key`), named <key>.rv or <key>.old."""
+    found = {}
+    for suffix in (REVERT_NEW, REVERT_OLD):
+        row = rows.get(key + suffix)
+        if row is not None and VOL_TAG in row["tags"]:
+            rec, _, _ = lvmmod.decode_record(row["tags"])
+            if rec is not None and rec.get("key") == key:
+                found[suffix] = (row, rec)
+    return found
+
+
+def _finish_revert(vg, key, rows):
+    """With `key`'s lock held and `rows` ({LV name: row}) the VG's LVs: complete or undo a revert
+    of `key` that a killed call left; True if there was one. A revert (Volume.revert) tags
+    <key> REVERT_TAG, makes <key>.rv (tagged so too: the snapshot's data, marked ready once
+    whole), renames <key> to <key>.old and <key>.rv to <key>, removes <key>.old, then drops
+    the tag: each step is one lvm2 metadata change, so the LVs that exist say how far it got:
+
+        <key> and <key>.rv              not swapped: <key> is the old volume, whole; .rv goes
+        <key>.old and a ready <key>.rv  set aside: the swap is finished (.rv becomes <key>)
+        <key>.old, no ready <key>.rv    (never made by a revert) <key>.old is put back
+        <key> and <key>.old             swapped: .old goes
+
+    and a <key> still tagged loses its tag. While the tag is on <key> (or <key> is absent)
+    every call on it comes here first, so a destroyed volume is never brought back."""
+    left = _revert_leftovers(key, rows)
+    row = rows.get(key)
+    if not left and (row is None or REVERT_TAG not in row["tags"]):
+        return False
+    _log(30, f"{vg}: finishing the revert of {key} a killed call left: "
+         f"{sorted(key + s for s in left)}, volume {'present' if row else 'absent'}")
+    lv = get_lvm()
+    new, old = left.get(REVERT_NEW), left.get(REVERT_OLD)
+    tags = row["tags"] if row is not None else []
+    with lv.vg_lock(vg):
+        if row is None:
+            if new is not None and new[1].get("state") == "ready":
+                lv.lvrename(vg, new[0]["name"], key)        # finish the swap
+                tags, new = new[0]["tags"], None
+            elif old is not None:
+                lv.lvrename(vg, old[0]["name"], key)        # put the old volume back
+                tags, old = old[0]["tags"], None
+        for left_over in (new, old):
+            if left_over is not None:
+                lv.lvremove(vg, left_over[0]["name"])
+        if REVERT_TAG in tags:
+            lv.lvchange(vg, key, delete=[REVERT_TAG])
+    return True
+
+
+def _recover(vg, key, row):
+    """`key`'s LV row (None: no such LV) once a killed revert of it is finished: a full
+    `lvs` only when `row` says one may have been (absent, or tagged REVERT_TAG)."""
+    if row is not None and REVERT_TAG not in row["tags"]:
+        return row
+    if _finish_revert(vg, key, _rows_by_name(vg)):
+        return get_lvm().lv(vg, key)
+    return row
+
+
 def _locked_volume(sr, key, lock):
     """With `key`'s lock held: (VG name, SR record, VG row, LV row, ready record) from one
     `lvs`; Volume_does_not_exist or SR_does_not_exist otherwise (then this lock file, made
-    for nothing, is removed)."""
+    for nothing, is removed). A volume that a killed revert left renamed is put back first."""
     try:
         vg, srrec, vgrow, row = _sr_and_volume(sr, key)
+        row = _recover(vg, key, row)
         rec = _settle(vg, key, row, lock) if row is not None else None
         if rec is None:
             raise Volume_does_not_exist(key)
@@ -382,6 +449,10 @@ def _locked_volume(sr, key, lock):
         lock.forget()
         raise
     return vg, srrec, vgrow, row, rec
+
+
+def _rows_by_name(vg):
+    return {r["name"]: r for r in get_lvm().lvs(vg)}
 
 
 def _update_volume(sr, key, change):
@@ -689,10 +760,19 @@ class SR(base.SR):
         vg, _, srrec = _ready_sr(sr)
         result = []
         rows = get_lvm().lvs(vg)
+        reverts = _reverted_keys(rows)
+        if reverts:                 # a killed revert: finish it (unless one is running)
+            by_name = {r["name"]: r for r in rows}
+            for key in sorted(reverts):
+                with _VolumeLock(vg, key, blocking=False) as lock:
+                    if lock.lock is not None:
+                        _finish_revert(vg, key, by_name)
+            rows = get_lvm().lvs(vg)
+            reverts = _reverted_keys(rows)
         _forget_stray_locks(vg, {r["name"] for r in rows})
         for row in rows:
-            if VOL_TAG not in row["tags"]:
-                continue            # not ours: never listed, never touched
+            if VOL_TAG not in row["tags"] or _revert_base(row["name"]):
+                continue            # not ours: never listed, never touched; or a running revert's
             rec = _vol_record(row)
             if rec is None:
                 _log(40, f"{vg}/{row['name']} (LV uuid {row['uuid']}): tagged {VOL_TAG} "
@@ -706,6 +786,21 @@ class SR(base.SR):
                 if lock.lock is not None:       # else a call on it is running
                     _settle(vg, row["name"], row, lock)
         return result
+
+
+def _revert_base(name):
+    """The volume key of a revert's <key>.rv or <key>.old LV name, else None."""
+    for suffix in (REVERT_NEW, REVERT_OLD):
+        if name.endswith(suffix) and is_uuid(name[:-len(suffix)]):
+            return name[:-len(suffix)]
+    return None
+
+
+def _reverted_keys(rows):
+    """The keys whose revert may have left something to finish (see _finish_revert)."""
+    ours = [r for r in rows if VOL_TAG in r["tags"]]
+    return ({_revert_base(r["name"]) for r in ours} - {None}) | \
+        {r["name"] for r in ours if REVERT_TAG in r["tags"] and is_uuid(r["name"])}
 
 
 def _forget_stray_locks(vg, lv_names):
@@ -768,6 +863,7 @@ class Volume(base.Volume):
             except SR_does_not_exist:
                 vl.forget()
                 raise
+            row = _recover(vg, key, row)        # a killed revert may have set it aside
             if row is None:
                 vl.forget()
                 return None             # already gone: destroy is idempotent
@@ -814,6 +910,70 @@ class Volume(base.Volume):
     def set_description(self, dbg, sr, key, new_description):
         _want_str("new_description", new_description)
         _update_volume(sr, key, lambda rec: rec.__setitem__("description", new_description))
+
+    def revert(self, dbg, sr, snapshot, key):
+        """Make `key` hold `snapshot`'s data (and size), keeping its key, name, description and
+        keys. The snapshot's data goes to a new LV <key>.rv (thick: a full copy, made ready
+        once fsynced; thin: a thin snapshot of the snapshot, instant), then <key> is renamed
+        <key>.old, <key>.rv renamed <key>, and <key>.old removed: a killed call leaves the old
+        volume or the reverted one, never a half-copied one, and the next call on `key` or
+        SR.ls finishes it (_finish_revert). Needs free space for one copy (thick) while it
+        runs. The volume must not be attached."""
+        _volume_key(snapshot)
+        _volume_key(key)
+        if snapshot == key:
+            raise _argument_error("snapshot", "a volume cannot be reverted to itself")
+        vgname = sr_vg(sr)
+        with contextlib.ExitStack() as stack:
+            locks = {k: stack.enter_context(_VolumeLock(vgname, k))
+                     for k in sorted((key, snapshot))}      # one order: no deadlock
+            vg, srrec, _, row, rec = _locked_volume(sr, key, locks[key])
+            _, _, _, snap_row, _ = _locked_volume(sr, snapshot, locks[snapshot])
+            if not rec["read_write"]:
+                raise XenAPIError("SR_BACKEND_FAILURE", [
+                    "Volume is read-only", key, "a snapshot cannot be reverted"])
+            if row["open"]:
+                raise XenAPIError("SR_BACKEND_FAILURE", [
+                    "Volume is in use", key, f"/dev/{vg}/{key} is open (attached?)"])
+            thin = bool(snap_row["pool"])
+            new, old = key + REVERT_NEW, key + REVERT_OLD
+            target = {k: v for k, v in rec.items() if not k.startswith("_")}
+            target["state"] = "ready" if thin else "creating"
+            tags = [VOL_TAG, REVERT_TAG] + lvmmod.encode_record(target, 1)
+            lv = get_lvm()
+            try:
+                with lv.vg_lock(vg):
+                    lv.lvchange(vg, key, add=[REVERT_TAG])
+                faultpoint("revert:pending")
+                with lv.vg_lock(vg):
+                    if thin:
+                        _check_overprovision(vg, srrec, snap_row["size"])
+                        lv.lvcreate_thin_snapshot(vg, snapshot, new, tags, read_only=False)
+                    else:
+                        lv.lvcreate(vg, new, snap_row["size"], tags)
+                if not thin:
+                    if not snap_row["active"]:
+                        lv.activate(vg, [snapshot])
+                    _copy_lv(f"/dev/{vg}/{snapshot}", f"/dev/{vg}/{new}", snap_row["size"])
+                    with lv.vg_lock(vg):
+                        _write_tags_record(vg, new, dict(target, state="ready"), tags)
+                faultpoint("revert:made")
+                with lv.vg_lock(vg):
+                    lv.lvrename(vg, key, old)
+                faultpoint("revert:old-aside")
+                with lv.vg_lock(vg):
+                    lv.lvrename(vg, new, key)
+                faultpoint("revert:swapped")
+                with lv.vg_lock(vg):
+                    lv.lvremove(vg, old)
+                faultpoint("revert:old-gone")
+                with lv.vg_lock(vg):
+                    lv.lvchange(vg, key, delete=[REVERT_TAG])
+            except BaseException:
+                # undo (not swapped) or finish (set aside) what this call made
+                _finish_revert(vg, key, _rows_by_name(vg))
+                raise
+        return None
 
     def resize(self, dbg, sr, key, new_size):
         _volume_key(key)
