@@ -408,3 +408,83 @@ def test_a_killed_open_or_close_is_redone_by_the_next_call(state_root, call):
         assert NP().load_state(URI)["opened"] == {"persistent": False}
         NP().close("t", URI)
     assert leftovers(state_root) == []
+
+
+# --- an lvm-raw volume's LV: activated by the attach, deactivated by the last detach ---------
+
+LV_SR = "9e570000-1111-4222-8333-00000000000f"
+LV_KEY = "3c7f1f0c-0b01-4d7e-9a61-7d0a1d2e5b5c"
+LV_URI = f"toy:///dev/xapi-sr-{LV_SR}/{LV_KEY}"
+
+
+@pytest.fixture
+def lvm2(monkeypatch, state_root):
+    """lvm2 as lvm.Runner runs it, answered by a model of one lvm-raw VG (the real thing is
+    proven in the test bed: tests/xen/dom0_volume_plugins.py)."""
+    from lvm_raw.test_lvm import ModelLVM2, _vol_tags
+    from xapi_storage.volume import lvm
+    model = ModelLVM2("xapi-sr-" + LV_SR, LV_SR)
+    model.lvs[LV_KEY] = {"size": 4 << 20, "open": False, "active": False,
+                         "tags": _vol_tags(LV_KEY)}
+    monkeypatch.setattr(lvm.Runner, "__call__", lambda self, args: model(args))
+    return model
+
+
+def _lvm_calls(model):
+    return [c[0] + ("".join(c[c.index("-a"):c.index("-a") + 2]) if "-a" in c else "")
+            for c in model.calls]
+
+
+def test_the_attach_activates_an_inactive_lv_of_ours_and_the_last_detach_deactivates_it(lvm2):
+    dp = Toy()
+    dp.attach("t", LV_URI, "3")
+    assert lvm2.lvs[LV_KEY]["active"] and _lvm_calls(lvm2) == ["lvs", "lvchange-ay"]
+    dp.attach("t", LV_URI, "4")                 # a second domain: set up already
+    dp.detach("t", LV_URI, "3")
+    assert lvm2.lvs[LV_KEY]["active"]
+    dp.detach("t", LV_URI, "4")                 # the last one
+    assert not lvm2.lvs[LV_KEY]["active"]
+    assert _lvm_calls(lvm2) == ["lvs", "lvchange-ay", "lvs", "lvchange-an"]
+    assert not resource_exists()
+
+
+def test_an_lv_active_before_the_attach_stays_active_and_others_are_never_touched(lvm2):
+    dp = Toy()
+    lvm2.lvs[LV_KEY]["active"] = True           # e.g. a volume just made by lvcreate
+    dp.attach("t", LV_URI, "3")
+    dp.detach("t", LV_URI, "3")
+    assert lvm2.lvs[LV_KEY]["active"] and _lvm_calls(lvm2) == ["lvs"]
+    del lvm2.calls[:]
+    lvm2.lvs[LV_KEY].update(active=False, tags=["someone-else"])    # not ours
+    dp.attach("t", LV_URI, "3")
+    dp.detach("t", LV_URI, "3")
+    assert not lvm2.lvs[LV_KEY]["active"] and _lvm_calls(lvm2) == ["lvs"]
+    del lvm2.calls[:]
+    for uri in (URI, "toy:///dev/sda", "toy:///dev/vg0/lv0", "toy:///dev/mapper/x"):
+        dp.attach("t", uri, "3")
+        dp.detach("t", uri, "3")
+    assert lvm2.calls == []                     # no lvm2 process for any other path
+
+
+def test_a_failed_setup_deactivates_what_it_activated(lvm2):
+    Toy.fail = {"setup"}
+    try:
+        with pytest.raises(OSError):
+            Toy().attach("t", LV_URI, "3")
+    finally:
+        Toy.fail = set()
+    assert not lvm2.lvs[LV_KEY]["active"]
+    assert _lvm_calls(lvm2)[:2] == ["lvs", "lvchange-ay"] and "lvchange-an" in _lvm_calls(lvm2)
+
+
+def test_a_detach_while_the_lv_is_held_is_retried_by_the_next_call(lvm2, monkeypatch):
+    from xapi_storage.datapath import lvm_activation
+    monkeypatch.setattr(lvm_activation, "CLOSE_WAIT", 0.3)
+    dp = Toy()
+    dp.attach("t", LV_URI, "3")
+    lvm2.lvs[LV_KEY]["open"] = True             # a backend that has not let go yet
+    dp.detach("t", LV_URI, "3")                 # never fails: recorded
+    assert lvm2.lvs[LV_KEY]["active"]
+    lvm2.lvs[LV_KEY]["open"] = False
+    dp.detach("t", LV_URI, "3")                 # the retry
+    assert not lvm2.lvs[LV_KEY]["active"]
