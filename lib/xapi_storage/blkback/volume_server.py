@@ -13,7 +13,9 @@ its control socket `<run-dir>/<ID>.ctl` (the run directory is 0700: root only). 
   `mode` and `device-type`, and writes only `state` and the keys a backend publishes: never
   xenopsd's nodes, `hotplug-status` or `physical-device*`. A clean unplug (online=0, state 5)
   ends with state 6; a backend directory that vanishes (hard unplug) unmaps every grant at
-  once. Started again, it re-adopts the devices it finds connected (Server.add_device adopt);
+  once. Started again, it re-adopts the devices it finds connected (Server.add_device adopt)
+  and serves again the requests its dead self had taken but not answered: each ring keeps
+  the batch it is answering in `<run-dir>/<ID>.ring-<domid>-<devid>-<queue>` (queue.Journal);
 * exports the volume over NBD on `<run-dir>/<ID>.nbd`, export name ID (read-only with
   --nonpersistent: the volume itself, as no guest's writes reach it);
 * with --nonpersistent serves each device from its own copy-on-write overlay over FILE
@@ -57,6 +59,26 @@ def nbd_path(run_dir, vid):
     return os.path.join(run_dir, f"{vid}.nbd")
 
 
+def journal_prefix(run_dir, vid):
+    """Each ring's journal is `<run-dir>/<ID>.ring-<domid>-<devid>-<queue>` (queue.Journal)."""
+    return os.path.join(run_dir, f"{vid}.ring-")
+
+
+_JOURNAL_RE = re.compile(r"^\d+-\d+-\d+$")
+
+
+def own_files(run_dir, vid):
+    """The files of the server of `vid` in `run_dir` (sockets, ring journals), by name."""
+    try:
+        names = os.listdir(run_dir)
+    except FileNotFoundError:
+        return []
+    ring = f"{vid}.ring-"
+    return [os.path.join(run_dir, n) for n in names
+            if n in (f"{vid}.ctl", f"{vid}.nbd") or
+            (n.startswith(ring) and _JOURNAL_RE.match(n[len(ring):]))]
+
+
 class VolumeServer:
     """The server of one volume (see the module docstring); `step()` until `done`."""
 
@@ -81,7 +103,8 @@ class VolumeServer:
         # the one open storage of the volume (devices borrow it; with nonpersistent only
         # the NBD export uses it, read-only: each device has its own overlay)
         self.storage = open_storage(backend, path, readonly=readonly or nonpersistent)
-        self.server = Server(xen, xs_timeout=xs_timeout)
+        self.server = Server(xen, xs_timeout=xs_timeout,
+                             journal_prefix=journal_prefix(run_dir, vid))
         self.ctl = None
         self.nbd = None
         try:

@@ -22,7 +22,8 @@ URI: `pyblkback:///<percent-encoded absolute path>` (a regular file, or a block 
   guest's writes vanish with its device, and two guests have two overlays. Its NBD export is
   then the volume itself, read-only.
 * The last detach stops the server (it exits once no device is left) and waits for it, a
-  bounded time.
+  bounded time, then removes whatever a killed server left in the run directory (its
+  sockets, its rings' journals).
 
 Lifecycle, state and crash safety: `xapi_storage.datapath.lifecycle`.
 """
@@ -278,6 +279,13 @@ class Datapath(Lifecycle):
             raise datapath_error("Datapath_server_busy", uri,
                                  f"the server of {vid} still serves a device after "
                                  f"{STOP_TIMEOUT:g} s (unplug it first)")
+        # a server that was killed (and not needed again) left its sockets and ring
+        # journals behind: nobody will read them now
+        for f in _vsrv().own_files(run_dir(), vid):
+            try:
+                os.unlink(f)
+            except FileNotFoundError:
+                pass
 
     # A repeated attach or activate changes no state, so no hook runs: check the server
     # then too (a server found dead is started again and re-adopts its devices).
