@@ -151,10 +151,10 @@ def test_nonpersistent_gives_each_guest_its_own_overlay(simxen, disk, tmp_path):
     assert disk.read_bytes() == gold
 
 
-def _spawn(sim, disk, run, domains="1", env=None):
+def _spawn(sim, disk, run, domains="1", env=None, args=()):
     p = subprocess.Popen([sys.executable, "-m", "xapi_storage.blkback.volume_server",
                           "--id", "vol1", "--path", str(disk), "--run-dir", str(run),
-                          "--xen", f"sim:{sim.dir}", "--domains", domains],
+                          "--xen", f"sim:{sim.dir}", "--domains", domains] + list(args),
                          stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          universal_newlines=True, env=dict(os.environ, **(env or {})))
     wait_for(lambda: os.path.exists(ctl_path(str(run), "vol1")) or p.poll() is not None,
@@ -210,8 +210,8 @@ class Restarts:
         self.xs = XenStore(sim.xenstore_path(0))
         self.p = self.fe = self.vbd = None
 
-    def start(self, fault=None):
-        self.p = _spawn(self.sim, self.disk, self.run,
+    def start(self, fault=None, args=()):
+        self.p = _spawn(self.sim, self.disk, self.run, args=args,
                         env={"XAPI_STORAGE_FAULT": fault} if fault else None)
 
     def connect(self):
@@ -231,6 +231,8 @@ class Restarts:
         assert call(str(self.run), "vol1", op="detach", domain="1")["ok"]
         assert self.p.wait(10) == 0
         assert os.listdir(self.run) == []               # no socket, no journal left
+        assert not [n for n in os.listdir(os.path.dirname(str(self.disk)))
+                    if n.startswith(".pyblkback-overlay.")]                 # no overlay
 
     def close(self):
         if self.fe is not None:
@@ -290,3 +292,25 @@ def test_a_server_killed_before_its_event_sends_it_when_started_again(restarts):
     assert r, "the restarted server sent no event"
     assert fe.reap()[rid][0] == 0
     restarts.finish()
+
+
+def test_a_nonpersistent_disk_keeps_its_guests_writes_across_a_server_restart(restarts):
+    """The overlay of a non-persistent device outlives a killed server: the next one takes it
+    over with the device, and the guest still reads what it wrote (not the gold image, which
+    would corrupt its file system under it). It goes with the device; the gold is untouched."""
+    gold = restarts.disk.read_bytes()
+    restarts.start(args=["--nonpersistent"])
+    fe = restarts.connect()
+    fe.write(0, b"w" * 4096)
+    fe.write(100, b"v" * 512)                          # a part of a block: copied up first
+    restarts.p.kill()
+    restarts.killed()
+    assert [n for n in os.listdir(os.path.dirname(str(restarts.disk)))
+            if n.startswith(".pyblkback-overlay.vol1.")]
+    restarts.start(args=["--nonpersistent"])
+    assert fe.read(0, 8) == b"w" * 4096
+    assert fe.read(96, 8) == gold[96 * 512:100 * 512] + b"v" * 512 + gold[101 * 512:104 * 512]
+    fe.write(8, b"x" * 4096)
+    assert fe.read(8, 8) == b"x" * 4096
+    restarts.finish()
+    assert restarts.disk.read_bytes() == gold

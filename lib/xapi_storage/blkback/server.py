@@ -350,7 +350,7 @@ class Device:
         if self.io_pool is not None:
             self.io_pool.shutdown(wait=True)
         try:
-            self.storage.close()
+            self.storage.close_for_good()        # gone: not for a successor to take over
         finally:
             if self.on_destroy:
                 self.on_destroy(self)

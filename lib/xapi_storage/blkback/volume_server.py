@@ -19,7 +19,9 @@ its control socket `<run-dir>/<ID>.ctl` (the run directory is 0700: root only). 
 * exports the volume over NBD on `<run-dir>/<ID>.nbd`, export name ID (read-only with
   --nonpersistent: the volume itself, as no guest's writes reach it);
 * with --nonpersistent serves each device from its own copy-on-write overlay over FILE
-  (opened read-only, never written): a guest's writes vanish when its device goes;
+  (opened read-only, never written), `.pyblkback-overlay.<ID>.<domid>-<devid>` next to FILE:
+  a guest's writes vanish when its device goes, and survive a restart of the server (the
+  overlay is taken over with the device);
 * answers on the control socket, one JSON object per line: {"op": "ping"} ->
   {"ok": true, "pid", "id", "devices", "domains"}; {"op": "attach", "domain": D} and
   {"op": "detach", "domain": D} keep the set of domains the datapath has attached;
@@ -67,16 +69,35 @@ def journal_prefix(run_dir, vid):
 _JOURNAL_RE = re.compile(r"^\d+-\d+-\d+$")
 
 
-def own_files(run_dir, vid):
-    """The files of the server of `vid` in `run_dir` (sockets, ring journals), by name."""
-    try:
-        names = os.listdir(run_dir)
-    except FileNotFoundError:
-        return []
+def overlay_path(path, vid, be):
+    """A non-persistent device's overlay: next to the volume (the SR's storage, not dom0's
+    small disk), `.pyblkback-overlay.<ID>.<domid>-<devid>`."""
+    domid, devid = be.rstrip("/").split("/")[-2:]
+    return os.path.join(os.path.dirname(os.path.abspath(path)),
+                        f".pyblkback-overlay.{vid}.{domid}-{devid}")
+
+
+_DEV_RE = re.compile(r"^\d+-\d+$")
+
+
+def own_files(run_dir, vid, path=None):
+    """What the server of `vid` leaves when it is killed, by name: its sockets and ring
+    journals in `run_dir`, and (given the volume's `path`) its devices' overlays."""
+    out = []
     ring = f"{vid}.ring-"
-    return [os.path.join(run_dir, n) for n in names
-            if n in (f"{vid}.ctl", f"{vid}.nbd") or
-            (n.startswith(ring) and _JOURNAL_RE.match(n[len(ring):]))]
+    over = f".pyblkback-overlay.{vid}."
+    dirs = [(run_dir, lambda n: n in (f"{vid}.ctl", f"{vid}.nbd") or
+             (n.startswith(ring) and _JOURNAL_RE.match(n[len(ring):])))]
+    if path is not None:
+        dirs.append((os.path.dirname(os.path.abspath(path)),
+                     lambda n: n.startswith(over) and _DEV_RE.match(n[len(over):])))
+    for d, ours in dirs:
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            continue
+        out += [os.path.join(d, n) for n in names if ours(n)]
+    return out
 
 
 class VolumeServer:
@@ -156,7 +177,10 @@ class VolumeServer:
             return
         ro = self.readonly or "w" not in xs.read(f"{be}/mode", "w")
         if self.nonpersistent:
-            storage = self._open_storage("cow", self.path, readonly=ro)
+            # a device taken over connected keeps the overlay its guest has been writing to
+            storage = self._open_storage("cow", self.path, readonly=ro,
+                                         overlay_path=overlay_path(self.path, self.vid, be),
+                                         resume=state == "4")
         else:
             storage = self._Borrowed(self.storage, readonly=ro)
         try:

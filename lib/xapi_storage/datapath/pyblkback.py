@@ -19,11 +19,12 @@ URI: `pyblkback:///<percent-encoded absolute path>` (a regular file, or a block 
   qemuback splits qdisk params on ':' and takes `vdi:` values for its own).
 * NONPERSISTENT: after `Datapath.open(persistent=false)` the server gives each device its
   own copy-on-write overlay over the volume (the file is only ever opened read-only): a
-  guest's writes vanish with its device, and two guests have two overlays. Its NBD export is
+  guest's writes vanish with its device (and survive a restart of the server), and two
+  guests have two overlays. Its NBD export is
   then the volume itself, read-only.
 * The last detach stops the server (it exits once no device is left) and waits for it, a
-  bounded time, then removes whatever a killed server left in the run directory (its
-  sockets, its rings' journals).
+  bounded time, then removes whatever a killed server left (its sockets and its rings'
+  journals in the run directory, its non-persistent devices' overlays next to the volume).
 
 Lifecycle, state and crash safety: `xapi_storage.datapath.lifecycle`.
 """
@@ -281,7 +282,7 @@ class Datapath(Lifecycle):
                                  f"{STOP_TIMEOUT:g} s (unplug it first)")
         # a server that was killed (and not needed again) left its sockets and ring
         # journals behind: nobody will read them now
-        for f in _vsrv().own_files(run_dir(), vid):
+        for f in _vsrv().own_files(run_dir(), vid, (resources or {}).get("path")):
             try:
                 os.unlink(f)
             except FileNotFoundError:
