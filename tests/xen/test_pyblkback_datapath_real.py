@@ -61,6 +61,7 @@ class Pbb:
     def assert_clean(self, uri):
         c = self.call(op="check", uri=uri, guest=self.guest.domid)
         assert c["procs"] == [] and c["states"] == [] and c["sockets"] == [], c
+        assert c["overlays"] == [], c
         assert c["nodes"] == [], c
 
 
@@ -159,6 +160,17 @@ def test_a_nonpersistent_disk_leaves_its_gold_image_unchanged(pbb):
     name = r["device"]
     _fio_ok(pbb.sh(FIO.format(d=name, bs="64k", size="8M", engine="psync", depth=1),
                    timeout=600))
+    # the server killed and started again: the guest still reads what it wrote (its
+    # overlay is taken over with the device), not the gold image
+    read8 = (f"echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/{name} bs=1M count=8 "
+             "2>/dev/null | md5sum")                # from the disk, not the guest's cache
+    wrote = pbb.sh(read8, timeout=300).stdout.split()[0]
+    assert wrote != pbb.md5_dom0(path, 8 * MIB)
+    pid = pbb.call(op="kill", uri=uri)["pid"]
+    pbb.call(op="activate", uri=uri, domain=pbb.guest.domid)
+    assert pbb.call(op="pid", uri=uri)["pid"] not in (None, pid)
+    again = pbb.sh(read8, timeout=300).stdout.split()[0]
+    assert again == wrote
     pbb.unplug(uri, r, close=True)
     assert pbb.md5_dom0(path, 32 * MIB) == before
     r = pbb.plug(uri)                                          # booted again: the gold image
