@@ -100,6 +100,48 @@ def test_cow_matches_model_and_never_touches_the_gold_image(image, tmp_path, scr
         os.fstat(overlay)                                   # and it is closed: gone
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=NOFIX)
+@given(script=ops, more=ops, seed=st.integers())
+def test_a_named_cow_overlay_taken_over_goes_on_where_it_stopped(image, tmp_path, script, more,
+                                                                 seed):
+    """The volume server's overlay: closed (or its process killed) and opened again with
+    resume, it reads as before and goes on; close_for_good() removes it; the gold is never
+    written."""
+    gold = image.read_bytes()
+    model = bytearray(gold)
+    path = str(tmp_path / ".overlay")
+    s = open_storage("cow", str(image), overlay_path=path)
+    _run(s, model, script, seed)
+    s.close()
+    s = open_storage("cow", str(image), overlay_path=path, resume=True)
+    assert s.resumed
+    buf = bytearray(SIZE)
+    s.readv(0, [memoryview(buf)])
+    assert buf == model
+    _run(s, model, more, seed + 1)
+    s.close_for_good()
+    assert not os.path.exists(path)
+    assert image.read_bytes() == gold
+
+
+def test_a_named_cow_overlay_not_taken_over_starts_empty(image, tmp_path):
+    path = str(tmp_path / ".overlay")
+    s = open_storage("cow", str(image), overlay_path=path)
+    s.writev(0, [b"x" * 4096])
+    s.close()
+    for resume in (False, True):
+        if resume:                                   # not this image's: another size
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) + 4096)
+        s = open_storage("cow", str(image), overlay_path=path, resume=resume)
+        assert not s.resumed and s.overlay_blocks() == 0
+        buf = bytearray(4096)
+        s.readv(0, [memoryview(buf)])
+        assert bytes(buf) == image.read_bytes()[:4096]
+        s.writev(0, [b"x" * 4096])
+        s.close()
+
+
 def test_cow_overlay_is_sparse_not_ram(image, tmp_path):
     s = open_storage("cow", str(image), overlay_dir=str(tmp_path))
     s.writev(4096 * 10 + 512, [memoryview(b"x" * 512)])

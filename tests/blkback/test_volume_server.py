@@ -3,6 +3,7 @@
 restarted server; non-persistent overlays per device; the server ends when idle."""
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -150,12 +151,12 @@ def test_nonpersistent_gives_each_guest_its_own_overlay(simxen, disk, tmp_path):
     assert disk.read_bytes() == gold
 
 
-def _spawn(sim, disk, run, domains="1"):
+def _spawn(sim, disk, run, domains="1", env=None, args=()):
     p = subprocess.Popen([sys.executable, "-m", "xapi_storage.blkback.volume_server",
                           "--id", "vol1", "--path", str(disk), "--run-dir", str(run),
-                          "--xen", f"sim:{sim.dir}", "--domains", domains],
+                          "--xen", f"sim:{sim.dir}", "--domains", domains] + list(args),
                          stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         universal_newlines=True)
+                         universal_newlines=True, env=dict(os.environ, **(env or {})))
     wait_for(lambda: os.path.exists(ctl_path(str(run), "vol1")) or p.poll() is not None,
              what="the control socket")
     assert p.poll() is None, p.stderr.read()
@@ -197,3 +198,119 @@ def test_a_restarted_server_readopts_the_connected_device(simxen_guest, disk, tm
             p.kill()
             p.wait()
         xs.close()
+
+
+
+class Restarts:
+    """A volume server in a child process, killed by a fault point and started again, and
+    one frontend of the guest's on its device."""
+
+    def __init__(self, sim, g, disk, run):
+        self.sim, self.g, self.disk, self.run = sim, g, disk, run
+        self.xs = XenStore(sim.xenstore_path(0))
+        self.p = self.fe = self.vbd = None
+
+    def start(self, fault=None, args=()):
+        self.p = _spawn(self.sim, self.disk, self.run, args=args,
+                        env={"XAPI_STORAGE_FAULT": fault} if fault else None)
+
+    def connect(self):
+        self.vbd = xenopsd.plug(self.xs, self.g, result("vol1", str(self.run)))
+        self.fe = Frontend(self.sim.xen(self.g), self.vbd.devid)
+        self.fe.connect()
+        return self.fe
+
+    def killed(self):
+        assert self.p.wait(10) == -signal.SIGKILL, self.p.stderr.read()
+
+    def finish(self):
+        """The guest goes; the last detach ends the server, which leaves nothing behind."""
+        self.fe.close(timeout=0.1)
+        self.fe = None
+        xenopsd.hard_unplug(self.xs, self.vbd)
+        assert call(str(self.run), "vol1", op="detach", domain="1")["ok"]
+        assert self.p.wait(10) == 0
+        assert os.listdir(self.run) == []               # no socket, no journal left
+        assert not [n for n in os.listdir(os.path.dirname(str(self.disk)))
+                    if n.startswith(".pyblkback-overlay.")]                 # no overlay
+
+    def close(self):
+        if self.fe is not None:
+            self.fe.close(timeout=0.1)
+        if self.p is not None and self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+        self.xs.close()
+
+
+@pytest.fixture
+def restarts(simxen_guest, disk, tmp_path):
+    sim, g = simxen_guest
+    r = Restarts(sim, g, disk, tmp_path / "run")
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_a_server_killed_between_answering_and_publishing_serves_the_batch_again(restarts):
+    """The server dies (SIGKILL) after writing a batch's responses into the ring's slots (where
+    the requests were) but before publishing them. The next server must serve the batch again
+    from its journal, not read the responses left in the slots as requests: every write
+    answered once, OK, and on the disk."""
+    restarts.start("blkback:respond#2")      # batch 1: the first write; it dies in batch 2
+    fe = restarts.connect()
+    fe.write(0, b"a" * 4096)
+    blocks = {8 * k: bytes([k]) * 4096 for k in range(1, 9)}
+    ids = [fe.submit(1, s, d) for s, d in blocks.items()]
+    rsp_prod = fe.queues[0].ring.hdr[2]
+    fe.push()
+    restarts.killed()
+    assert fe.queues[0].ring.hdr[2] == rsp_prod           # nothing published
+    assert any(n.startswith("vol1.ring-") for n in os.listdir(restarts.run))
+    restarts.start()
+    done = fe.wait(ids, timeout=10)
+    assert {st for st, _d in done.values()} == {0}
+    for s, d in blocks.items():
+        assert fe.read(s, 8) == d
+    assert fe.read(0, 8) == b"a" * 4096
+    restarts.finish()
+
+
+def test_a_server_killed_before_its_event_sends_it_when_started_again(restarts):
+    """Killed after publishing responses but before the event that tells the frontend: Linux's
+    blkfront does not poll, it would wait for ever. The next server sends an event when it
+    takes the ring over."""
+    restarts.start("blkback:notify")
+    fe = restarts.connect()
+    rid = fe.submit(1, 0, b"c" * 4096)
+    fe.push()
+    restarts.killed()
+    fe.evtchn.pending()                                 # nothing is owed to us from before
+    restarts.start()
+    r, _w, _x = select.select([fe.evtchn.fileno()], [], [], 5)
+    assert r, "the restarted server sent no event"
+    assert fe.reap()[rid][0] == 0
+    restarts.finish()
+
+
+def test_a_nonpersistent_disk_keeps_its_guests_writes_across_a_server_restart(restarts):
+    """The overlay of a non-persistent device outlives a killed server: the next one takes it
+    over with the device, and the guest still reads what it wrote (not the gold image, which
+    would corrupt its file system under it). It goes with the device; the gold is untouched."""
+    gold = restarts.disk.read_bytes()
+    restarts.start(args=["--nonpersistent"])
+    fe = restarts.connect()
+    fe.write(0, b"w" * 4096)
+    fe.write(100, b"v" * 512)                          # a part of a block: copied up first
+    restarts.p.kill()
+    restarts.killed()
+    assert [n for n in os.listdir(os.path.dirname(str(restarts.disk)))
+            if n.startswith(".pyblkback-overlay.vol1.")]
+    restarts.start(args=["--nonpersistent"])
+    assert fe.read(0, 8) == b"w" * 4096
+    assert fe.read(96, 8) == gold[96 * 512:100 * 512] + b"v" * 512 + gold[101 * 512:104 * 512]
+    fe.write(8, b"x" * 4096)
+    assert fe.read(8, 8) == b"x" * 4096
+    restarts.finish()
+    assert restarts.disk.read_bytes() == gold

@@ -2,6 +2,7 @@
 them (a call ends only at EOF of stdout and stderr), on the simulated Xen, with the devices
 plugged by the toolstack emulation as xenopsd plugs them."""
 
+import json
 import os
 import shutil
 import signal
@@ -206,3 +207,50 @@ def test_a_server_that_cannot_start_fails_the_attach_at_once(rig, volume, tmp_pa
         e.value.params[2], e.value.params
     assert os.listdir(rig.run) == []
     assert not [f for _d, _s, fs in os.walk(rig.state_root) for f in fs]
+
+
+FAKE_SYSTEMD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_systemd")
+
+
+def test_under_systemd_the_server_is_a_transient_unit_of_systemd_219s_options(rig, volume,
+                                                                              tmp_path):
+    """Where systemd is PID 1 the server is started by systemd-run as unit pyblkback-<id>.
+    No systemd here: tests/datapath/fake_systemd stands in, and refuses every option and
+    property that the systemd-run of XenServer 8 / XCP-ng 8.3 (systemd 219) would refuse. The
+    server must run from what the unit gives it: the --setenv variables, PATH, nothing else
+    of the plugin's environment."""
+    d = tmp_path / "systemd"
+    d.mkdir()
+    rig.daemon.env = dict(rig.env, XAPI_STORAGE_PYBLKBACK_SYSTEMD="1", FAKE_SYSTEMD_DIR=str(d),
+                          PATH=FAKE_SYSTEMD + os.pathsep + rig.env.get("PATH", ""))
+    sim = rig.sim
+    g = sim.create_domain("g1")
+    uri = f"pyblkback://{volume}"
+    vid = pbb.server_id(uri)
+    r = rig.call("attach", uri=uri, domain=str(g))
+    rig.call("activate", uri=uri, domain=str(g))
+    pid = rig.pid(uri)
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        names = {e.split(b"=", 1)[0].decode() for e in f.read().split(b"\0") if e}
+    assert names <= {"PATH", "XAPI_STORAGE_XEN", "PYTHONPATH"}, names
+    vbd = xenopsd.plug(rig.xs, g, r)
+    fe = Frontend(sim.xen(g), vbd.devid)
+    fe.connect()
+    try:
+        fe.write(0, b"s" * 4096)
+        os.kill(pid, signal.SIGKILL)                     # the unit fails; the next call
+        assert _gone(pid)                                # resets it and starts it again
+        rig.call("activate", uri=uri, domain=str(g))
+        assert rig.pid(uri) not in (None, pid)
+        assert fe.read(0, 8) == b"s" * 4096
+    finally:
+        fe.close(timeout=1)
+    xenopsd.hard_unplug(rig.xs, vbd)
+    pid = rig.pid(uri)
+    rig.call("deactivate", uri=uri, domain=str(g))
+    rig.call("detach", uri=uri, domain=str(g))
+    assert _gone(pid)
+    runs = [json.loads(x) for x in (d / "systemd-run.argv").read_text().splitlines()]
+    assert len(runs) == 2 and all(f"--unit=pyblkback-{vid}" in a for a in runs), runs
+    resets = [json.loads(x) for x in (d / "systemctl.argv").read_text().splitlines()]
+    assert resets == [["reset-failed", f"pyblkback-{vid}.service"]] * 2, resets

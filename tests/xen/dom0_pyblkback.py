@@ -16,7 +16,8 @@ Requests ({"op": ..., ...}):
     nbd_check {uri, files}                a dom0 plug through the kernel's nbd-client: the
                                           md5 of each ext4 file (debugfs), fsck.ext4 -fn,
                                           what is left after the disconnect
-    check     {uri, guest}                what is left: server, sockets, state, nodes
+    check     {uri, guest}                what is left: server, sockets, state, nodes,
+                                          overlays next to the volume
 """
 
 import hashlib
@@ -170,7 +171,11 @@ def op_check(req):
     procs = [line for line in ps.splitlines() if "volume_server" in line and vid in line]
     run = pbb.run_dir()
     socks = [n for n in os.listdir(run)] if os.path.isdir(run) else []
-    return {"procs": procs, "states": states, "nodes": nodes, "sockets": socks}
+    path = pbb.path_of(req["uri"])
+    overlays = [n for n in os.listdir(os.path.dirname(path))
+                if n.startswith(".pyblkback-overlay.")]
+    return {"procs": procs, "states": states, "nodes": nodes, "sockets": socks,
+            "overlays": overlays}
 
 
 def main():

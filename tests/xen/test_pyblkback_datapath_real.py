@@ -61,6 +61,7 @@ class Pbb:
     def assert_clean(self, uri):
         c = self.call(op="check", uri=uri, guest=self.guest.domid)
         assert c["procs"] == [] and c["states"] == [] and c["sockets"] == [], c
+        assert c["overlays"] == [], c
         assert c["nodes"] == [], c
 
 
@@ -120,24 +121,28 @@ def test_ext4_and_fio_verify_in_the_guest_then_dom0_checks_it_over_nbd(pbb):
     pbb.assert_clean(uri)
 
 
-# Failed in 1 of 4 whole test-bed runs (2026-12-01): after the SIGKILL and the restart by
-# Datapath.activate, the guest's fio never finished (600 s), and the guest's disk stayed stuck,
-# failing the two checks after it. Cause not found yet; kept out of CI until it is (see
-# docs/testing.md, "unstable").
-@pytest.mark.unstable
 def test_a_server_killed_under_fio_load_resumes_the_ring(pbb):
+    """Three times during one fio run (write, then verify) the server is SIGKILLed, and the
+    next Datapath.activate starts it again: the ring goes on where it stopped (a batch the
+    dead server had answered but not published is served again: queue.Journal), and fio
+    finds every acknowledged write."""
     path, uri = pbb.volume("pbb-b", "64M")
     r = pbb.plug(uri)
     name = r["device"]
     fio = FIO.format(d=name, bs="16k", size="24M", engine="libaio", depth=16)
     pbb.sh(f"rm -f /tmp/fio.rc; ({fio} > /tmp/fio.out 2>&1; echo $? > /tmp/fio.rc) "
            "</dev/null >/dev/null 2>&1 &")
-    time.sleep(3)
-    pid = pbb.call(op="kill", uri=uri)["pid"]                  # under load, no warning
-    pbb.call(op="activate", uri=uri, domain=pbb.guest.domid)    # the next call starts it again
-    assert pbb.call(op="pid", uri=uri)["pid"] not in (None, pid)
-    pbb.sh("i=0; while [ ! -f /tmp/fio.rc ]; do i=$((i+1)); [ $i -gt 1200 ] && exit 1; "
-           "sleep .5; done", timeout=700)
+    for _ in range(3):
+        time.sleep(3)
+        pid = pbb.call(op="kill", uri=uri)["pid"]              # under load, no warning
+        pbb.call(op="activate", uri=uri, domain=pbb.guest.domid)    # the next call starts it
+        assert pbb.call(op="pid", uri=uri)["pid"] not in (None, pid)
+    done = pbb.sh("i=0; while [ ! -f /tmp/fio.rc ]; do i=$((i+1)); [ $i -gt 1200 ] && exit 1; "
+                  "sleep .5; done", timeout=700, check=False)
+    if done.rc != 0:                     # what the guest's kernel and the servers said
+        dmesg = pbb.sh("dmesg | tail -40", check=False).stdout
+        _rc, logs, _err = pbb.bed.dom0("tail -n 60 /var/log/xapi-storage/*", timeout=60)
+        pytest.fail(f"fio never finished\n--- guest dmesg\n{dmesg}\n--- dom0 logs\n{logs}")
     rc = pbb.sh("cat /tmp/fio.rc").stdout.strip()
     out = pbb.sh("cat /tmp/fio.out").stdout
     assert rc == "0", out
@@ -155,6 +160,17 @@ def test_a_nonpersistent_disk_leaves_its_gold_image_unchanged(pbb):
     name = r["device"]
     _fio_ok(pbb.sh(FIO.format(d=name, bs="64k", size="8M", engine="psync", depth=1),
                    timeout=600))
+    # the server killed and started again: the guest still reads what it wrote (its
+    # overlay is taken over with the device), not the gold image
+    read8 = (f"echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/{name} bs=1M count=8 "
+             "2>/dev/null | md5sum")                # from the disk, not the guest's cache
+    wrote = pbb.sh(read8, timeout=300).stdout.split()[0]
+    assert wrote != pbb.md5_dom0(path, 8 * MIB)
+    pid = pbb.call(op="kill", uri=uri)["pid"]
+    pbb.call(op="activate", uri=uri, domain=pbb.guest.domid)
+    assert pbb.call(op="pid", uri=uri)["pid"] not in (None, pid)
+    again = pbb.sh(read8, timeout=300).stdout.split()[0]
+    assert again == wrote
     pbb.unplug(uri, r, close=True)
     assert pbb.md5_dom0(path, 32 * MIB) == before
     r = pbb.plug(uri)                                          # booted again: the gold image

@@ -23,6 +23,7 @@ re-slicing 256 segments per 1 MiB request.
 
 import errno
 import logging
+import mmap
 import os
 import struct
 import time
@@ -34,6 +35,7 @@ from .backends import StorageError
 from .blkif import (BadRequest, K_BARRIER, K_DISCARD, K_INDIRECT, K_READ, K_WRITE,
                     RSP_ERROR, RSP_OKAY, SEGMENT)
 from .ring import M32, BackRing
+from ..volume.store import faultpoint
 
 try:                                     # batched positional I/O in C (see _pio_build.py)
     from ._pio import ffi as _pio_ffi, lib as _pio_lib
@@ -83,16 +85,97 @@ class FatalRingError(Exception):
     """The frontend broke the ring protocol; the device must be closed."""
 
 
+U32 = struct.Struct("<I")
+
+
+class Journal:
+    """The batch of requests being answered, kept in a small file (on /run's tmpfs) that
+    outlives the process, so that a server started again after a crash can serve it again.
+
+    Responses go into the ring slots their requests came from (blkif's slots are a union of
+    the two), and they are published (rsp_prod) only once the whole batch is answered. A
+    server killed in between leaves slots that hold responses the frontend has not seen,
+    where the new server, which starts consuming at rsp_prod, would read requests: garbage
+    requests, and answers with ids the frontend never sent (Linux's blkfront then stops
+    the disk for good). So before it answers a batch the server writes the batch's request
+    bytes here, then its length, then its first index; a new server finding that first
+    index equal to rsp_prod puts those requests back into their slots before it starts
+    (`restore`). Any other value means the batch was published (or never begun), and the
+    slots are the frontend's own. Writing the index last means a half-written record never
+    matches. The file holds one ring's worth of entries after a 16-byte header (magic, length,
+first index, and the ring's first grant reference: a record of another ring never matches).
+"""
+
+    MAGIC = b"PBJ1"
+
+    def __init__(self, path, slots, entry_size, ident):
+        self.path = path
+        self.ident = ident & M32
+        self.entry_size = entry_size
+        self.slots = slots
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            size = 16 + slots * entry_size
+            st = os.fstat(fd)
+            if st.st_size != size:
+                os.ftruncate(fd, 0)             # not ours, or another ring's: start afresh
+                os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.prior = bytes(self.map[:16])       # what the last server left, for restore()
+        self.map[:4] = self.MAGIC
+        U32.pack_into(self.map, 12, self.ident)
+
+    def restore(self, ring):
+        """Put back the requests of a batch the previous server took but did not publish.
+        Returns how many; 0 if there is none."""
+        head = self.prior
+        self.prior = None
+        if head is None or head[:4] != self.MAGIC or U32.unpack_from(head, 12)[0] != self.ident:
+            return 0                            # none, or another ring's (new ring pages)
+        n, cons = U32.unpack_from(head, 4)[0], U32.unpack_from(head, 8)[0]
+        rsp_prod, req_prod = ring.hdr[2], ring.hdr[0]
+        if cons != rsp_prod or not 0 < n <= min(self.slots, ring.size) or \
+                n > (req_prod - rsp_prod) & M32:
+            return 0
+        esz = self.entry_size
+        for i in range(n):
+            off = ring.slot_offset((cons + i) & M32)
+            ring.buf[off:off + esz] = self.map[16 + i * esz:16 + (i + 1) * esz]
+        return n
+
+    def record(self, cons, raw, n):
+        m = self.map
+        m[16:16 + len(raw)] = raw
+        U32.pack_into(m, 4, n)
+        U32.pack_into(m, 8, cons)               # last: only now does the record match
+
+    def close(self):
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
 class Queue:
     """A connected ring: its mapping, event channel port, persistent grants, stats."""
 
-    def __init__(self, index, dev, mapping, abi, port):
+    def __init__(self, index, dev, mapping, abi, port, journal=None, ident=0):
         self.index = index
         self.dev = dev
         self.mapping = mapping
         self.abi = abi
         self.port = port
         self.ring = BackRing(mapping.buffer, abi.entry_size)
+        self.journal = None
+        self.restored = 0
+        if journal is not None:
+            self.journal = Journal(journal, self.ring.size, abi.entry_size, ident)
+            self.restored = self.journal.restore(self.ring)
         self.persistent = {}            # gref -> memoryview of its page
         self.pmaps = {}                 # mapping id -> GrantMapping backing self.persistent
         self.pgroups = {}               # mapping id -> the grefs it maps
@@ -215,6 +298,7 @@ class Queue:
         sects = stats.sectors
         moved0 = sects[0] + sects[1]
         batches = 0
+        journal = self.journal
         while True:
             rp = hdr[0]
             fence.rmb()
@@ -250,10 +334,14 @@ class Queue:
                 k = size - first
                 raw = bytes(buf[start:start + k * esz]) + bytes(buf[64:64 + (n - k) * esz])
             ring.req_cons = rp
+            if journal is not None:
+                journal.record(cons, raw, n)
             bad0 = dev.bad_logged
             self._batch(raw, n)
             bad = dev.bad_logged - bad0
+            faultpoint("blkback:respond")             # answered, not yet published
             if ring.push_responses_and_check_notify():
+                faultpoint("blkback:notify")          # published, the event not yet sent
                 evtchn.notify(self.port)
                 stats.notifies += 1
             stats.batch(n, monotonic_ns() - t0)
@@ -752,6 +840,9 @@ class Queue:
         if self.mapping is not None:
             self.mapping.unmap()
             self.mapping = None
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
         if self.port is not None:
             try:
                 self.dev.server.evtchn.unbind(self.port)

@@ -64,6 +64,7 @@ class Device:
         self.use_persistent = False
         self.token = f"pyblkback:{id(self):x}"
         self.written_state = None
+        self.adopted = False                # taken over connected (see adopt, _connect)
         self.error_path = None
         self.bad_logged = 0
         self.next_resize = 0.0
@@ -140,6 +141,7 @@ class Device:
     def adopt(self, be_state):
         """Take the device over in the state another backend (or our dead self) left it."""
         m = self.machine
+        self.adopted = be_state == 4
         m.state = {2: xenbus.INITWAIT, 3: xenbus.INITWAIT, 4: xenbus.INITWAIT,
                    5: xenbus.CLOSING, 6: xenbus.CLOSED}[be_state]
         self.written_state = str(be_state)
@@ -289,7 +291,8 @@ class Device:
                     mapping.unmap()
                     raise
                 try:
-                    q = Queue(i, self, mapping, abi, local)
+                    q = Queue(i, self, mapping, abi, local, ident=refs[0],
+                              journal=self.server.journal_path(self, i))
                 except BaseException:
                     self.server.evtchn.unbind(local)
                     mapping.unmap()
@@ -302,6 +305,17 @@ class Device:
         log.info("%s: connected: %s, %d queue(s) of %d slots, persistent grants %s",
                  self.name, abi.name, nq, self.queues[0].ring.size,
                  "on" if self.use_persistent else "off")
+        if self.adopted:
+            # Taken over from a server that died: requests it took but did not answer are
+            # back in their slots (queue.Journal). Serve them now, and send the frontend an
+            # event, which the dead server may have owed it for responses it published.
+            for q in self.queues:
+                if q.restored:
+                    log.info("%s: queue %d: %d request(s) of the previous server served "
+                             "again", self.name, q.index, q.restored)
+                self.server.evtchn.notify(q.port)
+                if q not in self.server.ready:
+                    self.server.ready.append(q)
 
     def _disconnect(self):
         qs, self.queues = self.queues, []
@@ -336,7 +350,7 @@ class Device:
         if self.io_pool is not None:
             self.io_pool.shutdown(wait=True)
         try:
-            self.storage.close()
+            self.storage.close_for_good()        # gone: not for a successor to take over
         finally:
             if self.on_destroy:
                 self.on_destroy(self)
@@ -409,8 +423,12 @@ class Server:
     (grants unmapped, storage closed) and `run()` returns. A stop with XenStore unreachable
     ends the devices at once too: nothing could be written anyway."""
 
-    def __init__(self, xen, xs_timeout=None):
+    def __init__(self, xen, xs_timeout=None, journal_prefix=None):
         self.xen = xen
+        # where each ring keeps the batch it is answering (queue.Journal), so that a server
+        # started again after a crash serves it again: `<prefix><domid>-<devid>-<queue>`.
+        # None: not kept (a server nobody restarts)
+        self.journal_prefix = journal_prefix
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.xs = XenStore(xen.xenstore_path,
                            timeout=xs_timeout if xs_timeout is not None else XS_TIMEOUT)
@@ -484,6 +502,11 @@ class Server:
             os.write(self.wake_w, b"x")
         except OSError:
             pass
+
+    def journal_path(self, dev, index):
+        if self.journal_prefix is None:
+            return None
+        return f"{self.journal_prefix}{dev.fe_domid}-{dev.be_path.rsplit('/', 1)[-1]}-{index}"
 
     def let_go_all(self):
         """Stop serving every device without a word to XenStore: rings unmapped, ports

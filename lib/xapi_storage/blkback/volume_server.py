@@ -13,11 +13,15 @@ its control socket `<run-dir>/<ID>.ctl` (the run directory is 0700: root only). 
   `mode` and `device-type`, and writes only `state` and the keys a backend publishes: never
   xenopsd's nodes, `hotplug-status` or `physical-device*`. A clean unplug (online=0, state 5)
   ends with state 6; a backend directory that vanishes (hard unplug) unmaps every grant at
-  once. Started again, it re-adopts the devices it finds connected (Server.add_device adopt);
+  once. Started again, it re-adopts the devices it finds connected (Server.add_device adopt)
+  and serves again the requests its dead self had taken but not answered: each ring keeps
+  the batch it is answering in `<run-dir>/<ID>.ring-<domid>-<devid>-<queue>` (queue.Journal);
 * exports the volume over NBD on `<run-dir>/<ID>.nbd`, export name ID (read-only with
   --nonpersistent: the volume itself, as no guest's writes reach it);
 * with --nonpersistent serves each device from its own copy-on-write overlay over FILE
-  (opened read-only, never written): a guest's writes vanish when its device goes;
+  (opened read-only, never written), `.pyblkback-overlay.<ID>.<domid>-<devid>` next to FILE:
+  a guest's writes vanish when its device goes, and survive a restart of the server (the
+  overlay is taken over with the device);
 * answers on the control socket, one JSON object per line: {"op": "ping"} ->
   {"ok": true, "pid", "id", "devices", "domains"}; {"op": "attach", "domain": D} and
   {"op": "detach", "domain": D} keep the set of domains the datapath has attached;
@@ -57,6 +61,45 @@ def nbd_path(run_dir, vid):
     return os.path.join(run_dir, f"{vid}.nbd")
 
 
+def journal_prefix(run_dir, vid):
+    """Each ring's journal is `<run-dir>/<ID>.ring-<domid>-<devid>-<queue>` (queue.Journal)."""
+    return os.path.join(run_dir, f"{vid}.ring-")
+
+
+_JOURNAL_RE = re.compile(r"^\d+-\d+-\d+$")
+
+
+def overlay_path(path, vid, be):
+    """A non-persistent device's overlay: next to the volume (the SR's storage, not dom0's
+    small disk), `.pyblkback-overlay.<ID>.<domid>-<devid>`."""
+    domid, devid = be.rstrip("/").split("/")[-2:]
+    return os.path.join(os.path.dirname(os.path.abspath(path)),
+                        f".pyblkback-overlay.{vid}.{domid}-{devid}")
+
+
+_DEV_RE = re.compile(r"^\d+-\d+$")
+
+
+def own_files(run_dir, vid, path=None):
+    """What the server of `vid` leaves when it is killed, by name: its sockets and ring
+    journals in `run_dir`, and (given the volume's `path`) its devices' overlays."""
+    out = []
+    ring = f"{vid}.ring-"
+    over = f".pyblkback-overlay.{vid}."
+    dirs = [(run_dir, lambda n: n in (f"{vid}.ctl", f"{vid}.nbd") or
+             (n.startswith(ring) and _JOURNAL_RE.match(n[len(ring):])))]
+    if path is not None:
+        dirs.append((os.path.dirname(os.path.abspath(path)),
+                     lambda n: n.startswith(over) and _DEV_RE.match(n[len(over):])))
+    for d, ours in dirs:
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            continue
+        out += [os.path.join(d, n) for n in names if ours(n)]
+    return out
+
+
 class VolumeServer:
     """The server of one volume (see the module docstring); `step()` until `done`."""
 
@@ -81,7 +124,8 @@ class VolumeServer:
         # the one open storage of the volume (devices borrow it; with nonpersistent only
         # the NBD export uses it, read-only: each device has its own overlay)
         self.storage = open_storage(backend, path, readonly=readonly or nonpersistent)
-        self.server = Server(xen, xs_timeout=xs_timeout)
+        self.server = Server(xen, xs_timeout=xs_timeout,
+                             journal_prefix=journal_prefix(run_dir, vid))
         self.ctl = None
         self.nbd = None
         try:
@@ -133,7 +177,10 @@ class VolumeServer:
             return
         ro = self.readonly or "w" not in xs.read(f"{be}/mode", "w")
         if self.nonpersistent:
-            storage = self._open_storage("cow", self.path, readonly=ro)
+            # a device taken over connected keeps the overlay its guest has been writing to
+            storage = self._open_storage("cow", self.path, readonly=ro,
+                                         overlay_path=overlay_path(self.path, self.vid, be),
+                                         resume=state == "4")
         else:
             storage = self._Borrowed(self.storage, readonly=ro)
         try:

@@ -19,10 +19,12 @@ URI: `pyblkback:///<percent-encoded absolute path>` (a regular file, or a block 
   qemuback splits qdisk params on ':' and takes `vdi:` values for its own).
 * NONPERSISTENT: after `Datapath.open(persistent=false)` the server gives each device its
   own copy-on-write overlay over the volume (the file is only ever opened read-only): a
-  guest's writes vanish with its device, and two guests have two overlays. Its NBD export is
+  guest's writes vanish with its device (and survive a restart of the server), and two
+  guests have two overlays. Its NBD export is
   then the volume itself, read-only.
 * The last detach stops the server (it exits once no device is left) and waits for it, a
-  bounded time.
+  bounded time, then removes whatever a killed server left (its sockets and its rings'
+  journals in the run directory, its non-persistent devices' overlays next to the volume).
 
 Lifecycle, state and crash safety: `xapi_storage.datapath.lifecycle`.
 """
@@ -39,7 +41,7 @@ from .lifecycle import Lifecycle, datapath_error, plugin_class, volume_id
 SCHEME = "pyblkback"
 RUN_ENV = "XAPI_STORAGE_PYBLKBACK_RUN"
 LOG_ENV = "XAPI_STORAGE_PYBLKBACK_LOG"
-SYSTEMD_ENV = "XAPI_STORAGE_PYBLKBACK_SYSTEMD"     # "0": never use systemd-run
+SYSTEMD_ENV = "XAPI_STORAGE_PYBLKBACK_SYSTEMD"     # "0": never use systemd-run; "1": always
 DEFAULT_LOG_DIR = "/var/log/xapi-storage"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
@@ -80,15 +82,20 @@ def ping(vid):
 
 
 def _systemd():
-    if os.environ.get(SYSTEMD_ENV) == "0":
+    """systemd-run's path where servers go under systemd: where systemd is PID 1 (or
+    XAPI_STORAGE_PYBLKBACK_SYSTEMD=1 says so); never with XAPI_STORAGE_PYBLKBACK_SYSTEMD=0."""
+    import shutil
+    want = os.environ.get(SYSTEMD_ENV)
+    if want == "0":
         return None
+    if want == "1":
+        return shutil.which("systemd-run")
     try:
         with open("/proc/1/comm") as f:
             if f.read().strip() != "systemd":
                 return None
     except OSError:
         return None
-    import shutil
     return shutil.which("systemd-run")
 
 
@@ -136,8 +143,10 @@ def spawn(uri, vid, path, backend, nonpersistent, domains):
         unit = f"pyblkback-{vid}"
         env = [f"--setenv={k}={v}" for k, v in os.environ.items()
                if k in ("XAPI_STORAGE_XEN", "PYTHONPATH")]
-        cmd = [run, "--quiet", "--collect", f"--unit={unit}",
-               "--property=KillMode=mixed", "--property=TimeoutStopSec=20"] + env + argv
+        # only what systemd 219 (XenServer 8 / XCP-ng 8.3 dom0) knows: no --collect (the
+        # reset-failed above does its work), no TimeoutStopSec property ("Unknown assignment")
+        cmd = [run, f"--unit={unit}", f"--description=pyblkback server of {vid}",
+               "--property=KillMode=mixed"] + env + argv
         # a unit of that name left failed by a SIGKILLed server is reset first
         subprocess.run(["systemctl", "reset-failed", unit + ".service"],
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -278,6 +287,13 @@ class Datapath(Lifecycle):
             raise datapath_error("Datapath_server_busy", uri,
                                  f"the server of {vid} still serves a device after "
                                  f"{STOP_TIMEOUT:g} s (unplug it first)")
+        # a server that was killed (and not needed again) left its sockets and ring
+        # journals behind: nobody will read them now
+        for f in _vsrv().own_files(run_dir(), vid, (resources or {}).get("path")):
+            try:
+                os.unlink(f)
+            except FileNotFoundError:
+                pass
 
     # A repeated attach or activate changes no state, so no hook runs: check the server
     # then too (a server found dead is started again and re-adopts its devices).

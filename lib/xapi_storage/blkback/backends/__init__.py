@@ -10,6 +10,8 @@ The server talks to a backend through `Storage` only:
     flush()                     make every completed write durable (fdatasync/fsync)
     discard(offset, length)     drop the range (punch hole / BLKDISCARD)
     close()
+    close_for_good()            close when the device is gone for good (not handed to a
+                                successor): what only it had (a cow's named overlay) goes too
 
 `offset`/`length` are bytes, multiples of 512, already checked against size() by the server;
 backends check again (a request outside the disk is a bug, never I/O). Kinds: raw, block,
@@ -56,6 +58,9 @@ class Storage:
 
     def flush(self):
         pass
+
+    def close_for_good(self):
+        self.close()
 
     def discard(self, offset, length):
         raise StorageError(errno.EOPNOTSUPP, f"{self.kind} storage cannot discard")
@@ -148,6 +153,9 @@ class Borrowed(Storage):
     def close(self):
         pass
 
+    def close_for_good(self):
+        pass
+
 
 def open_checked(path, flags, is_kind, hint):
     """Open `path` for a backend and check its type with `is_kind` (stat.S_ISREG, ...).
@@ -172,7 +180,7 @@ KINDS = ("raw", "cow", "null", "block")
 
 
 def open_storage(kind, path=None, readonly=False, size=None, overlay_dir=None,
-                 read_mode="preadv"):
+                 read_mode="preadv", overlay_path=None, resume=False):
     """Open a storage backend.
 
     raw    a regular file (preadv/pwritev straight into the guest's pages; read_mode="mmap"
@@ -183,7 +191,9 @@ def open_storage(kind, path=None, readonly=False, size=None, overlay_dir=None,
            size of `path` if given
     cow    copy-on-write over the gold image `path`, which is only ever opened read-only;
            writes go to a sparse overlay file (in `overlay_dir`, default next to the image)
-           that is unlinked at once and so vanishes on close, even on a crash
+           that is unlinked at once and so vanishes on close, even on a crash; or, with
+           `overlay_path`, a named one that outlives the process and that `resume` takes
+           over (the volume server's, see cow.py)
     """
     if kind == "raw":
         from .raw import RawFile
@@ -200,5 +210,6 @@ def open_storage(kind, path=None, readonly=False, size=None, overlay_dir=None,
         return Null(size, readonly=readonly)
     if kind == "cow":
         from .cow import CopyOnWrite
-        return CopyOnWrite(path, readonly=readonly, overlay_dir=overlay_dir)
+        return CopyOnWrite(path, readonly=readonly, overlay_dir=overlay_dir,
+                           overlay_path=overlay_path, resume=resume)
     raise ValueError(f"unknown backend {kind!r}: expected one of {', '.join(KINDS)}")
