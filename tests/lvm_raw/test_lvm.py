@@ -471,6 +471,29 @@ def test_a_killed_revert_leaves_the_old_or_the_reverted_volume(tmp_path, left, s
         lvm_raw.set_lvm(None)
 
 
+@pytest.mark.parametrize("left, listed_from", [
+    ({".old": "old", ".rv": "new"}, "new"),      # between the two renames
+    ({"": "old", ".rv": "new"}, "old"),          # copying
+])
+def test_sr_ls_during_a_running_revert_lists_the_volume_and_changes_nothing(tmp_path, left,
+                                                                           listed_from):
+    uuid = "9e570000-1111-4222-8333-000000000010"
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+    for suffix, data in left.items():
+        model.lvs[KEY + suffix] = {"size": (8 if data == "new" else 4) << 20, "open": False,
+                                   "data": data, "tags": _vol_tags(KEY, reverting=True)}
+    lvm_raw.set_lvm(lvm.LVM(runner=model, lock_dir=str(tmp_path)))
+    try:
+        with lvm_raw._VolumeLock(vg, KEY):      # the revert's own lock: it is running
+            [v] = lvm_raw.SR().ls("dbg", vg)
+        assert v["key"] == KEY and v["virtual_size"] == (8 if listed_from == "new" else 4) << 20
+        assert sorted(model.lvs) == sorted(KEY + s for s in left)
+        assert not [c for c in model.calls if c[0] in ("lvrename", "lvremove", "lvchange")]
+    finally:
+        lvm_raw.set_lvm(None)
+
+
 def test_revert_refuses_itself_a_snapshot_target_and_an_open_volume(tmp_path):
     uuid = "9e570000-1111-4222-8333-00000000000e"
     vg = lvm_raw.VG_PREFIX + uuid

@@ -784,6 +784,16 @@ class SR(base.SR):
             with _VolumeLock(vg, row["name"], blocking=False) as lock:
                 if lock.lock is not None:       # else a call on it is running
                     _settle(vg, row["name"], row, lock)
+        # a revert running between its two renames: the volume is listed from the LV that
+        # holds its data at that moment (a ready <key>.rv, else <key>.old), so that a scan
+        # never misses it (xapi forgets a VDI that SR.ls leaves out)
+        by_name = {r["name"]: r for r in rows}
+        for key in sorted(k for k in reverts if k not in by_name):
+            left = _revert_leftovers(key, by_name)
+            for suffix in (REVERT_NEW, REVERT_OLD):
+                if suffix in left and left[suffix][1].get("state") == "ready":
+                    result.append(_volume(vg, srrec, left[suffix][1], left[suffix][0]))
+                    break
         return result
 
 
