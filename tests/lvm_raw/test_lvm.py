@@ -329,22 +329,13 @@ class ModelLVM2:
         lv = self.lvs[name]
         return dict(self.vg, lv_name=name, lv_uuid=lv.get("data", name),
                     lv_size=str(lv["size"]), lv_attr="",
-                    lv_active="active" if lv.get("active", True) else "",
-                    lv_device_open="open" if lv["open"] else "",
+                    lv_active="active", lv_device_open="open" if lv["open"] else "",
                     pool_lv="", segtype="linear", data_percent="", metadata_percent="",
                     lv_tags=",".join(lv["tags"]))
 
     def __call__(self, args):
         self.calls.append(list(args))
         cmd, target = args[0], args[-1]
-        if cmd == "lvchange" and "-a" in args:      # lvchange -qq -a y|n VG/LV...
-            for name in [a.partition("/")[2] for a in args[args.index("-a") + 2:]]:
-                if name not in self.lvs:
-                    return 5, "", f'  Failed to find logical volume "{name}"\n'
-                if self.lvs[name]["open"] and args[args.index("-a") + 1] == "n":
-                    return 5, "", f"  Logical volume {name} in use.\n"
-                self.lvs[name]["active"] = args[args.index("-a") + 1] == "y"
-            return 0, "", ""
         if cmd == "lvrename":           # lvrename VG OLD NEW
             target = f"{args[-3]}/{args[-2]}"
         vg, _, name = target.partition("/")

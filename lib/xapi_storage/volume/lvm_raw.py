@@ -683,8 +683,9 @@ class SR(base.SR):
         if row["missing_pvs"]:
             raise XenAPIError("SR_BACKEND_FAILURE", [
                 "SR is not reachable", vg, f"{row['missing_pvs']} physical volume(s) missing"])
-        # no LV is activated here: the datapath's attach activates the one it plugs
-        # (datapath/lvm_activation.py), so only the host that runs the VM has it active
+        ours = [r["name"] for r in get_lvm().lvs(vg)
+                if VOL_TAG in r["tags"] and not r["active"]]
+        get_lvm().activate(vg, ours)
         if datapath is not None and datapath != rec.get("datapath"):
             _update_sr(vg, lambda r: r.__setitem__("datapath", datapath))
         return vg
