@@ -98,10 +98,10 @@ def test_a_planted_defect_fails_exactly_its_check(defect, toy, conformance, tmp_
         assert _loops_on(str(tmp_path)) == [], report.table()
 
 
-def _cli(*args):
+def _cli(*args, env=None, preexec_fn=None):
     return subprocess.run([sys.executable, "-m", "xapi_storage.cli", "conformance"] + list(args),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=600)
+                          universal_newlines=True, timeout=600, env=env, preexec_fn=preexec_fn)
 
 
 def test_usage_errors_of_a_datapath_run_exit_2(tmp_path):
@@ -116,6 +116,25 @@ def test_usage_errors_of_a_datapath_run_exit_2(tmp_path):
     vol.mkdir(parents=True)
     out = _cli(str(vol), "--uri", "x://y")
     assert out.returncode == 2 and "--uri is for a datapath plugin" in out.stderr
+
+
+@pytest.mark.parametrize("uri", ["blkback://{file}", "blkback://{loop}"])
+def test_scratch_storage_the_run_cannot_make_is_a_clear_error(uri, install_plugin, tmp_path):
+    """A scratch file the filesystem refuses (here: a file size limit under --size, as a full
+    or quota-bound filesystem refuses it): one line saying so, exit 2, no traceback, and the
+    run's scratch directory gone."""
+    import resource
+    d = _install(install_plugin, "xapi_storage.datapath.blkback")
+    scratch = _scratch(tmp_path)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
+    out = _cli(d, "--uri", uri, env=_env(tmp_path, TMPDIR=scratch), preexec_fn=limit)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "cannot make the scratch storage of --uri" in out.stderr, out.stderr
+    assert "nothing was checked" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert os.listdir(scratch) == []
+    assert _loops_on(scratch) == []
 
 
 def test_list_names_the_datapath_checks():

@@ -18,10 +18,10 @@ import time
 from . import checks as _checks
 from .caller import Caller
 from .checks import CHECKS, Options
-from .datapath import DATAPATH_CHECKS, DatapathContext
+from .datapath import DATAPATH_CHECKS, DatapathContext, SetupError
 
 __all__ = ["run", "Options", "Report", "Result", "CHECKS", "DATAPATH_CHECKS", "plugin_kind",
-           "checks_for"]
+           "checks_for", "SetupError"]
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
@@ -92,7 +92,8 @@ def checks_for(kind):
 def run(plugin_dir, options=None, progress=None):
     """Run the checks against the plugin installed in `plugin_dir` (a volume plugin, or a
     datapath plugin with options.uris); return a Report. `progress(result)` is called after
-    each check."""
+    each check. SetupError (after removing what the run made) when a datapath plugin's run
+    cannot make its scratch storage."""
     options = options or Options()
     t0 = time.monotonic()
     kind, name = plugin_kind(plugin_dir)

@@ -100,7 +100,7 @@ def _hook(command):
 
 
 def run(args):
-    from . import CHECKS, DATAPATH_CHECKS, Options, checks_for, plugin_kind
+    from . import CHECKS, DATAPATH_CHECKS, Options, SetupError, checks_for, plugin_kind
     from . import run as run_checks
     if args.list:
         for title, checks in (("volume plugin", CHECKS), ("datapath plugin", DATAPATH_CHECKS)):
@@ -163,6 +163,9 @@ def run(args):
         print("xapi-storage conformance: interrupted; what the run made was destroyed",
               file=sys.stderr)
         return 130
+    except SetupError as e:
+        print(f"xapi-storage conformance: {e}; nothing was checked", file=sys.stderr)
+        return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
     _write(report.table())

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +33,12 @@ DATAPATH_CHECKS = []        # [checks.Check], in running order
 STAND_IN = "org.xen.xapi.storage.conformance-uri"
 SR = "conformance-sr"
 PLACEHOLDERS = ("{file}", "{loop}")
+
+
+class SetupError(Exception):
+    """The run could not make its own scratch storage (a full or read-only scratch
+    directory, a --size the filesystem cannot hold, no free loop device): nothing was checked,
+    and what the run had made is removed."""
 
 _STAND_IN_SOURCE = '''\
 #!{python} -IS
@@ -77,8 +84,11 @@ class DatapathContext(_c.Context):
     def __init__(self, plugin_dir, options):
         self.plugin_dir = os.path.abspath(plugin_dir)
         self.scheme = os.path.basename(self.plugin_dir)
-        self.work = tempfile.mkdtemp(prefix="xapi-storage-conformance.",
-                                     dir=options.scratch_dir)
+        try:
+            self.work = tempfile.mkdtemp(prefix="xapi-storage-conformance.",
+                                         dir=options.scratch_dir)
+        except OSError as e:
+            raise SetupError(f"cannot make the run's scratch directory: {e}") from None
         self.root = os.path.join(self.work, "root")
         os.makedirs(os.path.join(self.root, "datapath"))
         link = os.path.join(self.root, "datapath", self.scheme)
@@ -103,17 +113,7 @@ class DatapathContext(_c.Context):
         for i, template in enumerate(self.opts.uris):
             uri = template
             if any(p in template for p in PLACEHOLDERS):
-                path = os.path.join(self.work, f"volume{i}.img")
-                with open(path, "wb") as f:
-                    f.truncate(size)
-                self.scratch.append(path)
-                self.scratch_of[f"conformance-{i}"] = path
-                uri = uri.replace("{file}", path)
-                if "{loop}" in uri:
-                    from ..scratch import _run
-                    dev = _run(["losetup", "-f", "--show", path]).stdout.strip()
-                    self.loops.append(dev)
-                    uri = uri.replace("{loop}", dev)
+                uri = self._scratch_for(i, template, size)
             key = f"conformance-{i}"
             self.uris.append(uri)
             self.keys.append(key)
@@ -129,6 +129,26 @@ class DatapathContext(_c.Context):
             f.write(_STAND_IN_SOURCE.format(python=sys.executable))
         os.chmod(exe, 0o755)
         self.daemon.register()
+
+    def _scratch_for(self, i, template, size):
+        """The URI of `template` with {file} and {loop} replaced by a sparse file of `size`
+        bytes the run makes (and a loop device over it); SetupError if it cannot be made."""
+        from ..scratch import ScratchLeft, _run
+        path = os.path.join(self.work, f"volume{i}.img")
+        try:
+            self.scratch.append(path)
+            with open(path, "wb") as f:
+                f.truncate(size)
+            self.scratch_of[f"conformance-{i}"] = path
+            uri = template.replace("{file}", path)
+            if "{loop}" in uri:
+                dev = _run(["losetup", "-f", "--show", path]).stdout.strip()
+                self.loops.append(dev)
+                uri = uri.replace("{loop}", dev)
+        except (OSError, ScratchLeft, subprocess.TimeoutExpired) as e:
+            raise SetupError(f"cannot make the scratch storage of --uri {template!r} "
+                             f"({size} bytes in {self.work}): {e}") from None
+        return uri
 
     def unplug_all(self):
         """Deactivate and detach every (key, domain) still in `plugged`, then (with
