@@ -98,6 +98,20 @@ def test_a_planted_defect_fails_exactly_its_check(defect, toy, conformance, tmp_
         assert _loops_on(str(tmp_path)) == [], report.table()
 
 
+def test_bad_uris_also_names_a_missing_file_in_a_loop_uri(toy, conformance, tmp_path):
+    """A datapath that takes block devices ({loop}) is also given a path that does not exist:
+    the toy's planted bad-uris defect (a made-up backend for it) fails the check there too."""
+    state = tmp_path / "state"
+    state.mkdir()
+    report = conformance(toy, uris=["blkback://{loop}"], only=["bad-uris"],
+                         scratch_dir=_scratch(tmp_path),
+                         env=_env(tmp_path, CONFORMANCE_DEFECT="bad-uris",
+                                  CONFORMANCE_STATE=str(state)))
+    assert [r.name for r in report.failed] == ["bad-uris"], report.table()
+    assert "a file that does not exist" in report.failed[0].detail
+    assert report.teardown == [] and _loops_on(str(tmp_path)) == [], report.table()
+
+
 def _cli(*args, env=None, preexec_fn=None):
     return subprocess.run([sys.executable, "-m", "xapi_storage.cli", "conformance"] + list(args),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -432,10 +432,11 @@ def bad_uris(ctx):
     cases = [("another scheme", {"uri": "conformance-no-such-scheme:///nothing"}),
              ("uri is a number", {"uri": 42}), ("no uri", {})]
     for i, template in enumerate(ctx.opts.uris):
-        if "{file}" in template:
+        if any(p in template for p in PLACEHOLDERS):
             missing = ctx.scratch_of[ctx.keys[i]] + ".no-such-file"
-            cases.append(("a file that does not exist",
-                          {"uri": template.replace("{file}", missing)}))
+            for p in PLACEHOLDERS:
+                template = template.replace(p, missing)
+            cases.append(("a file that does not exist", {"uri": template}))
             break
     for what, request in cases + [("stdin not JSON", None)]:
         if request is None:
