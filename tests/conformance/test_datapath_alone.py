@@ -180,9 +180,11 @@ def test_pyblkback_passes_every_check_on_the_simulated_xen(install_plugin, confo
         shutil.rmtree(run, ignore_errors=True)
 
 
-def test_sigterm_mid_run_leaves_nothing(install_plugin, tmp_path):
-    """A CI job cancelled during the run: exit 130 after the teardown unplugged everything and
-    removed the scratch loop device and file."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_mid_run_leaves_nothing(sig, install_plugin, tmp_path):
+    """A CI job cancelled during the run (SIGTERM), an operator's ssh session gone (SIGHUP):
+    exit 130 after the teardown unplugged everything and removed the scratch loop device and
+    file."""
     import signal
     import time
     d = _install(install_plugin, "xapi_storage.datapath.blkback")
@@ -192,10 +194,29 @@ def test_sigterm_mid_run_leaves_nothing(install_plugin, tmp_path):
                           "blkback://{loop}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          universal_newlines=True, env=env)
     time.sleep(1.0)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(getattr(signal, sig))
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, out + err
     assert "interrupted; what the run made was destroyed" in err
     assert os.listdir(scratch) == []
     assert _loops_on(scratch) == []
     assert not any(f for _, _, f in os.walk(str(tmp_path / "dpstate")))
+
+
+def test_a_signal_during_the_teardown_waits_for_it(toy, tmp_path):
+    """SIGTERM mid-check, then again at every deactivate (the check's own unplug and the
+    teardown's): the teardown still unplugs everything and removes the loop device and the
+    scratch file, then the run ends as interrupted (exit 130)."""
+    scratch = _scratch(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    env = _env(tmp_path, TMPDIR=scratch, CONFORMANCE_DEFECT="signals",
+               CONFORMANCE_STATE=str(state))
+    out = _cli(toy, "--uri", "blkback://{loop}", "--only", "vm-lifecycle", env=env)
+    assert out.returncode == 130, out.stdout + out.stderr
+    assert "interrupted; what the run made was destroyed" in out.stderr
+    assert os.path.exists(state / "signalled")
+    assert os.listdir(scratch) == []
+    assert _loops_on(scratch) == []
+    assert not any(f for _, _, f in os.walk(str(tmp_path / "dpstate")))
+

@@ -13,6 +13,8 @@ on the URIs of Options(uris=[...]).
 """
 
 import os
+import signal
+import threading
 import time
 
 from . import checks as _checks
@@ -114,9 +116,37 @@ def run(plugin_dir, options=None, progress=None):
                 progress(results[-1])
     finally:
         ctx.check_name = "teardown"
-        teardown = ctx.teardown()
+        with _signals_held():
+            teardown = ctx.teardown()
     return Report(os.path.abspath(plugin_dir), ctx.query, results, teardown,
                   time.monotonic() - t0)
+
+
+class _signals_held:
+    """SIGINT, SIGTERM and SIGHUP wait until the block is done (the teardown: every call in it
+    has the run's timeout), then are sent again to this process under their own handlers: a
+    second Ctrl-C or a CI job's repeated SIGTERM cannot cut the teardown short and leave a
+    volume plugged, a loop device or a scratch file behind. Outside the main thread (where
+    Python cannot set handlers) the block runs as it is."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self):
+        self.held, self.previous = [], {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.held.append(signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        for sig in sorted(set(self.held)):
+            os.kill(os.getpid(), sig)
+        return False
 
 
 def _run_check(ctx, chk):

@@ -154,9 +154,10 @@ def run(args):
     def progress(result):
         print(f"  {result.name}: {result.status}", file=sys.stderr)
 
-    # SIGTERM (a CI job cancelled, a service stopped) ends the run like Ctrl-C: through the
-    # teardown, which destroys what the run made
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM (a CI job cancelled, a service stopped) and SIGHUP (the operator's terminal or
+    # ssh session gone) end the run like Ctrl-C: through the teardown, which destroys what the
+    # run made
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         report = run_checks(args.plugin_dir, options, progress=progress)
     except KeyboardInterrupt:
@@ -167,7 +168,8 @@ def run(args):
         print(f"xapi-storage conformance: {e}; nothing was checked", file=sys.stderr)
         return 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     _write(report.table())
     if args.junit:
         with open(args.junit, "w", encoding="utf-8") as f:

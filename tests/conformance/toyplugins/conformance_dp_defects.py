@@ -3,10 +3,13 @@ alone: our blkback datapath declaring NONPERSISTENT (its open and close hooks do
 which the checks cannot tell from discarding), with ONE planted defect chosen by
 CONFORMANCE_DEFECT (the name of the datapath check it must make fail; unset = none).
 CONFORMANCE_STATE is a directory for the defects' markers. The defect `plugin-query` is
-planted by the test itself: it removes the installed Datapath.detach executable."""
+planted by the test itself: it removes the installed Datapath.detach executable.
+CONFORMANCE_DEFECT=signals is no check's defect: the run is sent SIGTERM during VM start's
+activate and again at every later deactivate (a repeated SIGTERM, also during the teardown)."""
 
 import json
 import os
+import signal
 import time
 
 from xapi_storage.datapath import blkback
@@ -76,10 +79,15 @@ class Datapath(blkback.Datapath):
         if DEFECT == "vm-lifecycle" and domain == "7" and _once_more("activate", domain):
             _fail("Already active", uri, domain)             # a retried VBD plug fails
         super().activate(dbg, uri, domain)
+        if DEFECT == "signals" and domain == "7" and not _once_more("signalled"):
+            os.kill(os.getppid(), signal.SIGTERM)           # the run is cancelled here
+            time.sleep(30)
         if DEFECT == "live-migration" and domain.isdigit():
             open(_marker("active", domain), "w").close()
 
     def deactivate(self, dbg, uri, domain):
+        if DEFECT == "signals" and os.path.exists(_marker("signalled")):
+            os.kill(os.getppid(), signal.SIGTERM)           # and cancelled again
         super().deactivate(dbg, uri, domain)
         if DEFECT == "live-migration":
             try:
