@@ -112,6 +112,22 @@ def test_bad_uris_also_names_a_missing_file_in_a_loop_uri(toy, conformance, tmp_
     assert report.teardown == [] and _loops_on(str(tmp_path)) == [], report.table()
 
 
+@pytest.mark.parametrize("defect", ["", "dom0-plug"])
+def test_the_unplug_after_a_failed_check_closes_only_what_was_opened(defect, toy, conformance,
+                                                                     tmp_path):
+    """With NONPERSISTENT, the unplug after a failed check ends an epoch (Datapath.close) only
+    where one was begun (Datapath.open), as the toolstack does: a plugin that refuses to close
+    what it never opened is not blamed for it in the teardown."""
+    state = tmp_path / "state"
+    state.mkdir()
+    report = conformance(toy, uris=["blkback://{file}"], repeat=2, parallel=3,
+                         scratch_dir=_scratch(tmp_path),
+                         env=_env(tmp_path, CONFORMANCE_DEFECT=defect, CONFORMANCE_STRICT_CLOSE="1",
+                                  CONFORMANCE_STATE=str(state)))
+    assert [r.name for r in report.failed] == ([defect] if defect else []), report.table()
+    assert report.teardown == [], report.table()
+
+
 def _cli(*args, env=None, preexec_fn=None):
     return subprocess.run([sys.executable, "-m", "xapi_storage.cli", "conformance"] + list(args),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -99,6 +99,7 @@ class DatapathContext(_c.Context):
         self.sr = SR
         self.uris, self.keys, self.scratch, self.loops = [], [], [], []
         self.scratch_of = {}        # key -> the scratch file of its URI ({file}, {loop})
+        self.epochs = set()         # keys whose VDI.epoch_begin ran (epoch_end may be owed)
         self.unplug_problems = []
 
     def setup(self):
@@ -152,8 +153,11 @@ class DatapathContext(_c.Context):
 
     def unplug_all(self):
         """Deactivate and detach every (key, domain) still in `plugged`, then (with
-        NONPERSISTENT) end its epoch; problems are kept for the teardown's report."""
-        keys = sorted({k for k, _ in self.plugged})
+        NONPERSISTENT) end its epoch if one was begun (the toolstack never calls epoch_end,
+        Datapath.close, without epoch_begin, Datapath.open); problems are kept for the
+        teardown's report."""
+        keys = sorted({k for k, _ in self.plugged} & self.epochs)
+        self.epochs.clear()
         for key, domain in sorted(self.plugged):
             try:
                 self.daemon.dp_destroy(self.dbg(), self.plugin, self.sr, key, domain)
@@ -188,6 +192,8 @@ class DatapathContext(_c.Context):
         """A VM start without XenStore: VDI.epoch_begin `epochs` times (Datapath.open with
         NONPERSISTENT), then attach and activate, `repeat` times (retried plugs)."""
         self.plugged.add((key, domain))
+        if epochs:
+            self.epochs.add(key)
         try:
             for _ in range(epochs):
                 self.daemon.epoch_begin(self.dbg(), self.plugin, self.sr, key,

@@ -5,7 +5,9 @@ CONFORMANCE_DEFECT (the name of the datapath check it must make fail; unset = no
 CONFORMANCE_STATE is a directory for the defects' markers. The defect `plugin-query` is
 planted by the test itself: it removes the installed Datapath.detach executable.
 CONFORMANCE_DEFECT=signals is no check's defect: the run is sent SIGTERM during VM start's
-activate and again at every later deactivate (a repeated SIGTERM, also during the teardown)."""
+activate and again at every later deactivate (a repeated SIGTERM, also during the teardown).
+CONFORMANCE_STRICT_CLOSE=1 (no defect): Datapath.close refuses a volume Datapath.open never
+opened, as a plugin may: the toolstack never closes what it did not open."""
 
 import json
 import os
@@ -18,6 +20,7 @@ from xapi_storage.sdk import errors, wire
 
 DEFECT = os.environ.get("CONFORMANCE_DEFECT", "")
 STATE = os.environ.get("CONFORMANCE_STATE", "/nonexistent")
+STRICT_CLOSE = os.environ.get("CONFORMANCE_STRICT_CLOSE") == "1"
 
 
 def _marker(*parts):
@@ -41,7 +44,15 @@ class Datapath(blkback.Datapath):
     def open(self, dbg, uri, persistent):
         if DEFECT == "nonpersistent" and not persistent:    # declares it, refuses it
             _fail("Non-persistent open not supported", uri)
-        return super().open(dbg, uri, persistent)
+        result = super().open(dbg, uri, persistent)
+        if STRICT_CLOSE:
+            open(_marker("open", uri), "w").close()
+        return result
+
+    def close(self, dbg, uri):
+        if STRICT_CLOSE and not os.path.exists(_marker("open", uri)):
+            _fail("Datapath.close of a volume never opened", uri)
+        return super().close(dbg, uri)
 
     def attach(self, dbg, uri, domain):
         if DEFECT == "bad-uris" and not os.path.exists(blkback.path_of(uri)):
