@@ -139,7 +139,10 @@ def test_usage_errors_of_a_datapath_run_exit_2(tmp_path):
     d.mkdir(parents=True)
     for args, says in (([], "give --uri"), (["--uri", "nbd://x"], "its scheme is not"),
                        (["--uri", "acme+nbd://{file}", "-c", "a=b"], "for a volume plugin"),
-                       (["--uri", "acme+nbd://{file}", "--size", "10"], "at least 1 MiB")):
+                       (["--uri", "acme+nbd://{file}", "--size", "10"], "at least 1 MiB"),
+                       (["--uri", "acme+nbd://{file}", "--timeout", "inf"], "above 0"),
+                       (["--uri", "acme+nbd://{file}", "--timeout", "nan"], "above 0"),
+                       (["--uri", "acme+nbd://{file}", "--timeout", "0"], "above 0")):
         out = _cli(str(d), *args)
         assert out.returncode == 2 and says in out.stderr, (args, out.stderr)
     vol = tmp_path / "volume" / "org.xen.xapi.storage.x"

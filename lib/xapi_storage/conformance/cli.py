@@ -112,6 +112,10 @@ def run(args):
         print("xapi-storage conformance: give the plugin's directory (see --help)",
               file=sys.stderr)
         return 2
+    if not 0 < args.timeout < float("inf"):        # also refuses nan
+        print(f"xapi-storage conformance: --timeout {args.timeout}: a number of seconds "
+              "above 0 (no call may wait forever)", file=sys.stderr)
+        return 2
     kind, _ = plugin_kind(args.plugin_dir)
     if not os.path.isdir(args.plugin_dir) or kind not in ("volume", "datapath"):
         print(f"xapi-storage conformance: {args.plugin_dir} is not an installed plugin "
