@@ -229,6 +229,7 @@ def test_a_signal_during_the_teardown_waits_for_it(toy, tmp_path):
     scratch = _scratch(tmp_path)
     state = tmp_path / "state"
     state.mkdir()
+    (state / "registered").touch()          # the signal at the registration: the test below
     env = _env(tmp_path, TMPDIR=scratch, CONFORMANCE_DEFECT="signals",
                CONFORMANCE_STATE=str(state))
     out = _cli(toy, "--uri", "blkback://{loop}", "--only", "vm-lifecycle", env=env)
@@ -238,4 +239,18 @@ def test_a_signal_during_the_teardown_waits_for_it(toy, tmp_path):
     assert os.listdir(scratch) == []
     assert _loops_on(scratch) == []
     assert not any(f for _, _, f in os.walk(str(tmp_path / "dpstate")))
+
+
+def test_a_signal_at_the_registration_leaves_nothing(toy, tmp_path):
+    """SIGTERM while the daemon's registration (Plugin.Query, before any check) runs: exit 130
+    and the run's temporary plugin root is gone."""
+    scratch = _scratch(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    env = _env(tmp_path, TMPDIR=scratch, CONFORMANCE_DEFECT="signals",
+               CONFORMANCE_STATE=str(state))
+    out = _cli(toy, "--uri", "blkback://{file}", env=env)
+    assert out.returncode == 130, out.stdout + out.stderr
+    assert os.path.exists(state / "registered")
+    assert os.listdir(scratch) == []
 

@@ -89,17 +89,22 @@ class DatapathContext(_c.Context):
                                          dir=options.scratch_dir)
         except OSError as e:
             raise SetupError(f"cannot make the run's scratch directory: {e}") from None
-        self.root = os.path.join(self.work, "root")
-        os.makedirs(os.path.join(self.root, "datapath"))
-        link = os.path.join(self.root, "datapath", self.scheme)
-        os.symlink(self.plugin_dir, link)
-        caller = Caller(link, timeout=options.timeout, env=options.env)
-        super().__init__(caller, options, None)
+        try:
+            self.root = os.path.join(self.work, "root")
+            os.makedirs(os.path.join(self.root, "datapath"))
+            link = os.path.join(self.root, "datapath", self.scheme)
+            os.symlink(self.plugin_dir, link)
+            caller = Caller(link, timeout=options.timeout, env=options.env)
+            super().__init__(caller, options, None)     # the daemon's registration runs here
+        except BaseException:       # a signal during the registration: no teardown will run
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
         self.plugin = STAND_IN
         self.sr = SR
         self.uris, self.keys, self.scratch, self.loops = [], [], [], []
         self.scratch_of = {}        # key -> the scratch file of its URI ({file}, {loop})
         self.epochs = set()         # keys whose VDI.epoch_begin ran (epoch_end may be owed)
+        self.closing = set()        # keys whose epoch_end the unplug owes (kept if cut short)
         self.unplug_problems = []
 
     def setup(self):
@@ -156,8 +161,7 @@ class DatapathContext(_c.Context):
         NONPERSISTENT) end its epoch if one was begun (the toolstack never calls epoch_end,
         Datapath.close, without epoch_begin, Datapath.open); problems are kept for the
         teardown's report."""
-        keys = sorted({k for k, _ in self.plugged} & self.epochs)
-        self.epochs.clear()
+        self.closing.update(k for k, _ in self.plugged if k in self.epochs)
         for key, domain in sorted(self.plugged):
             try:
                 self.daemon.dp_destroy(self.dbg(), self.plugin, self.sr, key, domain)
@@ -166,12 +170,15 @@ class DatapathContext(_c.Context):
                                             f"{self.check_name}: {e}")
         self.plugged.clear()
         if _daemon.NONPERSISTENT in self.daemon.datapaths.get(self.scheme, ()):
-            for key in keys:
+            for key in sorted(self.closing):
                 try:
                     self.daemon.epoch_end(self.dbg(), self.plugin, self.sr, key)
                 except _daemon.ScriptError as e:
                     self.unplug_problems.append(f"epoch_end of {key} after {self.check_name}: "
                                                 f"{e}")
+                self.closing.discard(key)
+        self.closing.clear()
+        self.epochs.clear()         # not before: an unplug cut short is done again in full
 
     def teardown(self, report=None):
         self.unplug_all()

@@ -4,8 +4,10 @@ which the checks cannot tell from discarding), with ONE planted defect chosen by
 CONFORMANCE_DEFECT (the name of the datapath check it must make fail; unset = none).
 CONFORMANCE_STATE is a directory for the defects' markers. The defect `plugin-query` is
 planted by the test itself: it removes the installed Datapath.detach executable.
-CONFORMANCE_DEFECT=signals is no check's defect: the run is sent SIGTERM during VM start's
-activate and again at every later deactivate (a repeated SIGTERM, also during the teardown).
+CONFORMANCE_DEFECT=signals is no check's defect: the run is sent SIGTERM at its first
+Plugin.Query (the daemon's registration, before any check) when CONFORMANCE_STATE has no
+`registered` marker; else during VM start's activate, and again at every later deactivate (a
+repeated SIGTERM, also during the teardown).
 CONFORMANCE_STRICT_CLOSE=1 (no defect): Datapath.close refuses a volume Datapath.open never
 opened, as a plugin may: the toolstack never closes what it did not open."""
 
@@ -125,6 +127,12 @@ if DEFECT == "results-valid":
     wire.check_result = lambda method, result: jsonio.dumps(result)
 
 
-Plugin = plugin_class("blkback", "blkback with a planted defect", features=["NONPERSISTENT"])
+class Plugin(plugin_class("blkback", "blkback with a planted defect",
+                          features=["NONPERSISTENT"])):
+    def query(self, dbg):
+        if DEFECT == "signals" and dbg == "register" and not _once_more("registered"):
+            os.kill(os.getppid(), signal.SIGTERM)           # cancelled at its very start
+            time.sleep(30)
+        return super().query(dbg)
 
 IMPLEMENTATIONS = {"Plugin": Plugin, "Datapath": Datapath}
