@@ -128,6 +128,21 @@ def test_the_unplug_after_a_failed_check_closes_only_what_was_opened(defect, toy
     assert report.teardown == [], report.table()
 
 
+def test_a_bad_uri_that_was_attached_anyway_is_detached(toy, conformance, tmp_path):
+    """A datapath that makes and attaches the missing file it was given fails bad-uris, and
+    the run detaches what it attached: no loop device left over the removed file."""
+    state = tmp_path / "state"
+    state.mkdir()
+    report = conformance(toy, uris=["blkback://{file}"], only=["bad-uris"],
+                         scratch_dir=_scratch(tmp_path),
+                         env=_env(tmp_path, CONFORMANCE_DEFECT="bad-uris-made",
+                                  CONFORMANCE_STATE=str(state)))
+    assert [r.name for r in report.failed] == ["bad-uris"], report.table()
+    assert "a file that does not exist" in report.failed[0].detail
+    assert report.teardown == [] and _loops_on(str(tmp_path)) == [], report.table()
+    assert not any(f for _, _, f in os.walk(str(tmp_path / "dpstate")))
+
+
 def _cli(*args, env=None, preexec_fn=None):
     return subprocess.run([sys.executable, "-m", "xapi_storage.cli", "conformance"] + list(args),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -441,7 +441,8 @@ def parallel(ctx):
 def bad_uris(ctx):
     """Bad requests get an error record on stdout with exit status 1, never a made-up
     backend: a URI of another scheme, one naming a file that does not exist (from a {file}
-    or {loop} URI), a URI that is not a string, no URI at all, stdin that is not JSON."""
+    or {loop} URI), a URI that is not a string, no URI at all, stdin that is not JSON. What a
+    bad request attached anyway is detached again."""
     cases = [("another scheme", {"uri": "conformance-no-such-scheme:///nothing"}),
              ("uri is a number", {"uri": 42}), ("no uri", {})]
     for i, template in enumerate(ctx.opts.uris):
@@ -457,6 +458,8 @@ def bad_uris(ctx):
         else:
             out = ctx.caller.call("Datapath.attach", dict(request, dbg=ctx.dbg(), domain="0"))
         if out.rc == 0:
+            if request is not None:     # whatever it attached is released, as far as it can be
+                ctx.caller.call("Datapath.detach", dict(request, dbg=ctx.dbg(), domain="0"))
             raise Failed(f"{what}: {out.describe()}: expected exit 1 and an error record")
         _c._require_record(out)
         if out.rc != 1:

@@ -4,6 +4,8 @@ which the checks cannot tell from discarding), with ONE planted defect chosen by
 CONFORMANCE_DEFECT (the name of the datapath check it must make fail; unset = none).
 CONFORMANCE_STATE is a directory for the defects' markers. The defect `plugin-query` is
 planted by the test itself: it removes the installed Datapath.detach executable.
+CONFORMANCE_DEFECT=bad-uris-made is bad-uris' defect with something to release: the missing
+file is made and attached (a loop device over it).
 CONFORMANCE_DEFECT=signals is no check's defect: the run is sent SIGTERM at its first
 Plugin.Query (the daemon's registration, before any check) when CONFORMANCE_STATE has no
 `registered` marker; else during VM start's activate, and again at every later deactivate (a
@@ -59,6 +61,9 @@ class Datapath(blkback.Datapath):
     def attach(self, dbg, uri, domain):
         if DEFECT == "bad-uris" and not os.path.exists(blkback.path_of(uri)):
             return {"implementations": [["BlockDevice", {"path": "/dev/null"}]]}   # made up
+        if DEFECT == "bad-uris-made" and uri.endswith(".no-such-file"):
+            with open(blkback.path_of(uri), "wb") as f:      # makes what is missing, serves it
+                f.truncate(1 << 20)
         if DEFECT == "live-migration" and domain.isdigit():
             others = [n for n in os.listdir(STATE) if n.startswith("active-")
                       and n != f"active-{domain}"]
