@@ -73,13 +73,13 @@ def toy(install_plugin, tmp_path):
         subprocess.run(["losetup", "-d", "/dev/" + n])
 
 
-def _run_toy(conformance, d, tmp_path, defect=""):
+def _run_toy(conformance, d, tmp_path, defect="", uri="blkback://{file}", only=(), **env):
     state = tmp_path / "state"
     state.mkdir()
-    return conformance(d, uris=["blkback://{file}"], repeat=2, parallel=3,
+    return conformance(d, uris=[uri], repeat=2, parallel=3, only=only,
                        scratch_dir=_scratch(tmp_path),
                        env=_env(tmp_path, CONFORMANCE_DEFECT=defect,
-                                CONFORMANCE_STATE=str(state)))
+                                CONFORMANCE_STATE=str(state), **env))
 
 
 def test_the_toy_without_a_defect_passes_every_check(toy, conformance, tmp_path):
@@ -101,12 +101,8 @@ def test_a_planted_defect_fails_exactly_its_check(defect, toy, conformance, tmp_
 def test_bad_uris_also_names_a_missing_file_in_a_loop_uri(toy, conformance, tmp_path):
     """A datapath that takes block devices ({loop}) is also given a path that does not exist:
     the toy's planted bad-uris defect (a made-up backend for it) fails the check there too."""
-    state = tmp_path / "state"
-    state.mkdir()
-    report = conformance(toy, uris=["blkback://{loop}"], only=["bad-uris"],
-                         scratch_dir=_scratch(tmp_path),
-                         env=_env(tmp_path, CONFORMANCE_DEFECT="bad-uris",
-                                  CONFORMANCE_STATE=str(state)))
+    report = _run_toy(conformance, toy, tmp_path, "bad-uris", uri="blkback://{loop}",
+                      only=["bad-uris"])
     assert [r.name for r in report.failed] == ["bad-uris"], report.table()
     assert "a file that does not exist" in report.failed[0].detail
     assert report.teardown == [] and _loops_on(str(tmp_path)) == [], report.table()
@@ -118,12 +114,7 @@ def test_the_unplug_after_a_failed_check_closes_only_what_was_opened(defect, toy
     """With NONPERSISTENT, the unplug after a failed check ends an epoch (Datapath.close) only
     where one was begun (Datapath.open), as the toolstack does: a plugin that refuses to close
     what it never opened is not blamed for it in the teardown."""
-    state = tmp_path / "state"
-    state.mkdir()
-    report = conformance(toy, uris=["blkback://{file}"], repeat=2, parallel=3,
-                         scratch_dir=_scratch(tmp_path),
-                         env=_env(tmp_path, CONFORMANCE_DEFECT=defect, CONFORMANCE_STRICT_CLOSE="1",
-                                  CONFORMANCE_STATE=str(state)))
+    report = _run_toy(conformance, toy, tmp_path, defect, CONFORMANCE_STRICT_CLOSE="1")
     assert [r.name for r in report.failed] == ([defect] if defect else []), report.table()
     assert report.teardown == [], report.table()
 
@@ -131,12 +122,7 @@ def test_the_unplug_after_a_failed_check_closes_only_what_was_opened(defect, toy
 def test_a_bad_uri_that_was_attached_anyway_is_detached(toy, conformance, tmp_path):
     """A datapath that makes and attaches the missing file it was given fails bad-uris, and
     the run detaches what it attached: no loop device left over the removed file."""
-    state = tmp_path / "state"
-    state.mkdir()
-    report = conformance(toy, uris=["blkback://{file}"], only=["bad-uris"],
-                         scratch_dir=_scratch(tmp_path),
-                         env=_env(tmp_path, CONFORMANCE_DEFECT="bad-uris-made",
-                                  CONFORMANCE_STATE=str(state)))
+    report = _run_toy(conformance, toy, tmp_path, "bad-uris-made", only=["bad-uris"])
     assert [r.name for r in report.failed] == ["bad-uris"], report.table()
     assert "a file that does not exist" in report.failed[0].detail
     assert report.teardown == [] and _loops_on(str(tmp_path)) == [], report.table()
