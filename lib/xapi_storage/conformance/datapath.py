@@ -40,6 +40,7 @@ class SetupError(Exception):
     directory, a --size the filesystem cannot hold, no free loop device): nothing was checked,
     and what the run had made is removed."""
 
+
 _STAND_IN_SOURCE = '''\
 #!{python} -IS
 # The conformance run's stand-in volume plugin: Volume.stat answers the volumes of volumes.json
