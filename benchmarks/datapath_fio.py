@@ -313,13 +313,15 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 2)[2])
     ap.add_argument("--runtime", type=int, default=20,
-                    help="seconds of each fio run, after a 2 s ramp (default 20)")
+                    help="seconds of each fio run, after a 2 s ramp (at least 1, default 20)")
     ap.add_argument("--size", type=int, default=256,
-                    help="MiB of the file on dom0's tmpfs (default 256)")
+                    help="MiB of the file on dom0's tmpfs (at least 1, default 256)")
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
     ap.add_argument("--keep-logs", action="store_true",
                     help="keep the bed's run directory with dom0's logs even on success")
     args = ap.parse_args()
+    if args.runtime < 1 or args.size < 1:   # fio's --runtime=0 is "no limit"; dd of 0 MiB
+        ap.error("--runtime and --size: at least 1")
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     from xapi_storage import testbed

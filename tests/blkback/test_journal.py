@@ -26,12 +26,12 @@ def batch(cons, n):
 
 def test_an_unpublished_batch_goes_back_into_its_slots_even_across_the_ring_end(tmp_path):
     path = str(tmp_path / "j")
-    j = Journal(path, SLOTS, ESZ, ident=77)
+    j = Journal(path, SLOTS, ESZ, ident=(77, 9))
     cons = 0xFFFFFFFE                       # 30 slots from the end of the indices, 2 from the
     j.record(cons, batch(cons, 4), 4)       # end of the ring: wraps both
     j.map.close()
     buf, ring = ring_with((cons + 6) & 0xFFFFFFFF, cons)
-    k = Journal(path, SLOTS, ESZ, ident=77)
+    k = Journal(path, SLOTS, ESZ, ident=(77, 9))
     assert k.restore(ring) == 4
     for i in range(4):
         off = ring.slot_offset((cons + i) & 0xFFFFFFFF)
@@ -45,12 +45,13 @@ def test_an_unpublished_batch_goes_back_into_its_slots_even_across_the_ring_end(
 def test_nothing_is_restored_unless_it_is_this_rings_unpublished_batch(tmp_path):
     path = str(tmp_path / "j")
     cases = {
-        "published": dict(ident=77, rsp=14),                 # rsp_prod moved past it
-        "another ring": dict(ident=78, rsp=10),
-        "more than was requested": dict(ident=77, rsp=10, req=12),
+        "published": dict(ident=(77, 9), rsp=14),                 # rsp_prod moved past it
+        "another ring": dict(ident=(78, 9), rsp=10),
+        "another port": dict(ident=(77, 10), rsp=10),
+        "more than was requested": dict(ident=(77, 9), rsp=10, req=12),
     }
     for why, c in cases.items():
-        j = Journal(path, SLOTS, ESZ, ident=77)
+        j = Journal(path, SLOTS, ESZ, ident=(77, 9))
         j.record(10, batch(10, 4), 4)
         j.map.close()
         buf, ring = ring_with(c.get("req", 20), c["rsp"])
@@ -65,15 +66,15 @@ def test_a_record_killed_half_written_never_matches(tmp_path):
     """The length is written before the first index: a record cut between the two still
     carries the previous batch's index, which no longer equals rsp_prod."""
     path = str(tmp_path / "j")
-    j = Journal(path, SLOTS, ESZ, ident=5)
+    j = Journal(path, SLOTS, ESZ, ident=(5, 9))
     j.record(10, batch(10, 8), 8)          # published later: rsp_prod = 18
     m = j.map
-    m[16:16 + 2 * ESZ] = batch(18, 2)      # the next record, killed after its length
+    m[Journal.HEAD:Journal.HEAD + 2 * ESZ] = batch(18, 2)      # the next record, killed after its length
     U32.pack_into(m, 4, 2)
     m.close()
     buf, ring = ring_with(20, 18)
     before = bytes(buf)
-    k = Journal(path, SLOTS, ESZ, ident=5)
+    k = Journal(path, SLOTS, ESZ, ident=(5, 9))
     assert k.restore(ring) == 0
     assert bytes(buf) == before
     k.close()
@@ -82,8 +83,8 @@ def test_a_record_killed_half_written_never_matches(tmp_path):
 def test_a_file_of_another_size_starts_afresh(tmp_path):
     path = tmp_path / "j"
     path.write_bytes(b"x" * 100)
-    j = Journal(str(path), SLOTS, ESZ, ident=1)
+    j = Journal(str(path), SLOTS, ESZ, ident=(1, 9))
     buf, ring = ring_with(0, 0)
     assert j.restore(ring) == 0
-    assert os.path.getsize(str(path)) == 16 + SLOTS * ESZ
+    assert os.path.getsize(str(path)) == Journal.HEAD + SLOTS * ESZ
     j.close()

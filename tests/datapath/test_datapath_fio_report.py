@@ -112,3 +112,21 @@ def test_the_fio_command_is_direct_libaio_time_based(bench):
                  "--ioengine=libaio", "--direct=1", "--time_based", "--runtime=20",
                  "--output-format=json"):
         assert part in cmd.split()
+
+
+@pytest.mark.parametrize("args", [["--runtime", "0"], ["--size", "0"], ["--runtime", "-5"]])
+def test_bad_options_are_refused_before_the_bed_is_touched(bench, args, monkeypatch, capsys):
+    """fio's --runtime=0 means no limit and dd of 0 MiB makes an empty file: refused with a
+    usage error (exit 2) before anything of the test bed is looked at."""
+    from xapi_storage import testbed
+
+    def reached(*a, **k):
+        raise AssertionError("the benchmark went on to the test bed")
+    monkeypatch.setattr(testbed, "cache_root", reached)
+    monkeypatch.setattr(testbed, "unavailable_reason", reached)
+    monkeypatch.setattr("sys.argv", ["datapath_fio.py"] + args)
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2
+    assert "at least 1" in capsys.readouterr().err
+

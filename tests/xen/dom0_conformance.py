@@ -30,6 +30,9 @@ import sys
 import tempfile
 
 VENV = "/opt/xapi-storage/venv"
+XAPI_STORAGE = VENV + "/bin/xapi-storage"
+RUN_TIMEOUT = 1500      # one run of the command; the host gives the whole script 1800 s
+GRACE = 180             # for the run's teardown once it was sent SIGTERM
 EXPORT = "/srv/nfs/conformance"
 SERVER = "127.0.0.1"
 MOUNT_ROOT = "/run/sr-mount"
@@ -60,14 +63,34 @@ def files_under(d):
 
 
 def conformance(plugin_dir, config, extra, env):
-    argv = [VENV + "/bin/xapi-storage", "conformance", plugin_dir, "--repeat", "2",
-            "--parallel", "3", "--timeout", "120"]
+    """Run the command, print its output, return its exit status. One that does not end
+    within RUN_TIMEOUT is sent SIGTERM, on which its teardown still destroys what it made (a
+    SIGKILL would skip that), and killed only if that does not end within GRACE."""
+    argv = [XAPI_STORAGE, "conformance", plugin_dir, "--repeat", "2", "--parallel", "3",
+            "--timeout", "120"]
     for k, v in sorted(config.items()):
         argv += ["-c", f"{k}={v}"]
-    r = subprocess.run(argv + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       universal_newlines=True, timeout=1500, env=env)
-    print(r.stdout, flush=True)
-    return r.returncode
+    p = subprocess.Popen(argv + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True, env=env)
+    try:
+        out, _ = p.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        try:
+            out, _ = p.communicate(timeout=GRACE)
+            how = "sent SIGTERM"
+        except subprocess.TimeoutExpired:
+            p.kill()
+            try:
+                out, _ = p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                out = "(its output stayed open)"
+            how = f"sent SIGTERM, then SIGKILL after {GRACE} s"
+        print(f"{out}\nTIMEOUT: no end within {RUN_TIMEOUT} s; {how}; exit {p.returncode}",
+              flush=True)
+        return p.returncode or 1
+    print(out, flush=True)
+    return p.returncode
 
 
 def vendor_pytest(work):

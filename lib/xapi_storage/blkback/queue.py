@@ -102,20 +102,24 @@ class Journal:
     index equal to rsp_prod puts those requests back into their slots before it starts
     (`restore`). Any other value means the batch was published (or never begun), and the
     slots are the frontend's own. Writing the index last means a half-written record never
-    matches. The file holds one ring's worth of entries after a 16-byte header (magic, length,
-first index, and the ring's first grant reference: a record of another ring never matches).
+    matches. The file holds one ring's worth of entries after a 32-byte header (magic, length,
+first index, and the ring's identity: its first grant reference and the frontend's event
+channel port, so that a record of another ring, even on the same device, never matches).
 """
 
     MAGIC = b"PBJ1"
 
+    HEAD = 32
+    IDENT = struct.Struct("<II")
+
     def __init__(self, path, slots, entry_size, ident):
         self.path = path
-        self.ident = ident & M32
+        self.ident = self.IDENT.pack(*(i & M32 for i in ident))   # (first gref, port)
         self.entry_size = entry_size
         self.slots = slots
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            size = 16 + slots * entry_size
+            size = self.HEAD + slots * entry_size
             st = os.fstat(fd)
             if st.st_size != size:
                 os.ftruncate(fd, 0)             # not ours, or another ring's: start afresh
@@ -123,16 +127,16 @@ first index, and the ring's first grant reference: a record of another ring neve
             self.map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self.prior = bytes(self.map[:16])       # what the last server left, for restore()
+        self.prior = bytes(self.map[:self.HEAD])   # what the last server left: restore()
         self.map[:4] = self.MAGIC
-        U32.pack_into(self.map, 12, self.ident)
+        self.map[12:20] = self.ident
 
     def restore(self, ring):
         """Put back the requests of a batch the previous server took but did not publish.
         Returns how many; 0 if there is none."""
         head = self.prior
         self.prior = None
-        if head is None or head[:4] != self.MAGIC or U32.unpack_from(head, 12)[0] != self.ident:
+        if head is None or head[:4] != self.MAGIC or head[12:20] != self.ident:
             return 0                            # none, or another ring's (new ring pages)
         n, cons = U32.unpack_from(head, 4)[0], U32.unpack_from(head, 8)[0]
         rsp_prod, req_prod = ring.hdr[2], ring.hdr[0]
@@ -142,12 +146,13 @@ first index, and the ring's first grant reference: a record of another ring neve
         esz = self.entry_size
         for i in range(n):
             off = ring.slot_offset((cons + i) & M32)
-            ring.buf[off:off + esz] = self.map[16 + i * esz:16 + (i + 1) * esz]
+            at = self.HEAD + i * esz
+            ring.buf[off:off + esz] = self.map[at:at + esz]
         return n
 
     def record(self, cons, raw, n):
         m = self.map
-        m[16:16 + len(raw)] = raw
+        m[self.HEAD:self.HEAD + len(raw)] = raw
         U32.pack_into(m, 4, n)
         U32.pack_into(m, 8, cons)               # last: only now does the record match
 
@@ -164,7 +169,7 @@ first index, and the ring's first grant reference: a record of another ring neve
 class Queue:
     """A connected ring: its mapping, event channel port, persistent grants, stats."""
 
-    def __init__(self, index, dev, mapping, abi, port, journal=None, ident=0):
+    def __init__(self, index, dev, mapping, abi, port, journal=None, ident=(0, 0)):
         self.index = index
         self.dev = dev
         self.mapping = mapping

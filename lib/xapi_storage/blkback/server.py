@@ -291,7 +291,7 @@ class Device:
                     mapping.unmap()
                     raise
                 try:
-                    q = Queue(i, self, mapping, abi, local, ident=refs[0],
+                    q = Queue(i, self, mapping, abi, local, ident=(refs[0], int(port)),
                               journal=self.server.journal_path(self, i))
                 except BaseException:
                     self.server.evtchn.unbind(local)

@@ -13,15 +13,17 @@ on the URIs of Options(uris=[...]).
 """
 
 import os
+import signal
+import threading
 import time
 
 from . import checks as _checks
 from .caller import Caller
 from .checks import CHECKS, Options
-from .datapath import DATAPATH_CHECKS, DatapathContext
+from .datapath import DATAPATH_CHECKS, DatapathContext, SetupError
 
 __all__ = ["run", "Options", "Report", "Result", "CHECKS", "DATAPATH_CHECKS", "plugin_kind",
-           "checks_for"]
+           "checks_for", "SetupError"]
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
@@ -92,7 +94,8 @@ def checks_for(kind):
 def run(plugin_dir, options=None, progress=None):
     """Run the checks against the plugin installed in `plugin_dir` (a volume plugin, or a
     datapath plugin with options.uris); return a Report. `progress(result)` is called after
-    each check."""
+    each check. SetupError (after removing what the run made) when a datapath plugin's run
+    cannot make its scratch storage."""
     options = options or Options()
     t0 = time.monotonic()
     kind, name = plugin_kind(plugin_dir)
@@ -113,9 +116,37 @@ def run(plugin_dir, options=None, progress=None):
                 progress(results[-1])
     finally:
         ctx.check_name = "teardown"
-        teardown = ctx.teardown()
+        with _signals_held():
+            teardown = ctx.teardown()
     return Report(os.path.abspath(plugin_dir), ctx.query, results, teardown,
                   time.monotonic() - t0)
+
+
+class _signals_held:
+    """SIGINT, SIGTERM and SIGHUP wait until the block is done (the teardown: every call in it
+    has the run's timeout), then are sent again to this process under their own handlers: a
+    second Ctrl-C or a CI job's repeated SIGTERM cannot cut the teardown short and leave a
+    volume plugged, a loop device or a scratch file behind. Outside the main thread (where
+    Python cannot set handlers) the block runs as it is."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self):
+        self.held, self.previous = [], {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.held.append(signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        for sig in sorted(set(self.held)):
+            os.kill(os.getpid(), sig)
+        return False
 
 
 def _run_check(ctx, chk):

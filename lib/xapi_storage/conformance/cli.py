@@ -100,7 +100,7 @@ def _hook(command):
 
 
 def run(args):
-    from . import CHECKS, DATAPATH_CHECKS, Options, checks_for, plugin_kind
+    from . import CHECKS, DATAPATH_CHECKS, Options, SetupError, checks_for, plugin_kind
     from . import run as run_checks
     if args.list:
         for title, checks in (("volume plugin", CHECKS), ("datapath plugin", DATAPATH_CHECKS)):
@@ -111,6 +111,10 @@ def run(args):
     if not args.plugin_dir:
         print("xapi-storage conformance: give the plugin's directory (see --help)",
               file=sys.stderr)
+        return 2
+    if not 0 < args.timeout < float("inf"):        # also refuses nan
+        print(f"xapi-storage conformance: --timeout {args.timeout}: a number of seconds "
+              "above 0 (no call may wait forever)", file=sys.stderr)
         return 2
     kind, _ = plugin_kind(args.plugin_dir)
     if not os.path.isdir(args.plugin_dir) or kind not in ("volume", "datapath"):
@@ -154,17 +158,22 @@ def run(args):
     def progress(result):
         print(f"  {result.name}: {result.status}", file=sys.stderr)
 
-    # SIGTERM (a CI job cancelled, a service stopped) ends the run like Ctrl-C: through the
-    # teardown, which destroys what the run made
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM (a CI job cancelled, a service stopped) and SIGHUP (the operator's terminal or
+    # ssh session gone) end the run like Ctrl-C: through the teardown, which destroys what the
+    # run made
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         report = run_checks(args.plugin_dir, options, progress=progress)
     except KeyboardInterrupt:
         print("xapi-storage conformance: interrupted; what the run made was destroyed",
               file=sys.stderr)
         return 130
+    except SetupError as e:
+        print(f"xapi-storage conformance: {e}; nothing was checked", file=sys.stderr)
+        return 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     _write(report.table())
     if args.junit:
         with open(args.junit, "w", encoding="utf-8") as f:

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +33,13 @@ DATAPATH_CHECKS = []        # [checks.Check], in running order
 STAND_IN = "org.xen.xapi.storage.conformance-uri"
 SR = "conformance-sr"
 PLACEHOLDERS = ("{file}", "{loop}")
+
+
+class SetupError(Exception):
+    """The run could not make its own scratch storage (a full or read-only scratch
+    directory, a --size the filesystem cannot hold, no free loop device): nothing was checked,
+    and what the run had made is removed."""
+
 
 _STAND_IN_SOURCE = '''\
 #!{python} -IS
@@ -77,18 +85,27 @@ class DatapathContext(_c.Context):
     def __init__(self, plugin_dir, options):
         self.plugin_dir = os.path.abspath(plugin_dir)
         self.scheme = os.path.basename(self.plugin_dir)
-        self.work = tempfile.mkdtemp(prefix="xapi-storage-conformance.",
-                                     dir=options.scratch_dir)
-        self.root = os.path.join(self.work, "root")
-        os.makedirs(os.path.join(self.root, "datapath"))
-        link = os.path.join(self.root, "datapath", self.scheme)
-        os.symlink(self.plugin_dir, link)
-        caller = Caller(link, timeout=options.timeout, env=options.env)
-        super().__init__(caller, options, None)
+        try:
+            self.work = tempfile.mkdtemp(prefix="xapi-storage-conformance.",
+                                         dir=options.scratch_dir)
+        except OSError as e:
+            raise SetupError(f"cannot make the run's scratch directory: {e}") from None
+        try:
+            self.root = os.path.join(self.work, "root")
+            os.makedirs(os.path.join(self.root, "datapath"))
+            link = os.path.join(self.root, "datapath", self.scheme)
+            os.symlink(self.plugin_dir, link)
+            caller = Caller(link, timeout=options.timeout, env=options.env)
+            super().__init__(caller, options, None)     # the daemon's registration runs here
+        except BaseException:       # a signal during the registration: no teardown will run
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
         self.plugin = STAND_IN
         self.sr = SR
         self.uris, self.keys, self.scratch, self.loops = [], [], [], []
         self.scratch_of = {}        # key -> the scratch file of its URI ({file}, {loop})
+        self.epochs = set()         # keys whose VDI.epoch_begin ran (epoch_end may be owed)
+        self.closing = set()        # keys whose epoch_end the unplug owes (kept if cut short)
         self.unplug_problems = []
 
     def setup(self):
@@ -103,17 +120,7 @@ class DatapathContext(_c.Context):
         for i, template in enumerate(self.opts.uris):
             uri = template
             if any(p in template for p in PLACEHOLDERS):
-                path = os.path.join(self.work, f"volume{i}.img")
-                with open(path, "wb") as f:
-                    f.truncate(size)
-                self.scratch.append(path)
-                self.scratch_of[f"conformance-{i}"] = path
-                uri = uri.replace("{file}", path)
-                if "{loop}" in uri:
-                    from ..scratch import _run
-                    dev = _run(["losetup", "-f", "--show", path]).stdout.strip()
-                    self.loops.append(dev)
-                    uri = uri.replace("{loop}", dev)
+                uri = self._scratch_for(i, template, size)
             key = f"conformance-{i}"
             self.uris.append(uri)
             self.keys.append(key)
@@ -130,10 +137,32 @@ class DatapathContext(_c.Context):
         os.chmod(exe, 0o755)
         self.daemon.register()
 
+    def _scratch_for(self, i, template, size):
+        """The URI of `template` with {file} and {loop} replaced by a sparse file of `size`
+        bytes the run makes (and a loop device over it); SetupError if it cannot be made."""
+        from ..scratch import ScratchLeft, _run
+        path = os.path.join(self.work, f"volume{i}.img")
+        try:
+            self.scratch.append(path)
+            with open(path, "wb") as f:
+                f.truncate(size)
+            self.scratch_of[f"conformance-{i}"] = path
+            uri = template.replace("{file}", path)
+            if "{loop}" in uri:
+                dev = _run(["losetup", "-f", "--show", path]).stdout.strip()
+                self.loops.append(dev)
+                uri = uri.replace("{loop}", dev)
+        except (OSError, ScratchLeft, subprocess.TimeoutExpired) as e:
+            raise SetupError(f"cannot make the scratch storage of --uri {template!r} "
+                             f"({size} bytes in {self.work}): {e}") from None
+        return uri
+
     def unplug_all(self):
         """Deactivate and detach every (key, domain) still in `plugged`, then (with
-        NONPERSISTENT) end its epoch; problems are kept for the teardown's report."""
-        keys = sorted({k for k, _ in self.plugged})
+        NONPERSISTENT) end its epoch if one was begun (the toolstack never calls epoch_end,
+        Datapath.close, without epoch_begin, Datapath.open); problems are kept for the
+        teardown's report."""
+        self.closing.update(k for k, _ in self.plugged if k in self.epochs)
         for key, domain in sorted(self.plugged):
             try:
                 self.daemon.dp_destroy(self.dbg(), self.plugin, self.sr, key, domain)
@@ -142,12 +171,15 @@ class DatapathContext(_c.Context):
                                             f"{self.check_name}: {e}")
         self.plugged.clear()
         if _daemon.NONPERSISTENT in self.daemon.datapaths.get(self.scheme, ()):
-            for key in keys:
+            for key in sorted(self.closing):
                 try:
                     self.daemon.epoch_end(self.dbg(), self.plugin, self.sr, key)
                 except _daemon.ScriptError as e:
                     self.unplug_problems.append(f"epoch_end of {key} after {self.check_name}: "
                                                 f"{e}")
+                self.closing.discard(key)
+        self.closing.clear()
+        self.epochs.clear()         # not before: an unplug cut short is done again in full
 
     def teardown(self, report=None):
         self.unplug_all()
@@ -168,6 +200,8 @@ class DatapathContext(_c.Context):
         """A VM start without XenStore: VDI.epoch_begin `epochs` times (Datapath.open with
         NONPERSISTENT), then attach and activate, `repeat` times (retried plugs)."""
         self.plugged.add((key, domain))
+        if epochs:
+            self.epochs.add(key)
         try:
             for _ in range(epochs):
                 self.daemon.epoch_begin(self.dbg(), self.plugin, self.sr, key,
@@ -408,14 +442,16 @@ def parallel(ctx):
 def bad_uris(ctx):
     """Bad requests get an error record on stdout with exit status 1, never a made-up
     backend: a URI of another scheme, one naming a file that does not exist (from a {file}
-    or {loop} URI), a URI that is not a string, no URI at all, stdin that is not JSON."""
+    or {loop} URI), a URI that is not a string, no URI at all, stdin that is not JSON. What a
+    bad request attached anyway is detached again."""
     cases = [("another scheme", {"uri": "conformance-no-such-scheme:///nothing"}),
              ("uri is a number", {"uri": 42}), ("no uri", {})]
     for i, template in enumerate(ctx.opts.uris):
-        if "{file}" in template:
+        if any(p in template for p in PLACEHOLDERS):
             missing = ctx.scratch_of[ctx.keys[i]] + ".no-such-file"
-            cases.append(("a file that does not exist",
-                          {"uri": template.replace("{file}", missing)}))
+            for p in PLACEHOLDERS:
+                template = template.replace(p, missing)
+            cases.append(("a file that does not exist", {"uri": template}))
             break
     for what, request in cases + [("stdin not JSON", None)]:
         if request is None:
@@ -423,6 +459,8 @@ def bad_uris(ctx):
         else:
             out = ctx.caller.call("Datapath.attach", dict(request, dbg=ctx.dbg(), domain="0"))
         if out.rc == 0:
+            if request is not None:     # whatever it attached is released, as far as it can be
+                ctx.caller.call("Datapath.detach", dict(request, dbg=ctx.dbg(), domain="0"))
             raise Failed(f"{what}: {out.describe()}: expected exit 1 and an error record")
         _c._require_record(out)
         if out.rc != 1:
