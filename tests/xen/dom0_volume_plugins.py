@@ -361,9 +361,10 @@ def check_lvm_crash_sweep():
         tgt = ok("Volume.create", sr=sr, name="tgt", description="", size=8 * MiB,
                  sharable=False)["key"]
         snap = ok("Volume.snapshot", sr=sr, key=src)["key"]
-        for point, expect in (("revert:pending", "old"), ("copy:started", "old"),
-                              ("revert:made", "old"), ("revert:old-aside", "reverted"),
-                              ("revert:swapped", "reverted"), ("revert:old-gone", "reverted")):
+        # one kill per state the LVs can be left in (revert:pending and revert:swapped leave
+        # states the fast tests cover: tests/lvm_raw; CI's bed time is short)
+        for point, expect in (("copy:started", "old"), ("revert:made", "old"),
+                              ("revert:old-aside", "reverted"), ("revert:old-gone", "reverted")):
             sum_old = write_pattern(f"/dev/{sr}/{tgt}", "tgt", 8 * MiB)
             rc, _ = call("Volume.revert", env={"XAPI_STORAGE_FAULT": point}, sr=sr,
                          snapshot=snap, key=tgt)
