@@ -310,9 +310,9 @@ class Device:
             # back in their slots (queue.Journal). Serve them now, and send the frontend an
             # event, which the dead server may have owed it for responses it published.
             for q in self.queues:
-                if q.restored:
-                    log.info("%s: queue %d: %d request(s) of the previous server served "
-                             "again", self.name, q.index, q.restored)
+                if q.restored:           # worth an operator's eye: a server died under load
+                    log.warning("%s: queue %d: %d request(s) of the previous server served "
+                                "again", self.name, q.index, q.restored)
                 self.server.evtchn.notify(q.port)
                 if q not in self.server.ready:
                     self.server.ready.append(q)
