@@ -314,3 +314,21 @@ def test_a_nonpersistent_disk_keeps_its_guests_writes_across_a_server_restart(re
     assert fe.read(8, 8) == b"x" * 4096
     restarts.finish()
     assert restarts.disk.read_bytes() == gold
+
+
+def test_a_ring_whose_journal_cannot_be_made_is_served_without_one(rig):
+    """/run full or its file in the way: the disk still connects and serves (with a warning),
+    it only loses the restart safety."""
+    sim, g, xs, srv, run = rig
+    vbd = xenopsd.plug(xs, g, result("vol1", str(run)))
+    os.mkdir(os.path.join(str(run), f"vol1.ring-{g}-{vbd.devid}-0"))   # in the journal's way
+    fe = Frontend(sim.xen(g), vbd.devid)
+    fe.connect()
+    try:
+        fe.write(0, b"j" * 4096)
+        assert fe.read(0, 8) == b"j" * 4096
+        (dev,) = srv.vs.server.devices.values()
+        assert dev.queues[0].journal is None
+    finally:
+        fe.close(timeout=0.1)
+    xenopsd.hard_unplug(xs, vbd)

@@ -103,9 +103,10 @@ class Journal:
     (`restore`). Any other value means the batch was published (or never begun), and the
     slots are the frontend's own. Writing the index last means a half-written record never
     matches. The file holds one ring's worth of entries after a 32-byte header (magic, length,
-first index, and the ring's identity: its first grant reference and the frontend's event
-channel port, so that a record of another ring, even on the same device, never matches).
-"""
+    first index, and the ring's identity: its first grant reference and the frontend's event
+    channel port, so that a record of another ring, even on the same device, never matches).
+    Its blocks are allocated when it is made: a full /run fails here, never as a SIGBUS on a
+    store into the mapping later."""
 
     MAGIC = b"PBJ1"
 
@@ -124,6 +125,7 @@ channel port, so that a record of another ring, even on the same device, never m
             if st.st_size != size:
                 os.ftruncate(fd, 0)             # not ours, or another ring's: start afresh
                 os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)
             self.map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
@@ -179,8 +181,13 @@ class Queue:
         self.journal = None
         self.restored = 0
         if journal is not None:
-            self.journal = Journal(journal, self.ring.size, abi.entry_size, ident)
-            self.restored = self.journal.restore(self.ring)
+            try:
+                self.journal = Journal(journal, self.ring.size, abi.entry_size, ident)
+            except OSError as e:    # /run full, say: serve on, without restart safety
+                log.warning("%s: queue %d: no journal (%s): a restart of this server under "
+                            "load may break this ring", dev.name, index, e)
+            else:
+                self.restored = self.journal.restore(self.ring)
         self.persistent = {}            # gref -> memoryview of its page
         self.pmaps = {}                 # mapping id -> GrantMapping backing self.persistent
         self.pgroups = {}               # mapping id -> the grefs it maps

@@ -117,6 +117,9 @@ class CopyOnWrite(Storage):
                 self._meta.close()
             os.ftruncate(self.overlay, 0)
             os.ftruncate(self.overlay, meta_at + meta_len)
+            # allocated now: a full filesystem fails the open, never a store into the map
+            # (SIGBUS) later
+            os.posix_fallocate(self.overlay, meta_at, meta_len)
             self._meta = mmap.mmap(self.overlay, meta_len, offset=meta_at)
             HEAD.pack_into(self._meta, 0, MAGIC, self._size)
         self.bitmap = memoryview(self._meta)[PAGE:PAGE + nbytes]
