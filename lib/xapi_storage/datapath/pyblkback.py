@@ -144,7 +144,7 @@ def spawn(uri, vid, path, backend, nonpersistent, domains):
         env = [f"--setenv={k}={v}" for k, v in os.environ.items()
                if k in ("XAPI_STORAGE_XEN", "PYTHONPATH")]
         # only what systemd 219 (XenServer 8 / XCP-ng 8.3 dom0) knows: no --collect (the
-        # reset-failed above does its work), no TimeoutStopSec property ("Unknown assignment")
+        # reset-failed below does its work), no TimeoutStopSec property ("Unknown assignment")
         cmd = [run, f"--unit={unit}", f"--description=pyblkback server of {vid}",
                "--property=KillMode=mixed"] + env + argv
         # a unit of that name left failed by a SIGKILLed server is reset first
