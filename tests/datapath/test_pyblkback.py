@@ -254,3 +254,31 @@ def test_under_systemd_the_server_is_a_transient_unit_of_systemd_219s_options(ri
     assert len(runs) == 2 and all(f"--unit=pyblkback-{vid}" in a for a in runs), runs
     resets = [json.loads(x) for x in (d / "systemctl.argv").read_text().splitlines()]
     assert resets == [["reset-failed", f"pyblkback-{vid}.service"]] * 2, resets
+
+
+def test_the_last_detach_removes_what_a_killed_server_left(rig, volume):
+    """A server SIGKILLed and never needed again leaves its sockets, its ring's journal and
+    (non-persistent) its device's overlay: the last detach removes them (rig.close checks the
+    run directory)."""
+    sim = rig.sim
+    g = sim.create_domain("g1")
+    uri = f"pyblkback://{volume}"
+    rig.call("open", uri=uri, persistent=False)
+    r = rig.call("attach", uri=uri, domain=str(g))
+    rig.call("activate", uri=uri, domain=str(g))
+    vbd = xenopsd.plug(rig.xs, g, r)
+    fe = Frontend(sim.xen(g), vbd.devid)
+    fe.connect()
+    fe.write(0, b"k" * 4096)
+    pid = rig.pid(uri)
+    os.kill(pid, signal.SIGKILL)
+    assert _gone(pid)
+    fe.close(timeout=0.1)
+    overlays = [n for n in os.listdir(volume.parent) if n.startswith(".pyblkback-overlay.")]
+    assert overlays and len(os.listdir(rig.run)) >= 3      # ctl, nbd, journal
+    xenopsd.hard_unplug(rig.xs, vbd)
+    rig.call("deactivate", uri=uri, domain=str(g))
+    rig.call("detach", uri=uri, domain=str(g))
+    rig.call("close", uri=uri)
+    assert [n for n in os.listdir(volume.parent) if n.startswith(".pyblkback-overlay.")] == []
+    assert os.listdir(rig.run) == []

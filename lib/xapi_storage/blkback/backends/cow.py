@@ -71,10 +71,8 @@ class CopyOnWrite(Storage):
                                  "image of --backend cow)")
         n = os.fstat(self.gold).st_size
         self._size = n - n % 512
-        self.overlay = -1
         self.overlay_path = None
         self.resumed = False
-        self._meta = None
         self.nblocks = (self._size + BLOCK - 1) // BLOCK
         nbytes = (self.nblocks + 7) // 8
         try:
