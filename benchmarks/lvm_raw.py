@@ -16,8 +16,11 @@ extent each (inactive, made by one `lvm` process: see `fill`), then measures,
 interleaved round by round (so that load hits every row alike), the median of:
 
     python3 -c pass        the executables' interpreter doing nothing: the floor
-    lvcreate / lvremove    bare lvm2: `lvcreate -Z n -L 4m` and `lvremove -f` of a plain LV
-    lvcreate + copy        bare lvm2 and dd of the 4 MiB source: what a thick snapshot does
+    lvcreate / lvremove    bare lvm2, as the plugin asks it: `lvcreate -Z n -W n -a n -k y
+                           -L 4m` (inactive, activation-skip: lvm-raw leaves activation to
+                           the datapath) and `lvremove -f` of that inactive LV
+    lvcreate + copy        bare lvm2 and dd of the 4 MiB source (already active): `lvcreate
+                           -Z n -L 4m` (active) and dd, the least a thick snapshot does
     Volume.create          the plugin's executables, JSON mode, as the daemon calls them
     Volume.snapshot        (thick: a full copy of a 4 MiB volume)
     Volume.destroy
@@ -95,7 +98,8 @@ def fill(vg, count, start):
         vols.append((key, lvm.encode_record(rec, 1)))
 
     def create(key):
-        return f"lvcreate -qq -Zn -Wn -an -L 1m -n {key} --addtag {lvm_raw.VOL_TAG} {vg}"
+        return (f"lvcreate -qq -Zn -Wn -an -ky -L 1m -n {key} --addtag {lvm_raw.VOL_TAG} "
+                f"{vg}")
     shell = [create(k) + "".join(f" --addtag {t}" for t in tags) for k, tags in vols]
     subprocess.run(["lvm"], input="\n".join(shell) + "\nexit\n", stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, universal_newlines=True)
@@ -130,13 +134,15 @@ def measure(plugin, vg, sr, floor_py, runs):
                             "Volume.snapshot", "Volume.destroy")}
     for i in range(runs):
         rows["floor"].append(timed(floor_py + ["-c", "pass"])[0])
-        rows["lvcreate"].append(timed(["lvcreate", "-qq", "-Zn", "-Wn", "-L", "4m", "-n",
-                                       "bench-bare", vg])[0])
+        rows["lvcreate"].append(timed(["lvcreate", "-qq", "-Zn", "-Wn", "-an", "-ky", "-L",
+                                       "4m", "-n", "bench-bare", vg])[0])
+        timed(["lvchange", "-qq", "-ay", "-K", f"{vg}/bench-bare"])     # the copy's source
         t0 = time.monotonic()
         timed(["lvcreate", "-qq", "-Zn", "-Wn", "-L", "4m", "-n", "bench-copy", vg])
         timed(["dd", f"if=/dev/{vg}/bench-bare", f"of=/dev/{vg}/bench-copy", "bs=4M",
                "oflag=direct", "conv=fsync"])
         rows["lvcreate+copy"].append(time.monotonic() - t0)
+        timed(["lvchange", "-qq", "-an", f"{vg}/bench-bare"])    # as the plugin's volumes are
         rows["lvremove"].append(timed(["lvremove", "-qq", "-f", f"{vg}/bench-bare"])[0])
         timed(["lvremove", "-qq", "-f", f"{vg}/bench-copy"])
         dt, v = call(plugin, "Volume.create", sr=sr, name="b", description="", size=4 * MiB,

@@ -408,3 +408,109 @@ def test_a_killed_open_or_close_is_redone_by_the_next_call(state_root, call):
         assert NP().load_state(URI)["opened"] == {"persistent": False}
         NP().close("t", URI)
     assert leftovers(state_root) == []
+
+
+# --- an lvm-raw volume's LV: held active by the attach, released by the last detach ----------
+
+LV_SR = "9e570000-1111-4222-8333-00000000000f"
+LV_VG = "xapi-sr-" + LV_SR
+LV_KEY = "3c7f1f0c-0b01-4d7e-9a61-7d0a1d2e5b5c"
+LV_URI = f"toy:///dev/{LV_VG}/{LV_KEY}"
+
+
+@pytest.fixture
+def lvm2(monkeypatch, state_root, tmp_path):
+    """lvm2 as lvm.Runner runs it, answered by a model of one lvm-raw VG whose volume is
+    inactive and activation-skip, as lvm-raw makes them (the real thing is proven in the test
+    bed: tests/xen/dom0_volume_plugins.py); this host's holder files in a temporary dir."""
+    from lvm_raw.test_lvm import ModelLVM2, _vol_tags
+    from xapi_storage.volume import lvm
+    monkeypatch.setenv(lvm.LOCK_DIR_ENV, str(tmp_path / "locks"))
+    model = ModelLVM2(LV_VG, LV_SR)
+    model.lvs[LV_KEY] = {"size": 4 << 20, "open": False, "active": False, "skip": True,
+                         "tags": _vol_tags(LV_KEY)}
+    monkeypatch.setattr(lvm.Runner, "__call__", lambda self, args: model(args))
+    return model
+
+
+def _lvm_calls(model):
+    return [c[0] + ("".join(c[c.index("-a"):c.index("-a") + 2]) if "-a" in c else "")
+            for c in model.calls]
+
+
+def _holders(tmp_path):
+    d = tmp_path / "locks"
+    return sorted(p.name for p in d.iterdir() if ".holder." in p.name) if d.exists() else []
+
+
+def test_the_attach_activates_an_lv_of_ours_and_the_last_detach_deactivates_it(lvm2, tmp_path):
+    dp = Toy()
+    dp.attach("t", LV_URI, "3")
+    assert lvm2.lvs[LV_KEY]["active"] and _lvm_calls(lvm2) == ["lvs", "lvchange-ay"]
+    assert "-K" in lvm2.calls[-1]           # an activation-skip LV needs it
+    assert _holders(tmp_path) == [f"{LV_VG}.{LV_KEY}.holder.datapath.toy"]
+    dp.attach("t", LV_URI, "4")                 # a second domain: set up already
+    dp.detach("t", LV_URI, "3")
+    assert lvm2.lvs[LV_KEY]["active"]
+    dp.detach("t", LV_URI, "4")                 # the last one
+    assert not lvm2.lvs[LV_KEY]["active"]
+    assert _lvm_calls(lvm2) == ["lvs", "lvchange-ay", "lvchange-an"]
+    assert not resource_exists() and _holders(tmp_path) == []
+
+
+def test_an_lv_a_copy_still_needs_stays_active_and_others_are_never_touched(lvm2, tmp_path):
+    from xapi_storage.volume import lvm, lvm_raw
+    dp = Toy()
+    lv = lvm.LVM()
+    lvm_raw.hold_active(LV_VG, [LV_KEY], lvm_raw.copy_holder(), lvm=lv)    # a snapshot's copy
+    dp.attach("t", LV_URI, "3")
+    dp.detach("t", LV_URI, "3")
+    assert lvm2.lvs[LV_KEY]["active"], "the detach deactivated an LV a copy was reading"
+    assert lvm_raw.release_active(LV_VG, [LV_KEY], lvm_raw.copy_holder(), lvm=lv) == []
+    assert not lvm2.lvs[LV_KEY]["active"] and _holders(tmp_path) == []
+    # and the other way round: a copy that ends while a VM runs leaves the LV to the VM
+    dp.attach("t", LV_URI, "3")
+    lvm_raw.hold_active(LV_VG, [LV_KEY], lvm_raw.copy_holder(), lvm=lv)
+    lvm_raw.release_active(LV_VG, [LV_KEY], lvm_raw.copy_holder(), lvm=lv)
+    assert lvm2.lvs[LV_KEY]["active"], "the copy deactivated an LV a VM was using"
+    dp.detach("t", LV_URI, "3")
+    assert not lvm2.lvs[LV_KEY]["active"]
+    # the holder of a copy whose process is gone (killed) no longer counts
+    open(tmp_path / "locks" / f"{LV_VG}.{LV_KEY}.holder.copy.999999999", "w").close()
+    dp.attach("t", LV_URI, "3")
+    dp.detach("t", LV_URI, "3")
+    assert not lvm2.lvs[LV_KEY]["active"] and _holders(tmp_path) == []
+    del lvm2.calls[:]
+    lvm2.lvs[LV_KEY].update(tags=["someone-else"])    # not ours
+    dp.attach("t", LV_URI, "3")
+    dp.detach("t", LV_URI, "3")
+    assert not lvm2.lvs[LV_KEY]["active"] and _lvm_calls(lvm2) == ["lvs"]
+    del lvm2.calls[:]
+    for uri in (URI, "toy:///dev/sda", "toy:///dev/vg0/lv0", "toy:///dev/mapper/x"):
+        dp.attach("t", uri, "3")
+        dp.detach("t", uri, "3")
+    assert lvm2.calls == []                     # no lvm2 process for any other path
+
+
+def test_a_failed_setup_releases_what_it_held(lvm2, tmp_path):
+    Toy.fail = {"setup"}
+    try:
+        with pytest.raises(OSError):
+            Toy().attach("t", LV_URI, "3")
+    finally:
+        Toy.fail = set()
+    assert not lvm2.lvs[LV_KEY]["active"] and _holders(tmp_path) == []
+    assert _lvm_calls(lvm2)[:2] == ["lvs", "lvchange-ay"] and "lvchange-an" in _lvm_calls(lvm2)
+
+
+def test_a_detach_while_the_lv_is_open_is_retried_by_the_next_call(lvm2, monkeypatch):
+    from xapi_storage.volume import lvm_raw
+    monkeypatch.setattr(lvm_raw, "DEACTIVATE_WAIT", 0.3)
+    dp = Toy()
+    dp.attach("t", LV_URI, "3")
+    lvm2.lvs[LV_KEY]["open"] = True             # a backend that has not let go yet
+    dp.detach("t", LV_URI, "3")                 # never fails: recorded
+    assert lvm2.lvs[LV_KEY]["active"]
+    lvm2.lvs[LV_KEY]["open"] = False
+    dp.detach("t", LV_URI, "3")                 # the retry
+    assert not lvm2.lvs[LV_KEY]["active"]

@@ -141,7 +141,7 @@ def test_commands_are_argument_lists_that_never_say_yes(tmp_path):
     rows = lv.lvs("vg")
     assert [r["name"] for r in rows][1] == "foreign"
     assert rec.calls[0] == ["lvcreate", "-qq", "-Z", "n", "-W", "n", "-n", "k", "-L", "5242880b",
-                            "--addtag", "xapi-storage:vol", "--addtag", "xsm:1.0.1:e30=", "vg"]
+                            "-a", "n", "-k", "y", "--addtag", "xapi-storage:vol", "--addtag", "xsm:1.0.1:e30=", "vg"]
     assert rec.calls[1] == ["lvchange", "-qq", "-p", "r", "--addtag", "a", "--deltag", "b",
                             "vg/k"]
     assert rec.calls[2] == ["vgremove", "-qq", "vg"]      # no -f: a VG with LVs is refused
@@ -328,14 +328,34 @@ class ModelLVM2:
     def _lv_out(self, name):
         lv = self.lvs[name]
         return dict(self.vg, lv_name=name, lv_uuid=lv.get("data", name),
-                    lv_size=str(lv["size"]), lv_attr="",
-                    lv_active="active", lv_device_open="open" if lv["open"] else "",
+                    lv_size=str(lv["size"]),
+                    lv_attr="-wi-------" + ("k" if lv.get("skip") else "-"),
+                    lv_active="active" if lv.get("active", True) else "",
+                    lv_device_open="open" if lv["open"] else "",
                     pool_lv="", segtype="linear", data_percent="", metadata_percent="",
                     lv_tags=",".join(lv["tags"]))
 
     def __call__(self, args):
         self.calls.append(list(args))
         cmd, target = args[0], args[-1]
+        for flag in ("-a", "-k"):
+            if cmd != "lvchange" or flag not in args:
+                continue
+            # lvchange -qq -a y [-K] VG/LV..., lvchange -qq -a n VG/LV..., lvchange -qq -k y ...
+            value = args[args.index(flag) + 1] == "y"
+            for name in [a.partition("/")[2] for a in args if "/" in a]:
+                if name not in self.lvs:
+                    return 5, "", f'  Failed to find logical volume "{name}"\n'
+                lv = self.lvs[name]
+                if flag == "-k":
+                    lv["skip"] = value
+                elif value and lv.get("skip") and "-K" not in args:
+                    continue            # lvm2 skips it
+                elif lv["open"] and not value:
+                    return 5, "", f"  Logical volume {name} in use.\n"
+                else:
+                    lv["active"] = value
+            return 0, "", ""
         if cmd == "lvrename":           # lvrename VG OLD NEW
             target = f"{args[-3]}/{args[-2]}"
         vg, _, name = target.partition("/")
@@ -360,7 +380,9 @@ class ModelLVM2:
         if cmd == "lvcreate":
             size = int(dict(opts)["-L"].rstrip("b"))
             self.lvs[dict(opts)["-n"]] = {"size": -(-size // self.EXTENT) * self.EXTENT,
-                                          "tags": add, "open": False}
+                                          "tags": add, "open": False,
+                                          "active": dict(opts).get("-a", "y") == "y",
+                                          "skip": dict(opts).get("-k") == "y"}
             return 0, "", ""
         if name not in self.lvs:
             return 5, "", f'  Failed to find logical volume "{target}"\n'
@@ -410,6 +432,37 @@ def test_each_volume_call_runs_only_the_lvm2_commands_it_needs(tmp_path):
         with pytest.raises(lvm_raw.SR_does_not_exist):
             lvm_raw.Volume().destroy("dbg", vg + "x", vol["key"])
         assert os.listdir(str(tmp_path)) == [f"{vg}.vg.lock"]
+    finally:
+        lvm_raw.set_lvm(None)
+
+
+def test_a_thick_create_on_an_sr_attached_here_runs_lvcreate_alone(tmp_path):
+    """SR.attach leaves the SR's fixed fields (provisioning, datapath, extent size) on this
+    host's tmpfs: a thick create then needs no vgs. Detach removes them; a VG gone under them
+    is SR_does_not_exist and they go too."""
+    uuid = "9e570000-1111-4222-8333-00000000000b"
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+    lvm_raw.set_lvm(lvm.LVM(runner=model, lock_dir=str(tmp_path)))
+    create = lambda: lvm_raw.Volume().create("dbg", vg, "n", "d", 10 << 20, False)  # noqa
+    try:
+        computed = create()
+        assert lvm_raw.SR().attach("dbg", {"sr_uuid": uuid}) == vg
+        del model.calls[:]
+        vol = create()
+        assert [c[0] for c in model.calls] == ["lvcreate"]
+        want = dict(computed, key=vol["key"], uuid=vol["uuid"],
+                    uri=[u.replace(computed["key"], vol["key"]) for u in computed["uri"]])
+        assert vol == want == lvm_raw.Volume().stat("dbg", vg, vol["key"])
+        lvm_raw.SR().detach("dbg", vg)
+        del model.calls[:]
+        create()
+        assert [c[0] for c in model.calls] == ["vgs", "lvcreate"]
+        lvm_raw.SR().attach("dbg", {"sr_uuid": uuid})
+        model.vg["vg_name"] = "elsewhere"           # the VG went while attached
+        with pytest.raises(lvm_raw.SR_does_not_exist):
+            create()
+        assert not os.path.exists(os.path.join(str(tmp_path), vg + lvm_raw.ATTACHED))
     finally:
         lvm_raw.set_lvm(None)
 
@@ -502,5 +555,43 @@ def test_revert_refuses_itself_a_snapshot_target_and_an_open_volume(tmp_path):
             lvm_raw.Volume().revert("dbg", vg, "5d7e0b01-3c7f-4d7e-9a61-7d0a1d2e5b5c", KEY)
         assert sorted(model.lvs) == sorted([KEY, snap])
         assert not [c for c in model.calls if c[0] in ("lvcreate", "lvrename", "lvremove")]
+    finally:
+        lvm_raw.set_lvm(None)
+
+
+def test_volumes_are_active_only_while_something_on_the_host_needs_them(tmp_path, monkeypatch):
+    """Volumes are made inactive and activation-skip; a thick snapshot's copy holds its two
+    LVs active while it reads and writes them and lets go after, except what a datapath still
+    holds (a running VM's disk); SR.attach activates nothing and flags older LVs skip."""
+    uuid = "9e570000-1111-4222-8333-00000000000e"
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+    lvm_raw.set_lvm(lvm.LVM(runner=model, lock_dir=str(tmp_path)))
+    seen = []
+
+    def copy(src, dst, size):           # the copy itself needs real devices: the bed's part
+        seen.append([model.lvs[p.rpartition("/")[2]]["active"] for p in (src, dst)])
+    monkeypatch.setattr(lvm_raw, "_copy_lv", copy)
+    holders = lambda: sorted(n for n in os.listdir(str(tmp_path)) if ".holder." in n)  # noqa
+    try:
+        vol = lvm_raw.Volume().create("dbg", vg, "n", "d", 4 << 20, False)
+        lv = model.lvs[vol["key"]]
+        assert not lv["active"] and lv["skip"]
+        snap = lvm_raw.Volume().snapshot("dbg", vg, vol["key"])
+        assert seen == [[True, True]], "the copy ran on inactive LVs"
+        assert not lv["active"] and not model.lvs[snap["key"]]["active"] and holders() == []
+        assert model.lvs[snap["key"]]["skip"]
+        # a VM runs on the volume: the copy leaves it active for the VM
+        lvm_raw.hold_active(vg, [vol["key"]], "datapath.blkback")
+        lvm_raw.Volume().clone("dbg", vg, vol["key"])
+        assert lv["active"], "a snapshot deactivated a running VM's disk"
+        assert holders() == [f"{vg}.{vol['key']}.holder.datapath.blkback"]
+        # SR.attach: no activation; an LV made without the skip flag gets it
+        lvm_raw.release_active(vg, [vol["key"]], "datapath.blkback")
+        lv["skip"] = False
+        assert lvm_raw.SR().attach("dbg", {"sr_uuid": uuid}) == vg
+        assert lv["skip"] and not any(x.get("active") for x in model.lvs.values())
+        lvm_raw.Volume().destroy("dbg", vg, vol["key"])
+        assert holders() == []
     finally:
         lvm_raw.set_lvm(None)

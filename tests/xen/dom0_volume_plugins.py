@@ -109,6 +109,18 @@ def lv_names(vg):
     return sorted(ln.strip() for ln in out.splitlines() if ln.strip())
 
 
+def lv_active(vg, lv):
+    return sh(["lvs", "--noheadings", "-o", "lv_active", f"{vg}/{lv}"]).stdout.strip() == "active"
+
+
+def active(vg, lv):
+    """The LV's device node, after activating it as a datapath's attach would (lvm-raw makes
+    its volumes inactive and activation-skip: `-K` is needed). The plugin's own copies
+    deactivate what no datapath holds, so the checks activate before each access."""
+    sh(["lvchange", "-qq", "-ay", "-K", f"{vg}/{lv}"])
+    return f"/dev/{vg}/{lv}"
+
+
 def write_pattern(path, seed, size):
     data = hashlib.sha256(seed.encode()).digest() * (size // 32)
     with open(path, "r+b", buffering=0) as f:
@@ -131,14 +143,14 @@ def make_sr(devs, uuid, **extra):
 
 def accounted(sr):
     """SR.ls, then: every LV of the VG is ours and listed, or foreign; no lock file but the
-    VG's and those of listed volumes."""
+    VG's and those of listed volumes (no holder file either: a killed copy's are released)."""
     listed = {v["key"] for v in ok("SR.ls", sr=sr)}
     lvs = lv_names(sr)
     assert set(lvs) >= listed, (lvs, listed)
     extra = [n for n in lvs if n not in listed and not n.startswith("foreign")
              and n != "xapi-pool"]         # a thin SR's pool
     assert not extra, f"LVs neither listed nor foreign: {extra}"
-    locks = set(lock_files(sr)) - {f"{sr}.vg.lock"}
+    locks = set(lock_files(sr)) - {f"{sr}.vg.lock", f"{sr}.act.lock", f"{sr}.attached"}
     stray = locks - {f"{sr}.{k}.lock" for k in listed}
     assert not stray, f"lock files of no volume: {stray}"
     return listed
@@ -176,8 +188,10 @@ def check_lvm_lifecycle():
         assert v["virtual_size"] == 12 * MiB, v        # whole 4 MiB extents
         # create's answer is computed from its lvcreate arguments: what lvm2 holds
         assert ok("Volume.stat", sr=sr, key=key) == v, (v, ok("Volume.stat", sr=sr, key=key))
-        assert os.path.exists(dev), dev
-        sum_v = write_pattern(dev, "v", 12 * MiB)
+        assert not os.path.exists(dev) and not lv_active(sr, key), "a new LV is active"
+        attr = sh(["lvs", "--noheadings", "-o", "lv_attr", f"{sr}/{key}"]).stdout.strip()
+        assert attr[9] == "k", f"a new LV is not activation-skip: {attr}"
+        sum_v = write_pattern(active(sr, key), "v", 12 * MiB)
         for k, val in (("vdi-type", "user"), ("weird key, with = and ü", "x" * 3000)):
             ok("Volume.set", sr=sr, key=key, k=k, v=val)
         ok("Volume.unset", sr=sr, key=key, k="vdi-type")
@@ -188,7 +202,9 @@ def check_lvm_lifecycle():
         assert snap["read_write"] is False and snap["name"] == "renamed", snap
         assert snap["keys"] == {}, snap
         assert ok("Volume.stat", sr=sr, key=snap["key"]) == snap, snap
-        snap_dev = f"/dev/{sr}/{snap['key']}"
+        # the copy activated both LVs and let go of them after (nothing else holds them)
+        assert not lv_active(sr, key) and not lv_active(sr, snap["key"]), "a copy left LVs active"
+        snap_dev = active(sr, snap["key"])
         assert digest(snap_dev, 12 * MiB) == sum_v
         attr = sh(["lvs", "--noheadings", "-o", "lv_attr", f"{sr}/{snap['key']}"]).stdout
         assert attr.strip()[1] == "r", f"snapshot LV not read-only: {attr}"
@@ -206,14 +222,15 @@ def check_lvm_lifecycle():
         clone = ok("Volume.clone", sr=sr, key=snap["key"])
         assert clone["read_write"] is True
         assert ok("Volume.stat", sr=sr, key=clone["key"]) == clone, clone
-        clone_dev = f"/dev/{sr}/{clone['key']}"
+        clone_dev = active(sr, clone["key"])
         assert digest(clone_dev, 12 * MiB) == sum_v
         write_pattern(clone_dev, "clone", 4 * MiB)
-        assert digest(dev, 12 * MiB) == sum_v, "writing the clone changed its origin"
+        assert digest(active(sr, key), 12 * MiB) == sum_v, "writing the clone changed its origin"
         # revert: the volume gets the snapshot's data back and keeps its key, name and keys
-        write_pattern(dev, "after the snapshot", 12 * MiB)
+        write_pattern(active(sr, key), "after the snapshot", 12 * MiB)
         ok("Volume.revert", sr=sr, snapshot=snap["key"], key=key)
-        assert digest(dev, 12 * MiB) == sum_v, "revert did not bring the snapshot's data back"
+        assert digest(active(sr, key), 12 * MiB) == sum_v, \
+            "revert did not bring the snapshot's data back"
         s = ok("Volume.stat", sr=sr, key=key)
         assert s["name"] == "renamed" and s["read_write"] is True and \
             s["keys"] == {"weird key, with = and ü": "x" * 3000}, s
@@ -245,11 +262,17 @@ def check_lvm_lifecycle():
         sh(["vgchange", "-an", sr])
         assert not os.path.exists(dev)
         sr2 = ok("SR.attach", configuration=cfg)
-        assert sr2 == sr and os.path.exists(dev), "SR.attach activates our LVs"
+        assert sr2 == sr and not os.path.exists(dev), "SR.attach activated an LV"
         s = ok("Volume.stat", sr=sr, key=key)
         assert s["name"] == "renamed" and s["keys"]["weird key, with = and ü"] == "x" * 3000
         ok("SR.set_name", sr=sr, new_name="new SR name")
         assert ok("SR.stat", sr=sr)["name"] == "new SR name"
+        # the datapath's attach activates the LV it plugs, its last detach deactivates it
+        dp = ROOT + "/datapath/blkback"
+        attached = ok("Datapath.attach", plugin=dp, uri=s["uri"][0], domain="0")
+        assert ["BlockDevice", {"path": dev}] in attached["implementations"], attached
+        assert os.path.exists(dev) and lv_active(sr, key), "Datapath.attach did not activate"
+        assert not lv_active(sr, clone["key"]), "an LV not attached was activated"
         # in use: destroy and detach refuse, saying why
         holder = open(dev, "rb")
         try:
@@ -259,6 +282,9 @@ def check_lvm_lifecycle():
             assert params[0] == "SR is in use" and key in params[2], params
         finally:
             holder.close()
+        ok("Datapath.detach", plugin=dp, uri=s["uri"][0], domain="0")
+        assert not os.path.exists(dev) and not lv_active(sr, key), "detach left the LV active"
+        print("  LV inactive after SR.attach, active after Datapath.attach, inactive after detach")
         for k in (key, snap["key"], clone["key"]):
             ok("Volume.destroy", sr=sr, key=k)
             ok("Volume.destroy", sr=sr, key=k)        # idempotent
@@ -340,7 +366,8 @@ def check_lvm_crash_sweep():
         cfg, sr = make_sr(devs, "5eed5eed-1111-4222-8333-444444444444")
         src = ok("Volume.create", sr=sr, name="src", description="", size=8 * MiB,
                  sharable=False)["key"]
-        sum_src = write_pattern(f"/dev/{sr}/{src}", "src", 8 * MiB)
+        sum_src = write_pattern(active(sr, src), "src", 8 * MiB)
+        sh(["lvchange", "-qq", "-an", f"{sr}/{src}"])     # as a volume no VM uses
         n = 0
         for method, args, points in _sweep_cases(sr, src):
             for point in points:
@@ -348,10 +375,13 @@ def check_lvm_crash_sweep():
                 assert rc == -9, f"{method} never reached {point}: rc {rc}"
                 listed = accounted(sr)
                 assert src in listed
-                assert digest(f"/dev/{sr}/{src}", 8 * MiB) == sum_src, f"{point}: source"
+                # a killed copy's hold on the source is released by SR.ls
+                assert not lv_active(sr, src), f"{point}: source left active"
+                assert digest(active(sr, src), 8 * MiB) == sum_src, f"{point}: source"
+                sh(["lvchange", "-qq", "-an", f"{sr}/{src}"])
                 out = ok(method, **args)
                 if method != "Volume.create":
-                    assert digest(f"/dev/{sr}/{out['key']}", 8 * MiB) == sum_src
+                    assert digest(active(sr, out["key"]), 8 * MiB) == sum_src
                 # the retry's volume, and one a call killed after its last step made
                 for k in (listed | {out["key"]}) - {src}:
                     ok("Volume.destroy", sr=sr, key=k)
@@ -365,18 +395,18 @@ def check_lvm_crash_sweep():
         # states the fast tests cover: tests/lvm_raw; CI's bed time is short)
         for point, expect in (("copy:started", "old"), ("revert:made", "old"),
                               ("revert:old-aside", "reverted"), ("revert:old-gone", "reverted")):
-            sum_old = write_pattern(f"/dev/{sr}/{tgt}", "tgt", 8 * MiB)
+            sum_old = write_pattern(active(sr, tgt), "tgt", 8 * MiB)
             rc, _ = call("Volume.revert", env={"XAPI_STORAGE_FAULT": point}, sr=sr,
                          snapshot=snap, key=tgt)
             assert rc == -9, f"Volume.revert never reached {point}: rc {rc}"
             listed = accounted(sr)
             assert listed == {src, snap, tgt}, (point, listed)
-            got = digest(f"/dev/{sr}/{tgt}", 8 * MiB)
+            got = digest(active(sr, tgt), 8 * MiB)
             assert got == {"old": sum_old, "reverted": sum_src}[expect], (point, expect)
             tags = sh(["lvs", "--noheadings", "-o", "lv_tags", sr]).stdout
             assert "xapi-storage:reverting" not in tags, (point, tags)
             ok("Volume.revert", sr=sr, snapshot=snap, key=tgt)
-            assert digest(f"/dev/{sr}/{tgt}", 8 * MiB) == sum_src, point
+            assert digest(active(sr, tgt), 8 * MiB) == sum_src, point
             n += 1
             print(f"  killed at {point}: the {expect} volume, retried")
         for k in (tgt, snap):
@@ -414,22 +444,24 @@ def check_lvm_thin():
         pool = st["total_space"]
         assert 150 * MiB < pool < 256 * MiB and "thin pool data" in st["health"][1], st
         v = ok("Volume.create", sr=sr, name="t", description="", size=pool, sharable=False)
-        assert v["virtual_size"] >= pool and v["physical_utilisation"] == 0, v
+        # inactive: lvm2 does not know its allocation, the virtual size is the upper bound
+        assert v["virtual_size"] >= pool and v["physical_utilisation"] == v["virtual_size"], v
         assert ok("Volume.stat", sr=sr, key=v["key"]) == v, v      # computed = what lvm2 holds
-        dev = f"/dev/{sr}/{v['key']}"
+        dev = active(sr, v["key"])
+        assert ok("Volume.stat", sr=sr, key=v["key"])["physical_utilisation"] == 0
         sum_v = write_pattern(dev, "thin", 16 * MiB)
         v2 = ok("Volume.stat", sr=sr, key=v["key"])
         print("  after 16 MiB written:", v2["physical_utilisation"])
         assert 15 * MiB <= v2["physical_utilisation"] < 40 * MiB, v2   # data_percent: 2 decimals
         assert ok("SR.stat", sr=sr)["free_space"] < st["free_space"]
         snap = ok("Volume.snapshot", sr=sr, key=v["key"])
-        assert snap["read_write"] is False and digest(f"/dev/{sr}/{snap['key']}",
-                                                      16 * MiB) == sum_v
         assert ok("Volume.stat", sr=sr, key=snap["key"]) == snap, snap
+        assert snap["read_write"] is False and digest(active(sr, snap["key"]),
+                                                      16 * MiB) == sum_v
         clone = ok("Volume.clone", sr=sr, key=snap["key"])
-        write_pattern(f"/dev/{sr}/{clone['key']}", "other", 4 * MiB)
+        write_pattern(active(sr, clone["key"]), "other", 4 * MiB)
         assert digest(dev, 16 * MiB) == sum_v and \
-            digest(f"/dev/{sr}/{snap['key']}", 16 * MiB) == sum_v
+            digest(active(sr, snap["key"]), 16 * MiB) == sum_v
         # 3 volumes of the pool's size: a 4th pool-sized one passes 3x the pool
         code, params = fails("Volume.create", sr=sr, name="x", description="", size=pool,
                              sharable=False)
@@ -450,7 +482,8 @@ def check_lvm_thin():
         # revert: a thin snapshot of the snapshot, swapped in
         write_pattern(dev, "after the snapshot", 16 * MiB)
         ok("Volume.revert", sr=sr, snapshot=snap["key"], key=v["key"])
-        assert digest(dev, 16 * MiB) == sum_v, "thin revert did not bring the data back"
+        assert digest(active(sr, v["key"]), 16 * MiB) == sum_v, \
+            "thin revert did not bring the data back"
         assert sorted(lv_names(sr)) == sorted([v["key"], snap["key"], "xapi-pool"])
         ok("Volume.resize", sr=sr, key=v["key"], new_size=v["virtual_size"] + 8 * MiB)
         assert ok("Volume.stat", sr=sr, key=v["key"])["virtual_size"] >= v["virtual_size"] + 8 * MiB

@@ -38,6 +38,10 @@ What the base guarantees (the toolstack relies on each; see docs/sdk.md "Datapat
   atomic rename: a plugin SIGKILLed at any point leaves a record the next call completes (a
   teardown is redone) or rolls back (a setup is undone by `teardown(uri, None)`, an activation
   by `deactivate_hook`). A volume whose state is empty has no file left.
+* A URI naming an lvm-raw logical volume (`/dev/xapi-sr-<uuid>/<lv>`, ours by its tags) gets
+  the LV held active before `setup` and released (deactivated unless something else on the
+  host still needs it) after the last `teardown` (datapath/lvm_activation.py); any other URI
+  costs nothing for this.
 * Calls on one volume are serialised by an flock per volume, waited for at most
   $XAPI_STORAGE_DATAPATH_LOCK_TIMEOUT seconds (default 60): then a clear error, never a hang.
 
@@ -295,6 +299,32 @@ class Lifecycle(base.Datapath):
     def close_hook(self, uri, persistent):
         """Datapath.close: discard the writes if the volume was opened non-persistent."""
 
+    # activation of an lvm-raw LV around setup and teardown (datapath/lvm_activation.py) ----
+    def _setup(self, uri):
+        """`setup`, with the URI's logical volume held active first when it is an LV of an
+        lvm-raw SR (the resources then carry lvm_activation.FLAG, for `_teardown`)."""
+        from . import lvm_activation
+        activated = lvm_activation.activate(uri)
+        try:
+            resources = self.setup(uri)
+        except BaseException:
+            if activated:
+                lvm_activation.deactivate(uri, best_effort=True)
+            raise
+        if activated:
+            resources = dict(resources or {}, **{lvm_activation.FLAG: True})
+        return resources
+
+    def _teardown(self, uri, resources):
+        """`teardown`, then the LV released if `_setup` held it (resources None: a setup
+        killed or failed before saying so: released if this datapath holds it)."""
+        from . import lvm_activation
+        self.teardown(uri, resources)
+        if resources is None:
+            lvm_activation.deactivate(uri, best_effort=True)
+        elif resources.get(lvm_activation.FLAG):
+            lvm_activation.deactivate(uri)
+
     # the calls --------------------------------------------------------------------------------
     def open(self, dbg, uri, persistent):
         self._run(uri, "open", persistent=persistent)
@@ -422,7 +452,7 @@ class Lifecycle(base.Datapath):
             res = state["teardown_failed"]["resources"]    # retrying a failed teardown
         try:
             if kind == "setup":
-                output = self.setup(uri)
+                output = self._setup(uri)
             elif kind == "backend":
                 output = self.backend(uri, step[1], res)
             elif kind == "activate":
@@ -430,7 +460,7 @@ class Lifecycle(base.Datapath):
             elif kind in ("deactivate", "undo-activate"):
                 self.deactivate_hook(uri, step[1], res)
             elif kind in ("teardown", "undo-setup"):
-                self.teardown(uri, res if kind == "teardown" else None)
+                self._teardown(uri, res if kind == "teardown" else None)
             elif kind == "open":
                 self.open_hook(uri, step[1])
             elif kind == "close":
@@ -455,13 +485,13 @@ class Lifecycle(base.Datapath):
             rolled["pending"] = None
             if kind == "setup":
                 try:
-                    self.teardown(uri, None)
+                    self._teardown(uri, None)
                 except Exception as e2:  # noqa: BLE001
                     rolled["teardown_failed"] = {"resources": None,
                                                  "error": f"{type(e2).__name__}: {e2}"}
             elif kind == "backend" and not state["domains"] and res is not None:
                 try:
-                    self.teardown(uri, res)
+                    self._teardown(uri, res)
                     rolled["resources"] = None
                 except Exception as e2:  # noqa: BLE001
                     rolled["resources"] = None

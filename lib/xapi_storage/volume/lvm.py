@@ -37,6 +37,12 @@ LOCK_DIR_ENV = "XAPI_STORAGE_LVM_LOCK_DIR"
 DEFAULT_LOCK_DIR = "/run/lock/xapi-storage/lvm"
 TIMEOUT = 300.0                 # lvm2 on a slow or failing device can take long; never forever
 _REPORT = ["--reportformat", "json", "--units", "b", "--nosuffix"]
+# A volume's LV is made inactive (`-a n`) and flagged activation-skip (`-k y`): lvm2 then
+# activates it only when asked with `-K` (lvchange -ay -K), never by `vgchange -ay` or by its
+# own autoactivation (the udev rule that runs `pvscan --cache -aay` when a PV changes, which
+# the plugin's own metadata writes cause), so that an LV is active only on the host whose
+# datapath attached it (lvm2 `man lvcreate`, --setactivationskip; since lvm2 2.02.99).
+INACTIVE = ["-a", "n", "-k", "y"]
 
 
 class LVMError(Exception):
@@ -185,6 +191,9 @@ def lv_row(row):
             "open": row.get("lv_device_open", "") == "open",
             "pool": row.get("pool_lv", ""), "segtype": row.get("segtype", ""),
             "data_percent": _float(row.get("data_percent")),
+            # lvm2 reports a thin LV's data use only while the LV is active
+            "data_known": row.get("data_percent") not in (None, ""),
+            "skip": row.get("lv_attr", "")[9:10] == "k",        # activation-skip flag
             "metadata_percent": _float(row.get("metadata_percent")),
             "tags": split_tags(row.get("lv_tags"))}
 
@@ -301,17 +310,18 @@ class LVM:
 
     def lvcreate(self, vg, lv, size, tags, pool=None):
         """A thick LV of `size` bytes (lvm2 rounds up to whole extents), not zeroed (`-Z n`,
-        no first-4-KiB wipe), active; or a thin LV of that virtual size in `pool`."""
+        no first-4-KiB wipe); or a thin LV of that virtual size in `pool`. Either is made
+        inactive and flagged activation-skip (see INACTIVE)."""
         if pool is None:
             args = ["lvcreate", "-qq", "-Z", "n", "-W", "n", "-n", lv, "-L", f"{size}b"]
         else:
             args = ["lvcreate", "-qq", "-n", lv, "-V", f"{size}b", "--thinpool", pool]
-        self.run(args + _tag_args("--addtag", tags) + [vg])
+        self.run(args + INACTIVE + _tag_args("--addtag", tags) + [vg])
 
     def lvcreate_thin_snapshot(self, vg, origin, lv, tags, read_only):
-        """A thin snapshot (shares blocks with its origin), active, not skipped on activation."""
-        self.run(["lvcreate", "-qq", "-s", "-kn", "-p", "r" if read_only else "rw",
-                  "-n", lv] + _tag_args("--addtag", tags) + [f"{vg}/{origin}"])
+        """A thin snapshot (shares blocks with its origin), inactive, activation-skip."""
+        self.run(["lvcreate", "-qq", "-s", "-p", "r" if read_only else "rw", "-n", lv]
+                 + INACTIVE + _tag_args("--addtag", tags) + [f"{vg}/{origin}"])
 
     def lvcreate_pool(self, vg, pool, extents, tags):
         """A thin pool of `extents` (lvm2's -l: a count or e.g. "90%FREE"); its new blocks
@@ -327,10 +337,18 @@ class LVM:
                  + [f"{vg}/{lv}"])
 
     def activate(self, vg, lvs, active=True):
-        """Activate (or deactivate) the named LVs of `vg` in one command."""
+        """Activate (`-K`: activation-skip LVs too) or deactivate the named LVs of `vg`, in
+        one command."""
         names = [f"{vg}/{lv}" for lv in lvs]
         if names:
-            self.run(["lvchange", "-qq", "-a", "y" if active else "n"] + names)
+            self.run(["lvchange", "-qq", "-a", "y" if active else "n"]
+                     + (["-K"] if active else []) + names)
+
+    def set_activation_skip(self, vg, lvs):
+        """Flag the named LVs activation-skip (see INACTIVE), in one command."""
+        names = [f"{vg}/{lv}" for lv in lvs]
+        if names:
+            self.run(["lvchange", "-qq", "-k", "y"] + names)
 
     def lvrename(self, vg, old, new):
         """Rename an LV (one metadata change; an active LV's device is renamed with it)."""

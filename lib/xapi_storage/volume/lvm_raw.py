@@ -6,6 +6,8 @@ See docs/lvm-raw.md for the contract. In short:
     LV  <volume key>            tags: xapi-storage:vol, the volume record (xsm:...)
     /run/lock/xapi-storage/lvm/<vg>.vg.lock        flock: this host's changes to the VG
     /run/lock/xapi-storage/lvm/<vg>.<key>.lock     flock: held by every call on that volume
+    /run/lock/xapi-storage/lvm/<vg>.act.lock       flock: this host's activation changes
+    /run/lock/xapi-storage/lvm/<vg>.<lv>.holder.<who>   who needs <lv> active on this host
 
 Records (name, description, keys, state, ...) live in the LVs' and the VG's tags (lvm.py
 encodes them), so they are on the shared storage with the data and survive a reinstall of
@@ -15,6 +17,7 @@ dom0. Every lvm2 call goes through lvm.LVM. Nothing without our tag is ever chan
 import contextlib
 import functools
 import os
+import time
 from stat import S_ISBLK
 
 from ..sdk import base, log
@@ -193,6 +196,48 @@ def _ready_sr(sr):
     return vg, row, rec
 
 
+# --- what this host attached ---------------------------------------------------------------------
+#
+# SR.attach leaves, in the lock directory (tmpfs), `<vg>.attached`: the SR record's fields a
+# thick Volume.create needs (provisioning, datapath) and the VG's extent size, read from the
+# VG when it was attached. A thick create then runs `lvcreate` alone instead of a `vgs` first
+# (under TCG each lvm2 process costs most of a second). It is a cache of values that do not
+# change while the SR is attached (provisioning is fixed at SR.create, the extent size at
+# vgcreate, the datapath only by SR.attach, which rewrites the file), never the truth: the
+# records stay in lvm2's metadata. SR.detach and SR.destroy remove it first; a missing or
+# unreadable file means a `vgs` as before; a VG gone under it makes lvcreate fail, which is
+# then SR_does_not_exist (and the file goes).
+
+ATTACHED = ".attached"
+
+
+def _write_attached(vg, rec, row):
+    fields = {"uuid": rec.get("uuid"), "provisioning": rec.get("provisioning", "thick"),
+              "datapath": rec.get("datapath"), "extent_size": row["extent_size"]}
+    with get_lvm().locks() as store:
+        store.write(vg + ATTACHED, fields, owner=vg)
+
+
+def _forget_attached(vg):
+    with get_lvm().locks() as store:
+        store.unlink(vg + ATTACHED)
+
+
+def _attached(vg):
+    """(SR record fields, extent size) this host's SR.attach left, or None."""
+    try:
+        with get_lvm().locks() as store:
+            fields = store.read(vg + ATTACHED)
+    except (OSError, ValueError):
+        return None
+    if type(fields) is not dict or type(fields.get("extent_size")) is not int or \
+            fields["extent_size"] <= 0 or fields.get("provisioning") != "thick" or \
+            vg != vg_name(str(fields.get("uuid"))):
+        return None
+    return {"uuid": fields["uuid"], "provisioning": "thick", "datapath": fields["datapath"]}, \
+        fields["extent_size"]
+
+
 def _sr_and_volume(sr, key):
     """(VG name, SR record, VG row, LV row or None) of a ready SR and its LV `key`: ONE
     `lvs` report (lvm.lv_and_vg) when the LV exists. SR_does_not_exist otherwise."""
@@ -275,6 +320,143 @@ def _check_overprovision(vg, rec, more):
                         "(device-config overprovision)")
 
 
+# --- who needs an LV active on this host --------------------------------------------------------
+#
+# Volumes are made inactive and flagged activation-skip (lvm.INACTIVE): an LV is active on a
+# host only while something there needs its device node: the datapath that attached it
+# (holder "datapath.<scheme>", datapath/lvm_activation.py) or a copy reading or writing it
+# (holder "copy.<pid>": thick snapshot, clone, revert). Each need is an empty file
+# <vg>.<lv>.holder.<who> in the lock directory (tmpfs: a reboot, which deactivates every LV,
+# clears them too), made and removed under <vg>.act.lock together with the lvchange that
+# follows, so the last holder to go deactivates the LV and no one deactivates it under
+# another: a VM shut down while its disk is being snapshotted keeps the LV active until the
+# copy ends, and a copy that ends while a VM starts leaves it active for the VM. A copy
+# holder whose process is gone (killed) no longer counts.
+
+HOLDER = ".holder."
+ACT_LOCK = ".act.lock"
+DEACTIVATE_WAIT = 5.0           # a kernel backend lets go of a device a moment after unplug
+
+
+def _holder_file(vg, lv, who):
+    return f"{vg}.{lv}{HOLDER}{who}"
+
+
+def copy_holder():
+    return f"copy.{os.getpid()}"
+
+
+def _live(who):
+    """False for the holder of a copy whose process is gone (a killed call)."""
+    if not who.startswith("copy."):
+        return True
+    pid = who[len("copy."):]
+    return not pid.isdigit() or os.path.exists(f"/proc/{pid}")
+
+
+def _holders(names, vg, lv):
+    prefix = f"{vg}.{lv}{HOLDER}"
+    return [n[len(prefix):] for n in names if n.startswith(prefix)]
+
+
+def _drop_holders(store, vg, lv=None):
+    """Remove the holder files of `lv` (None: of every LV of `vg`)."""
+    prefix = f"{vg}.{lv}{HOLDER}" if lv is not None else f"{vg}."
+    for name in store.names():
+        if name.startswith(prefix) and HOLDER in name:
+            store.unlink(name)
+
+
+def holds(vg, lv, who, lvm=None):
+    """True if `who` holds `lv` active on this host."""
+    with (lvm or get_lvm()).locks() as store:
+        return store.exists(_holder_file(vg, lv, who))
+
+
+def hold_active(vg, lvs, who, lvm=None):
+    """Activate the LVs `lvs` of `vg` (ours: the caller checked) for `who`: the holder files
+    first, then one `lvchange -ay -K` (idempotent); if that fails, the files go again."""
+    lv = lvm or get_lvm()
+    with lv.locks() as store, store.lock(vg + ACT_LOCK):
+        for name in lvs:
+            fd = store.open(_holder_file(vg, name, who), os.O_WRONLY | os.O_CREAT)
+            os.close(fd)
+        try:
+            lv.activate(vg, lvs)
+        except BaseException:
+            for name in lvs:
+                store.unlink(_holder_file(vg, name, who))
+            raise
+
+
+def release_active(vg, lvs, who, wait=None, keep_claim_if_busy=False, lvm=None):
+    """`who` no longer needs `lvs` active: its holder files go, and each LV that no live
+    holder still needs is deactivated, waiting up to `wait` s (default DEACTIVATE_WAIT) for a
+    device still open (a backend letting go) to be closed. Returns the LVs left active because still open; with
+    keep_claim_if_busy their holder files are put back, so that a retry of the release
+    deactivates them. An LV that is gone counts as deactivated."""
+    lv = lvm or get_lvm()
+    with lv.locks() as store, store.lock(vg + ACT_LOCK):
+        for name in lvs:
+            store.unlink(_holder_file(vg, name, who))
+        names = store.names()
+        free = [n for n in lvs if not any(_live(w) for w in _holders(names, vg, n))]
+        end = time.monotonic() + (DEACTIVATE_WAIT if wait is None else wait)
+        busy = []
+        for name in free:
+            while True:
+                try:
+                    lv.activate(vg, [name], active=False)
+                    break
+                except lvmmod.LVMError as e:
+                    if e.not_found():
+                        break
+                    if not e.in_use():
+                        raise
+                    if time.monotonic() < end:
+                        time.sleep(0.2)
+                        continue
+                    busy.append(name)
+                    break
+        for name in busy if keep_claim_if_busy else ():
+            os.close(store.open(_holder_file(vg, name, who), os.O_WRONLY | os.O_CREAT))
+        # a dead copy's holder files of these LVs are spent
+        for name in lvs:
+            for w in _holders(names, vg, name):
+                if not _live(w):
+                    store.unlink(_holder_file(vg, name, w))
+        return busy
+
+
+def _reap_dead_holders(vg):
+    """Release what killed copies held (their holder files; each LV no live holder needs is
+    deactivated): SR.ls's clean-up of a killed snapshot, clone or revert. No lvm2 process
+    unless there is one."""
+    with get_lvm().locks() as store:
+        names = store.names()
+    prefix = vg + "."
+    for name in names:
+        lv, _, who = name[len(prefix):].partition(HOLDER)
+        if name.startswith(prefix) and who and not _live(who):
+            busy = release_active(vg, [lv], who, wait=0.0)
+            _log(30, f"{vg}/{lv}: released for a killed call ({who})"
+                 + (": left active, still open" if busy else ""))
+
+
+@contextlib.contextmanager
+def _active_for_copy(vg, lvs):
+    """The LVs `lvs` active while a copy uses them; released (deactivated unless a datapath
+    needs them) after, an LV still open is left active and logged."""
+    who = copy_holder()
+    hold_active(vg, lvs, who)
+    try:
+        yield
+    finally:
+        busy = release_active(vg, lvs, who, wait=0.0)
+        if busy:
+            _log(30, f"{vg}: left active after a copy, still open: {', '.join(busy)}")
+
+
 # --- volumes -------------------------------------------------------------------------------------
 
 class _VolumeLock:
@@ -331,8 +513,10 @@ def _volume(vg, srrec, rec, row):
     location = f"/dev/{vg}/{key}"
     datapath = srrec.get("datapath") or list(DEFAULT_DATAPATH)
     used = row["size"]
-    if row["pool"]:         # thin: what the pool has allocated to it
+    if row["pool"] and row["data_known"]:       # thin: what the pool has allocated to it
         used = int(row["size"] * row["data_percent"] / 100)
+    # (lvm2 knows a thin LV's allocation only while the LV is active, i.e. attached on this
+    # host; otherwise its virtual size is reported, an upper bound)
     return {
         "key": key, "uuid": key, "name": rec["name"], "description": rec["description"],
         "read_write": rec["read_write"], "sharable": rec["sharable"],
@@ -345,17 +529,21 @@ def _volume(vg, srrec, rec, row):
     }
 
 
-def _new_row(key, size, pool="", data_percent=0.0):
+def _new_row(key, size, pool=""):
     """The LV row of a volume this call has just made, computed from what it asked lvm2 for
-    (no report read back): `size` is already rounded to whole extents."""
-    return {"name": key, "size": size, "pool": pool, "data_percent": data_percent,
-            "active": True, "open": False}
+    (no report read back): `size` is already rounded to whole extents; made inactive (so a
+    thin volume's allocation is not known to lvm2: see _volume)."""
+    return {"name": key, "size": size, "pool": pool, "data_percent": 0.0,
+            "data_known": False, "active": False, "open": False}
 
 
 def _remove_lv(vg, key, lock):
-    """Remove one of our LVs (lvremove is one atomic metadata change) and its lock file."""
+    """Remove one of our LVs (lvremove is one atomic metadata change), its lock file and its
+    holder files."""
     get_lvm().lvremove(vg, key)
     faultpoint("remove:data-gone")
+    with get_lvm().locks() as store:
+        _drop_holders(store, vg, key)
     lock.forget()
 
 
@@ -520,9 +708,7 @@ def _copy_volume(sr, key, read_write):
                 new_lock.forget()
                 raise
             faultpoint(f"{kind}:ready")
-            # a thin snapshot maps its origin's blocks: the pool reports the same use
-            return _volume(vg, srrec, rec, _new_row(new, src_row["size"], POOL,
-                                                    src_row["data_percent"]))
+            return _volume(vg, srrec, rec, _new_row(new, src_row["size"], POOL))
         try:
             with get_lvm().vg_lock(vg):
                 get_lvm().lvcreate(vg, new, src_row["size"], tags)
@@ -531,9 +717,8 @@ def _copy_volume(sr, key, read_write):
             raise
         try:
             faultpoint(f"{kind}:pending")
-            if not src_row["active"]:
-                get_lvm().activate(vg, [key])
-            _copy_lv(f"/dev/{vg}/{key}", f"/dev/{vg}/{new}", src_row["size"])
+            with _active_for_copy(vg, [key, new]):
+                _copy_lv(f"/dev/{vg}/{key}", f"/dev/{vg}/{new}", src_row["size"])
             faultpoint(f"{kind}:data")
             rec["state"] = "ready"
             with get_lvm().vg_lock(vg):
@@ -683,15 +868,29 @@ class SR(base.SR):
         if row["missing_pvs"]:
             raise XenAPIError("SR_BACKEND_FAILURE", [
                 "SR is not reachable", vg, f"{row['missing_pvs']} physical volume(s) missing"])
-        ours = [r["name"] for r in get_lvm().lvs(vg)
-                if VOL_TAG in r["tags"] and not r["active"]]
-        get_lvm().activate(vg, ours)
+        # no LV is activated here: the datapath's attach activates the one it plugs
+        # (datapath/lvm_activation.py), so only the host that runs the VM has it active.
+        # Volumes made without the activation-skip flag (by an older release) get it, so that
+        # lvm2's autoactivation leaves them alone too (one lvchange, only when needed).
+        rows = get_lvm().lvs(vg)
+        unskipped = [r["name"] for r in rows if VOL_TAG in r["tags"] and not r["skip"]]
+        if unskipped:
+            with get_lvm().vg_lock(vg):
+                get_lvm().set_activation_skip(vg, unskipped)
+        # a thin SR's pool is active while the SR is attached (what SR.stat reads its use
+        # from; a pool is never shared between hosts); it exposes no volume
+        pool = _pool_row(vg, rec, rows)
+        if pool is not None and not pool["active"]:
+            get_lvm().activate(vg, [POOL])
         if datapath is not None and datapath != rec.get("datapath"):
             _update_sr(vg, lambda r: r.__setitem__("datapath", datapath))
+            rec = dict(rec, datapath=datapath)
+        _write_attached(vg, rec, row)
         return vg
 
     def detach(self, dbg, sr):
         vg = sr_vg(sr)
+        _forget_attached(vg)
         row = get_lvm().vg(vg)
         if _sr_record(row) is None:
             return None             # gone already: detach is idempotent
@@ -700,15 +899,19 @@ class SR(base.SR):
         if busy:
             raise XenAPIError("SR_BACKEND_FAILURE", [
                 "SR is in use", vg, "open volumes: " + ", ".join(sorted(busy))])
-        get_lvm().activate(vg, [r["name"] for r in rows], active=False)
+        lv = get_lvm()
+        with lv.locks() as store, store.lock(vg + ACT_LOCK):
+            lv.activate(vg, [r["name"] for r in rows], active=False)
+            _drop_holders(store, vg)        # nothing on this host uses the SR any more
         # a thin SR's pool: it was activated with its first volume
-        get_lvm().activate(vg, [r["name"] for r in get_lvm().lvs(vg)
-                                if POOL_TAG in r["tags"] and r["active"]], active=False)
+        lv.activate(vg, [r["name"] for r in lv.lvs(vg)
+                         if POOL_TAG in r["tags"] and r["active"]], active=False)
         return None
 
     def destroy(self, dbg, sr):
         vg = sr_vg(sr)
         lv = get_lvm()
+        _forget_attached(vg)
         with lv.vg_lock(vg):
             row = lv.vg(vg)
             rec = _sr_record(row)
@@ -741,6 +944,8 @@ class SR(base.SR):
             if devices:
                 lv.pvremove(devices)
         with lv.locks() as store:
+            _drop_holders(store, vg)
+            store.unlink(vg + ACT_LOCK)
             store.unlink(f"{vg}.vg.lock")
         return None
 
@@ -770,6 +975,7 @@ class SR(base.SR):
             rows = get_lvm().lvs(vg)
             reverts = _reverted_keys(rows)
         _forget_stray_locks(vg, {r["name"] for r in rows})
+        _reap_dead_holders(vg)
         for row in rows:
             if VOL_TAG not in row["tags"] or _revert_base(row["name"]):
                 continue            # not ours: never listed, never touched; or a running revert's
@@ -819,6 +1025,10 @@ def _forget_stray_locks(vg, lv_names):
     prefix = vg + "."
     with get_lvm().locks() as store:
         for name in store.names():
+            if name.startswith(prefix) and HOLDER in name and \
+                    name[len(prefix):].partition(HOLDER)[0] not in lv_names:
+                store.unlink(name)      # a holder of an LV that is gone
+                continue
             key = name[len(prefix):-len(".lock")] if name.startswith(prefix) else ""
             if not is_uuid(key) or not name.endswith(".lock") or key in lv_names:
                 continue
@@ -836,7 +1046,13 @@ class Volume(base.Volume):
         _want_str("description", description)
         size = _want_size("size", size)
         _want_bool("sharable", sharable)
-        vg, vgrow, srrec = _ready_sr(sr)
+        vg = sr_vg(sr)
+        attached = _attached(vg)
+        if attached is not None:        # thick, attached here: no vgs (see _attached)
+            srrec, extent_size = attached
+        else:
+            vg, vgrow, srrec = _ready_sr(sr)
+            extent_size = vgrow["extent_size"]
         key = new_uuid()
         rec = _new_record(key, name, description, True, sharable, "ready")
         with _VolumeLock(vg, key) as lock:
@@ -848,6 +1064,12 @@ class Volume(base.Volume):
                     get_lvm().lvcreate(vg, key, max(size, 1),
                                        [VOL_TAG] + lvmmod.encode_record(rec, 1),
                                        pool=POOL if thin else None)
+            except lvmmod.LVMError as e:
+                lock.forget()
+                if attached is not None and e.not_found():
+                    _forget_attached(vg)        # the VG went while attached
+                    raise SR_does_not_exist(sr) from None
+                raise
             except BaseException:
                 lock.forget()
                 raise
@@ -855,7 +1077,7 @@ class Volume(base.Volume):
         # the new LV's row from the lvcreate arguments, not read back (an lvm2 process less):
         # lvm2 gives whole extents, thick or thin; a new thin volume has no block allocated
         return _volume(vg, srrec, rec, _new_row(
-            key, lvmmod.round_up(max(size, 1), vgrow["extent_size"]), POOL if thin else ""))
+            key, lvmmod.round_up(max(size, 1), extent_size), POOL if thin else ""))
 
     def snapshot(self, dbg, sr, key):
         return _copy_volume(sr, key, read_write=False)
@@ -962,9 +1184,9 @@ class Volume(base.Volume):
                     else:
                         lv.lvcreate(vg, new, snap_row["size"], tags)
                 if not thin:
-                    if not snap_row["active"]:
-                        lv.activate(vg, [snapshot])
-                    _copy_lv(f"/dev/{vg}/{snapshot}", f"/dev/{vg}/{new}", snap_row["size"])
+                    with _active_for_copy(vg, [snapshot, new]):
+                        _copy_lv(f"/dev/{vg}/{snapshot}", f"/dev/{vg}/{new}",
+                                 snap_row["size"])
                     with lv.vg_lock(vg):
                         _write_tags_record(vg, new, dict(target, state="ready"), tags)
                 faultpoint("revert:made")
