@@ -514,3 +514,38 @@ def test_a_detach_while_the_lv_is_open_is_retried_by_the_next_call(lvm2, monkeyp
     lvm2.lvs[LV_KEY]["open"] = False
     dp.detach("t", LV_URI, "3")                 # the retry
     assert not lvm2.lvs[LV_KEY]["active"]
+
+
+class _Killed(BaseException):
+    """A SIGKILL, as far as the code under test can tell: nothing after it runs."""
+
+
+@pytest.mark.parametrize("how", ["killed", "timed out"])
+def test_a_deactivation_killed_or_failed_is_redone_by_the_next_call(lvm2, tmp_path, how,
+                                                                    monkeypatch):
+    """The hold goes only once the LV is inactive: a datapath killed in its `lvchange -an`,
+    or one whose `lvchange -an` failed (not because the device is open), leaves its holder
+    file, so the next call's retried teardown deactivates the LV."""
+    from xapi_storage.volume import command
+    dp = Toy()
+    dp.attach("t", LV_URI, "3")
+    from xapi_storage.volume import lvm
+
+    def broken(self, args):
+        if args[:4] == ["lvchange", "-qq", "-a", "n"]:
+            if how == "killed":
+                raise _Killed()
+            raise command.CommandTimeout(["lvm"] + list(args), 120)
+        return lvm2(args)
+    with monkeypatch.context() as m:
+        m.setattr(lvm.Runner, "__call__", broken)
+        if how == "killed":
+            with pytest.raises(_Killed):
+                dp.detach("t", LV_URI, "3")
+        else:
+            dp.detach("t", LV_URI, "3")                 # never fails: recorded
+    assert lvm2.lvs[LV_KEY]["active"]
+    assert _holders(tmp_path) == [f"{LV_VG}.{LV_KEY}.holder.datapath.toy"]
+    dp.detach("t", LV_URI, "3")                         # the next call redoes the teardown
+    assert not lvm2.lvs[LV_KEY]["active"], "the retried teardown left the LV active"
+    assert _holders(tmp_path) == [] and leftovers(tmp_path / "state") == []

@@ -390,17 +390,18 @@ def hold_active(vg, lvs, who, lvm=None):
 
 
 def release_active(vg, lvs, who, wait=None, keep_claim_if_busy=False, lvm=None):
-    """`who` no longer needs `lvs` active: its holder files go, and each LV that no live
-    holder still needs is deactivated, waiting up to `wait` s (default DEACTIVATE_WAIT) for a
-    device still open (a backend letting go) to be closed. Returns the LVs left active because still open; with
-    keep_claim_if_busy their holder files are put back, so that a retry of the release
-    deactivates them. An LV that is gone counts as deactivated."""
+    """`who` no longer needs `lvs` active: each LV that no other live holder needs is
+    deactivated, waiting up to `wait` s (default DEACTIVATE_WAIT) for a device still open (a
+    backend letting go) to be closed, then `who`'s holder files go. Returns the LVs left
+    active because still open; with keep_claim_if_busy their holder files stay, so that a
+    retry of the release deactivates them. A deactivation that fails otherwise (or a process
+    killed before it is done) leaves all of `who`'s holder files: the retry, or SR.ls for a
+    dead copy, finds them. An LV that is gone counts as deactivated."""
     lv = lvm or get_lvm()
     with lv.locks() as store, store.lock(vg + ACT_LOCK):
-        for name in lvs:
-            store.unlink(_holder_file(vg, name, who))
         names = store.names()
-        free = [n for n in lvs if not any(_live(w) for w in _holders(names, vg, n))]
+        free = [n for n in lvs
+                if not any(_live(w) for w in _holders(names, vg, n) if w != who)]
         end = time.monotonic() + (DEACTIVATE_WAIT if wait is None else wait)
         busy = []
         for name in free:
@@ -418,8 +419,9 @@ def release_active(vg, lvs, who, wait=None, keep_claim_if_busy=False, lvm=None):
                         continue
                     busy.append(name)
                     break
-        for name in busy if keep_claim_if_busy else ():
-            os.close(store.open(_holder_file(vg, name, who), os.O_WRONLY | os.O_CREAT))
+        for name in lvs:
+            if not (keep_claim_if_busy and name in busy):
+                store.unlink(_holder_file(vg, name, who))
         # a dead copy's holder files of these LVs are spent
         for name in lvs:
             for w in _holders(names, vg, name):
