@@ -549,3 +549,22 @@ def test_a_deactivation_killed_or_failed_is_redone_by_the_next_call(lvm2, tmp_pa
     dp.detach("t", LV_URI, "3")                         # the next call redoes the teardown
     assert not lvm2.lvs[LV_KEY]["active"], "the retried teardown left the LV active"
     assert _holders(tmp_path) == [] and leftovers(tmp_path / "state") == []
+
+
+def test_an_activation_that_timed_out_leaves_the_lv_inactive(lvm2, tmp_path, monkeypatch):
+    """An `lvchange -ay -K` killed at its time limit may have activated the LV (lvm2 waiting
+    for udev, say): the failed attach deactivates it and leaves no holder."""
+    from xapi_storage.volume import command, lvm
+
+    def slow(self, args):
+        out = lvm2(args)
+        if args[:4] == ["lvchange", "-qq", "-a", "y"]:
+            raise command.CommandTimeout(["lvm"] + list(args), 120)
+        return out
+    with monkeypatch.context() as m:
+        m.setattr(lvm.Runner, "__call__", slow)
+        with pytest.raises(errors.XenAPIError) as e:
+            Toy().attach("t", LV_URI, "3")
+    assert e.value.params[0] == "Datapath_command_failed", e.value.params
+    assert not lvm2.lvs[LV_KEY]["active"], "a timed-out activation left the LV active"
+    assert _holders(tmp_path) == [] and leftovers(tmp_path / "state") == []

@@ -595,3 +595,30 @@ def test_volumes_are_active_only_while_something_on_the_host_needs_them(tmp_path
         assert holders() == []
     finally:
         lvm_raw.set_lvm(None)
+
+
+def test_a_copy_whose_activation_fails_leaves_no_lv_active(tmp_path, monkeypatch):
+    """`lvchange -ay -K` of a copy's two LVs activates the first and fails on the second: the
+    copy fails, structured, and neither LV stays active nor keeps a holder file."""
+    uuid = "9e570000-1111-4222-8333-000000000010"
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+
+    def runner(args):
+        if args[:4] == ["lvchange", "-qq", "-a", "y"] and len(args) > 6:
+            model(args[:5] + args[5:6])             # the first LV is activated, then:
+            return 5, "", "  device-mapper: create ioctl failed: Device or resource busy\n"
+        return model(args)
+    lvm_raw.set_lvm(lvm.LVM(runner=runner, lock_dir=str(tmp_path)))
+    monkeypatch.setattr(lvm_raw, "_copy_lv", lambda *a: None)
+    try:
+        vol = lvm_raw.Volume().create("dbg", vg, "n", "d", 4 << 20, False)
+        with pytest.raises(lvm_raw.XenAPIError) as e:
+            lvm_raw.Volume().snapshot("dbg", vg, vol["key"])
+        assert e.value.params[0] == "lvm2 command failed", e.value.params
+        assert not any(lv.get("active") for lv in model.lvs.values()), \
+            "a failed activation left an LV active"
+        assert list(model.lvs) == [vol["key"]]
+        assert [n for n in os.listdir(str(tmp_path)) if ".holder." in n] == []
+    finally:
+        lvm_raw.set_lvm(None)

@@ -375,18 +375,15 @@ def holds(vg, lv, who, lvm=None):
 
 def hold_active(vg, lvs, who, lvm=None):
     """Activate the LVs `lvs` of `vg` (ours: the caller checked) for `who`: the holder files
-    first, then one `lvchange -ay -K` (idempotent); if that fails, the files go again."""
+    first, then one `lvchange -ay -K` (idempotent). If that fails the files stay: a failed or
+    timed-out lvchange may have activated some of the LVs, so the caller releases them
+    (`release_active`) as it would after a kill."""
     lv = lvm or get_lvm()
     with lv.locks() as store, store.lock(vg + ACT_LOCK):
         for name in lvs:
             fd = store.open(_holder_file(vg, name, who), os.O_WRONLY | os.O_CREAT)
             os.close(fd)
-        try:
-            lv.activate(vg, lvs)
-        except BaseException:
-            for name in lvs:
-                store.unlink(_holder_file(vg, name, who))
-            raise
+        lv.activate(vg, lvs)
 
 
 def release_active(vg, lvs, who, wait=None, keep_claim_if_busy=False, lvm=None):
@@ -450,8 +447,8 @@ def _active_for_copy(vg, lvs):
     """The LVs `lvs` active while a copy uses them; released (deactivated unless a datapath
     needs them) after, an LV still open is left active and logged."""
     who = copy_holder()
-    hold_active(vg, lvs, who)
     try:
+        hold_active(vg, lvs, who)
         yield
     finally:
         busy = release_active(vg, lvs, who, wait=0.0)
