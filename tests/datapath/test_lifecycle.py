@@ -486,7 +486,12 @@ def test_an_lv_a_copy_still_needs_stays_active_and_others_are_never_touched(lvm2
     dp.detach("t", LV_URI, "3")
     assert not lvm2.lvs[LV_KEY]["active"] and _lvm_calls(lvm2) == ["lvs"]
     del lvm2.calls[:]
-    for uri in (URI, "toy:///dev/sda", "toy:///dev/vg0/lv0", "toy:///dev/mapper/x"):
+    # nor for an LV in our VG whose name is not a volume key (one with ".holder." in it
+    # would be read as another LV's holder: <vg>.<key>.holder.copy.1.holder.datapath.toy)
+    from lvm_raw.test_lvm import _vol_tags
+    lvm2.lvs[LV_KEY + ".holder.copy.1"] = dict(lvm2.lvs.pop(LV_KEY), tags=_vol_tags(LV_KEY))
+    for uri in (URI, "toy:///dev/sda", "toy:///dev/vg0/lv0", "toy:///dev/mapper/x",
+                LV_URI + ".holder.copy.1"):
         dp.attach("t", uri, "3")
         dp.detach("t", uri, "3")
     assert lvm2.calls == []                     # no lvm2 process for any other path

@@ -622,3 +622,38 @@ def test_a_copy_whose_activation_fails_leaves_no_lv_active(tmp_path, monkeypatch
         assert [n for n in os.listdir(str(tmp_path)) if ".holder." in n] == []
     finally:
         lvm_raw.set_lvm(None)
+
+
+def test_sr_ls_and_detach_touch_only_their_own_holders(tmp_path):
+    """Holder files are read by their exact shape: SR.ls and SR.detach of xapi-sr-<u> leave
+    those of xapi-sr-<u>.x (an SR uuid may hold '.') alone, and SR.ls leaves the live holder
+    of a volume made and attached after its `lvs` (it is not in that list) alone."""
+    uuid = "9e570000-1111-4222-8333-000000000011"
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+    made = []
+
+    def runner(args):
+        out = model(args)
+        if args[0] == "lvs" and args[-1] == vg and made == ["armed"]:
+            # another process, while SR.ls runs: a new volume, attached by a datapath
+            del made[:]
+            made.append(lvm_raw.Volume().create("dbg", vg, "n", "d", 4 << 20, False)["key"])
+            lvm_raw.hold_active(vg, made, "datapath.blkback")
+        return out
+    lvm_raw.set_lvm(lvm.LVM(runner=runner, lock_dir=str(tmp_path)))
+    other = os.path.join(str(tmp_path), f"{vg}.x.{'3c7f1f0c-0b01-4d7e-9a61-7d0a1d2e5b5c'}"
+                         ".holder.datapath.blkback")           # SR xapi-sr-<uuid>.x's
+    open(other, "w").close()
+    try:
+        made.append("armed")
+        lvm_raw.SR().ls("dbg", vg)
+        assert os.path.exists(other), "SR.ls removed another SR's holder"
+        mine = f"{vg}.{made[0]}.holder.datapath.blkback"
+        assert os.path.exists(os.path.join(str(tmp_path), mine)), \
+            "SR.ls removed the holder of a volume newer than its lvs"
+        lvm_raw.SR().detach("dbg", vg)
+        assert os.path.exists(other), "SR.detach removed another SR's holder"
+        assert not os.path.exists(os.path.join(str(tmp_path), mine))
+    finally:
+        lvm_raw.set_lvm(None)

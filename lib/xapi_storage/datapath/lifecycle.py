@@ -38,7 +38,7 @@ What the base guarantees (the toolstack relies on each; see docs/sdk.md "Datapat
   atomic rename: a plugin SIGKILLed at any point leaves a record the next call completes (a
   teardown is redone) or rolls back (a setup is undone by `teardown(uri, None)`, an activation
   by `deactivate_hook`). A volume whose state is empty has no file left.
-* A URI naming an lvm-raw logical volume (`/dev/xapi-sr-<uuid>/<lv>`, ours by its tags) gets
+* A URI naming an lvm-raw logical volume (`/dev/xapi-sr-<uuid>/<key>`, ours by its tags) gets
   the LV held active before `setup` and released (deactivated unless something else on the
   host still needs it) after the last `teardown` (datapath/lvm_activation.py); any other URI
   costs nothing for this.

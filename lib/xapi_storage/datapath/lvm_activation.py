@@ -7,8 +7,8 @@ shared between hosts, later under lvmlockd, needs). `Lifecycle` (lifecycle.py) c
 `activate` before a datapath's `setup` and `deactivate` after its `teardown`, for every
 datapath plugin alike:
 
-* a URI whose path is not `/dev/<vg>/<lv>` with `<vg>` named as lvm-raw names its VGs costs
-  nothing (no lvm2 process);
+* a URI whose path is not `/dev/<vg>/<lv>` with `<vg>` and `<lv>` named as lvm-raw names its
+  VGs and volumes (`xapi-sr-<uuid>`, a uuid) costs nothing (no lvm2 process);
 * otherwise one `lvs` says whether the LV is ours (the LV tagged as an lvm-raw volume, its VG
   as an lvm-raw SR: nothing else is ever activated or deactivated); an LV of ours is held
   active for this datapath (volume/lvm_raw.py `hold_active`: a holder file, then
@@ -30,14 +30,15 @@ FLAG = "lvm_activated"      # the key setup's resources carry when this module h
 
 
 def lv_of(uri):
-    """(vg, lv) of a URI naming an LV in a VG named as lvm-raw names its VGs, else None."""
+    """(vg, lv) of a URI naming an LV in a VG named as lvm-raw names its VGs and its
+    volumes (a key), else None."""
     _, sep, rest = uri.partition("://") if isinstance(uri, str) else ("", "", "")
     parts = rest.split("/")
     if not sep or len(parts) != 4 or parts[:2] != ["", "dev"] or "%" in rest:
         return None
     from ..volume import lvm_raw
     vg, lv = parts[2], parts[3]
-    if not vg.startswith(lvm_raw.VG_PREFIX) or not lv or lv.startswith("."):
+    if not vg.startswith(lvm_raw.VG_PREFIX) or not lvm_raw.is_uuid(lv):     # a volume key
         return None
     return vg, lv
 

@@ -354,16 +354,28 @@ def _live(who):
     return not pid.isdigit() or os.path.exists(f"/proc/{pid}")
 
 
+def _holder_parts(vg, name):
+    """(lv, who) of a holder file of `vg`, else None. Only the LVs lvm-raw holds count (volume
+    keys, a revert's <key>.rv), and a `who` never holds HOLDER: so no name is misread, when
+    another VG's name starts with this one's (an SR uuid may hold '.') or an LV's holds
+    '.holder.'."""
+    if not name.startswith(vg + "."):
+        return None
+    lv, sep, who = name[len(vg) + 1:].partition(HOLDER)
+    if not sep or not who or HOLDER in who or not (is_uuid(lv) or _revert_base(lv)):
+        return None
+    return lv, who
+
+
 def _holders(names, vg, lv):
-    prefix = f"{vg}.{lv}{HOLDER}"
-    return [n[len(prefix):] for n in names if n.startswith(prefix)]
+    return [p[1] for p in (_holder_parts(vg, n) for n in names) if p and p[0] == lv]
 
 
 def _drop_holders(store, vg, lv=None):
     """Remove the holder files of `lv` (None: of every LV of `vg`)."""
-    prefix = f"{vg}.{lv}{HOLDER}" if lv is not None else f"{vg}."
     for name in store.names():
-        if name.startswith(prefix) and HOLDER in name:
+        parts = _holder_parts(vg, name)
+        if parts and lv in (None, parts[0]):
             store.unlink(name)
 
 
@@ -433,10 +445,8 @@ def _reap_dead_holders(vg):
     unless there is one."""
     with get_lvm().locks() as store:
         names = store.names()
-    prefix = vg + "."
-    for name in names:
-        lv, _, who = name[len(prefix):].partition(HOLDER)
-        if name.startswith(prefix) and who and not _live(who):
+    for lv, who in filter(None, (_holder_parts(vg, n) for n in names)):
+        if not _live(who):
             busy = release_active(vg, [lv], who, wait=0.0)
             _log(30, f"{vg}/{lv}: released for a killed call ({who})"
                  + (": left active, still open" if busy else ""))
@@ -1024,9 +1034,12 @@ def _forget_stray_locks(vg, lv_names):
     prefix = vg + "."
     with get_lvm().locks() as store:
         for name in store.names():
-            if name.startswith(prefix) and HOLDER in name and \
-                    name[len(prefix):].partition(HOLDER)[0] not in lv_names:
-                store.unlink(name)      # a holder of an LV that is gone
+            parts = _holder_parts(vg, name)
+            if parts:
+                # a killed copy's holder of an LV that is gone (a live holder's LV may be
+                # newer than `lv_names`: its holder releases it)
+                if parts[0] not in lv_names and not _live(parts[1]):
+                    store.unlink(name)
                 continue
             key = name[len(prefix):-len(".lock")] if name.startswith(prefix) else ""
             if not is_uuid(key) or not name.endswith(".lock") or key in lv_names:
