@@ -3,6 +3,7 @@ lists given to lvm2, error mapping, the time limit on commands, and the block-de
 real loop devices. The plugin's behaviour on real lvm2 is tested in the test bed
 (tests/xen/test_volume_plugins.py)."""
 
+import json
 import os
 import re
 import subprocess
@@ -268,7 +269,7 @@ def _report(kind, rows):
 
 def _sr_vg_row(vg, uuid):
     rec = {"format": lvm_raw.SR_FORMAT, "version": lvm_raw.SR_FORMAT_VERSION, "state": "ready",
-           "uuid": uuid, "name": "", "description": "", "datapath": "blkback"}
+           "uuid": uuid, "name": "", "description": "", "datapath": ["blkback"]}
     tags = [lvm_raw.SR_TAG, lvm_raw.UUID_TAG + uuid] + lvm.encode_record(rec, 1)
     return {"vg_name": vg, "vg_uuid": "U", "vg_size": "260046848", "vg_free": "0",
             "vg_extent_size": "4194304", "vg_missing_pv_count": "0", "pv_count": "1",
@@ -458,6 +459,19 @@ def test_a_thick_create_on_an_sr_attached_here_runs_lvcreate_alone(tmp_path):
         del model.calls[:]
         create()
         assert [c[0] for c in model.calls] == ["vgs", "lvcreate"]
+        lvm_raw.SR().attach("dbg", {"sr_uuid": uuid})
+        # a cache file that is not what SR.attach writes means a vgs, never a raw error or
+        # a wrong URI
+        path = os.path.join(str(tmp_path), vg + lvm_raw.ATTACHED)
+        with open(path) as f:
+            good = json.load(f)
+        for bad in ({k: v for k, v in good.items() if k != "datapath"},
+                    dict(good, datapath="pyblkback"), dict(good, datapath=[7])):
+            with open(path, "w") as f:
+                json.dump(bad, f)
+            del model.calls[:]
+            assert create()["uri"][0].startswith("blkback:///dev/"), bad
+            assert [c[0] for c in model.calls] == ["vgs", "lvcreate"], bad
         lvm_raw.SR().attach("dbg", {"sr_uuid": uuid})
         model.vg["vg_name"] = "elsewhere"           # the VG went while attached
         with pytest.raises(lvm_raw.SR_does_not_exist):

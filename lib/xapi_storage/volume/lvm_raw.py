@@ -204,9 +204,9 @@ def _ready_sr(sr):
 # (under TCG each lvm2 process costs most of a second). It is a cache of values that do not
 # change while the SR is attached (provisioning is fixed at SR.create, the extent size at
 # vgcreate, the datapath only by SR.attach, which rewrites the file), never the truth: the
-# records stay in lvm2's metadata. SR.detach and SR.destroy remove it first; a missing or
-# unreadable file means a `vgs` as before; a VG gone under it makes lvcreate fail, which is
-# then SR_does_not_exist (and the file goes).
+# records stay in lvm2's metadata. SR.detach and SR.destroy remove it first; a missing,
+# malformed or unreadable file means a `vgs` as before; a VG gone under it makes lvcreate
+# fail, which is then SR_does_not_exist (and the file goes).
 
 ATTACHED = ".attached"
 
@@ -232,10 +232,16 @@ def _attached(vg):
         return None
     if type(fields) is not dict or type(fields.get("extent_size")) is not int or \
             fields["extent_size"] <= 0 or fields.get("provisioning") != "thick" or \
-            vg != vg_name(str(fields.get("uuid"))):
+            vg != vg_name(str(fields.get("uuid"))) or not _datapath_field(fields):
         return None
     return {"uuid": fields["uuid"], "provisioning": "thick", "datapath": fields["datapath"]}, \
         fields["extent_size"]
+
+
+def _datapath_field(fields):
+    """True if `fields` has an SR record's datapath: null, or a list of names (_volume)."""
+    dp = fields.get("datapath", 0)
+    return dp is None or (type(dp) is list and all(type(d) is str and d for d in dp))
 
 
 def _sr_and_volume(sr, key):
