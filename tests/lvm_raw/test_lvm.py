@@ -671,3 +671,34 @@ def test_sr_ls_and_detach_touch_only_their_own_holders(tmp_path):
         assert not os.path.exists(os.path.join(str(tmp_path), mine))
     finally:
         lvm_raw.set_lvm(None)
+
+
+def test_a_release_waiting_for_a_busy_device_does_not_hold_up_the_sr(tmp_path):
+    """A datapath's release waits up to DEACTIVATE_WAIT s for a backend to let go of the
+    device; meanwhile another volume of the SR can be attached (its hold takes the act lock):
+    the lock is not held across the wait."""
+    import threading
+    uuid = "9e570000-1111-4222-8333-00000000000a"
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+    lv = lvm.LVM(runner=model, lock_dir=str(tmp_path))
+    a, b = KEY, "4d8f2f1d-1c12-4e8f-8b72-8e1b2e3f6c6d"
+    for k in (a, b):
+        model.lvs[k] = {"size": 4 << 20, "open": False, "active": False, "skip": True,
+                        "tags": _vol_tags(k)}
+    lvm_raw.hold_active(vg, [a], "datapath.t", lvm=lv)
+    model.lvs[a]["open"] = True                 # a backend that has not let go yet
+    out = []
+    waiter = threading.Thread(target=lambda: out.append(
+        lvm_raw.release_active(vg, [a], "datapath.t", wait=3.0, keep_claim_if_busy=True,
+                               lvm=lv)))
+    waiter.start()
+    try:
+        time.sleep(0.3)                          # the release is waiting now
+        lvm_raw.hold_active(vg, [b], "datapath.t", lvm=lv)
+        assert waiter.is_alive(), "the hold waited for the other volume's release to end"
+        assert model.lvs[b]["active"]
+        model.lvs[a]["open"] = False             # the backend lets go: the release ends
+    finally:
+        waiter.join(10)
+    assert out == [[]] and not model.lvs[a]["active"]

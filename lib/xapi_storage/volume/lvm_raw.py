@@ -407,42 +407,45 @@ def hold_active(vg, lvs, who, lvm=None):
 def release_active(vg, lvs, who, wait=None, keep_claim_if_busy=False, lvm=None):
     """`who` no longer needs `lvs` active: each LV that no other live holder needs is
     deactivated, waiting up to `wait` s (default DEACTIVATE_WAIT) for a device still open (a
-    backend letting go) to be closed, then `who`'s holder files go. Returns the LVs left
-    active because still open; with keep_claim_if_busy their holder files stay, so that a
-    retry of the release deactivates them. A deactivation that fails otherwise (or a process
-    killed before it is done) leaves all of `who`'s holder files: the retry, or SR.ls for a
-    dead copy, finds them. An LV that is gone counts as deactivated."""
+    backend letting go) to be closed, then `who`'s holder file of it goes. Returns the LVs
+    left active because still open; with keep_claim_if_busy their holder files stay, so that
+    a retry of the release deactivates them. A deactivation that fails otherwise (or a
+    process killed before it is done) leaves `who`'s holder files of the LVs not done yet:
+    the retry, or SR.ls for a dead copy, finds them. An LV that is gone counts as
+    deactivated. The act lock is held for one pass over the LVs, never across the wait, so
+    other holds and releases on the SR go on meanwhile (each pass looks at the holders
+    anew)."""
     lv = lvm or get_lvm()
-    with lv.locks() as store, store.lock(vg + ACT_LOCK):
-        names = store.names()
-        free = [n for n in lvs
-                if not any(_live(w) for w in _holders(names, vg, n) if w != who)]
-        end = time.monotonic() + (DEACTIVATE_WAIT if wait is None else wait)
-        busy = []
-        for name in free:
-            while True:
-                try:
-                    lv.activate(vg, [name], active=False)
-                    break
-                except lvmmod.LVMError as e:
-                    if e.not_found():
-                        break
-                    if not e.in_use():
-                        raise
-                    if time.monotonic() < end:
-                        time.sleep(0.2)
-                        continue
-                    busy.append(name)
-                    break
-        for name in lvs:
-            if not (keep_claim_if_busy and name in busy):
+    end = time.monotonic() + (DEACTIVATE_WAIT if wait is None else wait)
+    pending = list(lvs)
+    while True:
+        still = []
+        with lv.locks() as store, store.lock(vg + ACT_LOCK):
+            names = store.names()
+            for name in pending:
+                if not any(_live(w) for w in _holders(names, vg, name) if w != who):
+                    try:
+                        lv.activate(vg, [name], active=False)
+                    except lvmmod.LVMError as e:
+                        if not e.in_use():
+                            if not e.not_found():
+                                raise
+                        else:
+                            still.append(name)
+                            continue
                 store.unlink(_holder_file(vg, name, who))
-        # a dead copy's holder files of these LVs are spent
-        for name in lvs:
-            for w in _holders(names, vg, name):
-                if not _live(w):
-                    store.unlink(_holder_file(vg, name, w))
-        return busy
+                for w in _holders(names, vg, name):     # a dead copy's are spent
+                    if not _live(w):
+                        store.unlink(_holder_file(vg, name, w))
+            if not still:
+                return []
+            if time.monotonic() >= end:
+                if not keep_claim_if_busy:
+                    for name in still:
+                        store.unlink(_holder_file(vg, name, who))
+                return still
+        pending = still
+        time.sleep(0.2)
 
 
 def _reap_dead_holders(vg):
