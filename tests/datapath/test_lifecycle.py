@@ -573,3 +573,19 @@ def test_an_activation_that_timed_out_leaves_the_lv_inactive(lvm2, tmp_path, mon
     assert e.value.params[0] == "Datapath_command_failed", e.value.params
     assert not lvm2.lvs[LV_KEY]["active"], "a timed-out activation left the LV active"
     assert _holders(tmp_path) == [] and leftovers(tmp_path / "state") == []
+
+
+def test_a_setup_whose_resources_are_not_an_object_still_releases_its_lv(lvm2, tmp_path):
+    """The resources should be a JSON object; a vendor's setup that returns something else
+    (a list) must not leave the LV active or break the detach."""
+    class Listy(Toy):
+        def setup(self, uri, readonly=False):
+            return [Toy.setup(self, uri, readonly)["file"]]
+
+        def backend(self, uri, domain, resources):
+            return {"implementations": [["BlockDevice", {"path": resources[0]}]]}
+    dp = Listy()
+    dp.attach("t", LV_URI, "3")
+    assert lvm2.lvs[LV_KEY]["active"]
+    dp.detach("t", LV_URI, "3")
+    assert not lvm2.lvs[LV_KEY]["active"] and _holders(tmp_path) == []

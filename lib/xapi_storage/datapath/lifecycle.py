@@ -302,7 +302,8 @@ class Lifecycle(base.Datapath):
     # activation of an lvm-raw LV around setup and teardown (datapath/lvm_activation.py) ----
     def _setup(self, uri):
         """`setup`, with the URI's logical volume held active first when it is an LV of an
-        lvm-raw SR (the resources then carry lvm_activation.FLAG, for `_teardown`)."""
+        lvm-raw SR (the resources, a JSON object, then also carry lvm_activation.FLAG: for
+        whoever reads the state file; `_teardown` asks the holder file itself)."""
         from . import lvm_activation
         activated = lvm_activation.activate(uri)
         try:
@@ -311,19 +312,17 @@ class Lifecycle(base.Datapath):
             if activated:
                 lvm_activation.deactivate(uri, best_effort=True)
             raise
-        if activated:
-            resources = dict(resources or {}, **{lvm_activation.FLAG: True})
+        if activated and isinstance(resources, dict):
+            resources = dict(resources, **{lvm_activation.FLAG: True})
         return resources
 
     def _teardown(self, uri, resources):
-        """`teardown`, then the LV released if `_setup` held it (resources None: a setup
-        killed or failed before saying so: released if this datapath holds it)."""
+        """`teardown`, then the LV released if this datapath holds it (a file test: no lvm2
+        process otherwise; resources None, a setup killed or failed before saying so: a
+        release that cannot finish is logged, not raised)."""
         from . import lvm_activation
         self.teardown(uri, resources)
-        if resources is None:
-            lvm_activation.deactivate(uri, best_effort=True)
-        elif resources.get(lvm_activation.FLAG):
-            lvm_activation.deactivate(uri)
+        lvm_activation.deactivate(uri, best_effort=resources is None)
 
     # the calls --------------------------------------------------------------------------------
     def open(self, dbg, uri, persistent):
