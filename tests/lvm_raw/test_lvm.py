@@ -702,3 +702,38 @@ def test_a_release_waiting_for_a_busy_device_does_not_hold_up_the_sr(tmp_path):
     finally:
         waiter.join(10)
     assert out == [[]] and not model.lvs[a]["active"]
+
+
+def test_a_hold_racing_sr_detach_is_never_dropped_with_its_lv_left_active(tmp_path):
+    """SR.detach reads which LVs are active under the act lock: a datapath's hold that comes
+    while it runs either happens before (and SR.detach sees it) or after (its LV active and
+    its holder file there), never in between (its holder dropped, its LV left active)."""
+    import threading
+    uuid = "9e570000-1111-4222-8333-000000000009"
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+    lv = lvm.LVM(runner=model, lock_dir=str(tmp_path))
+    model.lvs[KEY] = {"size": 4 << 20, "open": False, "active": False, "skip": True,
+                      "tags": _vol_tags(KEY)}
+    racer = []
+    real = model.__call__
+
+    def runner(args):
+        out = real(args)
+        if args[0] == "lvs" and not racer:      # just after SR.detach's report: a hold
+            t = threading.Thread(target=lvm_raw.hold_active,
+                                 args=(vg, [KEY], "datapath.t"), kwargs={"lvm": lv})
+            racer.append(t)
+            t.start()
+            t.join(0.5)
+        return out
+    lv.runner = runner
+    lvm_raw.set_lvm(lv)
+    try:
+        lvm_raw.SR().detach("dbg", vg)
+        racer[0].join(10)
+        held = os.path.exists(os.path.join(str(tmp_path), f"{vg}.{KEY}.holder.datapath.t"))
+        assert model.lvs[KEY]["active"] == held, \
+            f"LV active {model.lvs[KEY]['active']}, holder file {held}"
+    finally:
+        lvm_raw.set_lvm(None)

@@ -95,7 +95,8 @@ def deactivate(uri, best_effort=False):
     """Release this datapath's hold on the URI's LV (if it has one): deactivated unless
     another holder needs it. A device still open is an error (the hold is kept, so the
     retried teardown deactivates it); best_effort (the undo of a setup that did not finish,
-    which cannot know how far it got): logged instead."""
+    which cannot know how far it got): logged instead, the hold kept too (the LV is still
+    active: the volume's next detach, or SR.detach, lets go of it)."""
     names = lv_of(uri)
     if names is None:
         return
@@ -107,8 +108,7 @@ def deactivate(uri, best_effort=False):
     try:
         if not lvm_raw.holds(vg, lv, who, lvm=lvm2):
             return                  # never held (not ours), or released already
-        busy = lvm_raw.release_active(vg, [lv], who, keep_claim_if_busy=not best_effort,
-                                      lvm=lvm2)
+        busy = lvm_raw.release_active(vg, [lv], who, keep_claim_if_busy=True, lvm=lvm2)
     except Exception as e:          # noqa: BLE001
         if best_effort:
             log.warning("%s: %s/%s: %s", uri, vg, lv, e)

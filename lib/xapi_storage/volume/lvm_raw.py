@@ -912,13 +912,15 @@ class SR(base.SR):
         row = get_lvm().vg(vg)
         if _sr_record(row) is None:
             return None             # gone already: detach is idempotent
-        rows = [r for r in get_lvm().lvs(vg) if VOL_TAG in r["tags"] and r["active"]]
-        busy = [r["name"] for r in rows if r["open"]]
-        if busy:
-            raise XenAPIError("SR_BACKEND_FAILURE", [
-                "SR is in use", vg, "open volumes: " + ", ".join(sorted(busy))])
         lv = get_lvm()
+        # the report is read under the act lock: a datapath's hold cannot come in between
+        # and have its LV deactivated and its holder file dropped unseen
         with lv.locks() as store, store.lock(vg + ACT_LOCK):
+            rows = [r for r in lv.lvs(vg) if VOL_TAG in r["tags"] and r["active"]]
+            busy = [r["name"] for r in rows if r["open"]]
+            if busy:
+                raise XenAPIError("SR_BACKEND_FAILURE", [
+                    "SR is in use", vg, "open volumes: " + ", ".join(sorted(busy))])
             lv.activate(vg, [r["name"] for r in rows], active=False)
             _drop_holders(store, vg)        # nothing on this host uses the SR any more
         # a thin SR's pool: it was activated with its first volume
