@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from xapi_storage.volume import command, lvm, lvm_raw
+from xapi_storage.volume import store as store_mod
 from xapi_storage.volume.datacopy import copy_block_device
 
 TAG = re.compile(r"\A[A-Za-z0-9_+.\-/=!:&#]{1,128}\Z")     # lvm2 validate_tag, old length limit
@@ -735,5 +736,28 @@ def test_a_hold_racing_sr_detach_is_never_dropped_with_its_lv_left_active(tmp_pa
         held = os.path.exists(os.path.join(str(tmp_path), f"{vg}.{KEY}.holder.datapath.t"))
         assert model.lvs[KEY]["active"] == held, \
             f"LV active {model.lvs[KEY]['active']}, holder file {held}"
+    finally:
+        lvm_raw.set_lvm(None)
+
+
+def test_sr_attach_succeeds_when_its_cache_cannot_be_written(tmp_path, monkeypatch):
+    """The .attached cache is an optimisation: a full /run must not fail SR.attach, and no
+    older cache may stay in its place."""
+    uuid = "9e570000-1111-4222-8333-000000000008"
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+    lvm_raw.set_lvm(lvm.LVM(runner=model, lock_dir=str(tmp_path)))
+    try:
+        lvm_raw.SR().attach("dbg", {"sr_uuid": uuid})
+        assert os.path.exists(os.path.join(str(tmp_path), vg + lvm_raw.ATTACHED))
+
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(store_mod.Store, "write", full)
+        assert lvm_raw.SR().attach("dbg", {"sr_uuid": uuid}) == vg
+        assert not os.path.exists(os.path.join(str(tmp_path), vg + lvm_raw.ATTACHED))
+        del model.calls[:]
+        lvm_raw.Volume().create("dbg", vg, "n", "d", 4 << 20, False)
+        assert [c[0] for c in model.calls] == ["vgs", "lvcreate"]
     finally:
         lvm_raw.set_lvm(None)

@@ -212,10 +212,19 @@ ATTACHED = ".attached"
 
 
 def _write_attached(vg, rec, row):
+    """Leave the cache; one that cannot be written (a full or read-only /run) is only
+    logged: creates then read the VG, as without it."""
     fields = {"uuid": rec.get("uuid"), "provisioning": rec.get("provisioning", "thick"),
               "datapath": rec.get("datapath"), "extent_size": row["extent_size"]}
-    with get_lvm().locks() as store:
-        store.write(vg + ATTACHED, fields, owner=vg)
+    try:
+        with get_lvm().locks() as store:
+            store.write(vg + ATTACHED, fields, owner=vg)
+    except OSError as e:
+        _log(30, f"{vg}: cannot write {vg + ATTACHED} ({e}): creates will read the VG")
+        try:
+            _forget_attached(vg)        # never an older one in its place
+        except OSError:
+            pass
 
 
 def _forget_attached(vg):
