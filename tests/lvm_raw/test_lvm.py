@@ -592,8 +592,12 @@ def test_volumes_are_active_only_while_something_on_the_host_needs_them(tmp_path
         vol = lvm_raw.Volume().create("dbg", vg, "n", "d", 4 << 20, False)
         lv = model.lvs[vol["key"]]
         assert not lv["active"] and lv["skip"]
+        del model.calls[:]
         snap = lvm_raw.Volume().snapshot("dbg", vg, vol["key"])
         assert seen == [[True, True]], "the copy ran on inactive LVs"
+        # lvs, lvcreate, one lvchange -ay for both, the ready lvchange, one -an for both
+        assert [c[0] for c in model.calls] == ["lvs", "lvcreate"] + ["lvchange"] * 3, \
+            model.calls
         assert not lv["active"] and not model.lvs[snap["key"]]["active"] and holders() == []
         assert model.lvs[snap["key"]]["skip"]
         # a VM runs on the volume: the copy leaves it active for the VM
@@ -761,3 +765,22 @@ def test_sr_attach_succeeds_when_its_cache_cannot_be_written(tmp_path, monkeypat
         assert [c[0] for c in model.calls] == ["vgs", "lvcreate"]
     finally:
         lvm_raw.set_lvm(None)
+
+
+def test_a_release_of_two_lvs_one_still_open_deactivates_the_other(tmp_path):
+    """A copy's release deactivates its two LVs in one lvchange; when lvm2 refuses that (one
+    is still open), each is tried alone: the closed one is deactivated, the open one is
+    reported and left active."""
+    uuid = "9e570000-1111-4222-8333-000000000007"
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+    lv = lvm.LVM(runner=model, lock_dir=str(tmp_path))
+    a, b = KEY, "4d8f2f1d-1c12-4e8f-8b72-8e1b2e3f6c6d"
+    for k in (a, b):
+        model.lvs[k] = {"size": 4 << 20, "open": False, "active": False, "skip": True,
+                        "tags": _vol_tags(k)}
+    lvm_raw.hold_active(vg, [a, b], "copy.1", lvm=lv)
+    model.lvs[a]["open"] = True
+    assert lvm_raw.release_active(vg, [a, b], "copy.1", wait=0.0, lvm=lv) == [a]
+    assert model.lvs[a]["active"] and not model.lvs[b]["active"]
+    assert [n for n in os.listdir(str(tmp_path)) if ".holder." in n] == []

@@ -431,8 +431,16 @@ def release_active(vg, lvs, who, wait=None, keep_claim_if_busy=False, lvm=None):
         still = []
         with lv.locks() as store, store.lock(vg + ACT_LOCK):
             names = store.names()
+            free = [n for n in pending
+                    if not any(_live(w) for w in _holders(names, vg, n) if w != who)]
+            batch = len(free) > 1
+            if batch:               # one lvchange for all (a copy's two LVs): most often
+                try:
+                    lv.activate(vg, free, active=False)
+                except lvmmod.LVMError:
+                    batch = False   # one at a time below says which, and why
             for name in pending:
-                if not any(_live(w) for w in _holders(names, vg, name) if w != who):
+                if name in free and not batch:
                     try:
                         lv.activate(vg, [name], active=False)
                     except lvmmod.LVMError as e:
