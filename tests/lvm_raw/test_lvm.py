@@ -678,19 +678,27 @@ def test_sr_ls_and_detach_touch_only_their_own_holders(tmp_path):
         lvm_raw.set_lvm(None)
 
 
+KEY_B = "4d8f2f1d-1c12-4e8f-8b72-8e1b2e3f6c6d"
+
+
+def _two_inactive_volumes(tmp_path, uuid):
+    """(vg, model, LVM, (KEY, KEY_B)): a model VG holding two inactive activation-skip
+    volumes of ours, as lvm-raw makes them."""
+    vg = lvm_raw.VG_PREFIX + uuid
+    model = ModelLVM2(vg, uuid)
+    for k in (KEY, KEY_B):
+        model.lvs[k] = {"size": 4 << 20, "open": False, "active": False, "skip": True,
+                        "tags": _vol_tags(k)}
+    return vg, model, lvm.LVM(runner=model, lock_dir=str(tmp_path)), (KEY, KEY_B)
+
+
 def test_a_release_waiting_for_a_busy_device_does_not_hold_up_the_sr(tmp_path):
     """A datapath's release waits up to DEACTIVATE_WAIT s for a backend to let go of the
     device; meanwhile another volume of the SR can be attached (its hold takes the act lock):
     the lock is not held across the wait."""
     import threading
     uuid = "9e570000-1111-4222-8333-00000000000a"
-    vg = lvm_raw.VG_PREFIX + uuid
-    model = ModelLVM2(vg, uuid)
-    lv = lvm.LVM(runner=model, lock_dir=str(tmp_path))
-    a, b = KEY, "4d8f2f1d-1c12-4e8f-8b72-8e1b2e3f6c6d"
-    for k in (a, b):
-        model.lvs[k] = {"size": 4 << 20, "open": False, "active": False, "skip": True,
-                        "tags": _vol_tags(k)}
+    vg, model, lv, (a, b) = _two_inactive_volumes(tmp_path, uuid)
     lvm_raw.hold_active(vg, [a], "datapath.t", lvm=lv)
     model.lvs[a]["open"] = True                 # a backend that has not let go yet
     out = []
@@ -772,13 +780,7 @@ def test_a_release_of_two_lvs_one_still_open_deactivates_the_other(tmp_path):
     is still open), each is tried alone: the closed one is deactivated, the open one is
     reported and left active."""
     uuid = "9e570000-1111-4222-8333-000000000007"
-    vg = lvm_raw.VG_PREFIX + uuid
-    model = ModelLVM2(vg, uuid)
-    lv = lvm.LVM(runner=model, lock_dir=str(tmp_path))
-    a, b = KEY, "4d8f2f1d-1c12-4e8f-8b72-8e1b2e3f6c6d"
-    for k in (a, b):
-        model.lvs[k] = {"size": 4 << 20, "open": False, "active": False, "skip": True,
-                        "tags": _vol_tags(k)}
+    vg, model, lv, (a, b) = _two_inactive_volumes(tmp_path, uuid)
     lvm_raw.hold_active(vg, [a, b], "copy.1", lvm=lv)
     model.lvs[a]["open"] = True
     assert lvm_raw.release_active(vg, [a, b], "copy.1", wait=0.0, lvm=lv) == [a]
