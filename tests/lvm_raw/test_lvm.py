@@ -143,7 +143,8 @@ def test_commands_are_argument_lists_that_never_say_yes(tmp_path):
     rows = lv.lvs("vg")
     assert [r["name"] for r in rows][1] == "foreign"
     assert rec.calls[0] == ["lvcreate", "-qq", "-Z", "n", "-W", "n", "-n", "k", "-L", "5242880b",
-                            "-a", "n", "-k", "y", "--addtag", "xapi-storage:vol", "--addtag", "xsm:1.0.1:e30=", "vg"]
+                            "-a", "n", "-k", "y", "--addtag", "xapi-storage:vol",
+                            "--addtag", "xsm:1.0.1:e30=", "vg"]
     assert rec.calls[1] == ["lvchange", "-qq", "-p", "r", "--addtag", "a", "--deltag", "b",
                             "vg/k"]
     assert rec.calls[2] == ["vgremove", "-qq", "vg"]      # no -f: a VG with LVs is refused
@@ -786,3 +787,21 @@ def test_a_release_of_two_lvs_one_still_open_deactivates_the_other(tmp_path):
     assert lvm_raw.release_active(vg, [a, b], "copy.1", wait=0.0, lvm=lv) == [a]
     assert model.lvs[a]["active"] and not model.lvs[b]["active"]
     assert [n for n in os.listdir(str(tmp_path)) if ".holder." in n] == []
+
+
+def test_sr_ls_releases_what_killed_copies_held(tmp_path):
+    """A killed copy's holder files: SR.ls deactivates the LV it held (nothing else needs it)
+    and removes the holder of an LV that is gone without running lvm2 for it."""
+    vg, model, lv, (a, _) = _two_inactive_volumes(tmp_path, "9e570000-1111-4222-8333-000000000006")
+    lvm_raw.hold_active(vg, [a], "copy.999999999", lvm=lv)     # no such process
+    gone = "5e9a3f2e-2d23-4f90-9c83-9f2c3f4a7d7e"
+    open(os.path.join(str(tmp_path), f"{vg}.{gone}.holder.copy.999999999"), "w").close()
+    lvm_raw.set_lvm(lv)
+    try:
+        del model.calls[:]
+        lvm_raw.SR().ls("dbg", vg)
+        assert not model.lvs[a]["active"]
+        assert [n for n in os.listdir(str(tmp_path)) if ".holder." in n] == []
+        assert not any(gone in " ".join(c) for c in model.calls), model.calls
+    finally:
+        lvm_raw.set_lvm(None)

@@ -302,19 +302,14 @@ class Lifecycle(base.Datapath):
     # activation of an lvm-raw LV around setup and teardown (datapath/lvm_activation.py) ----
     def _setup(self, uri):
         """`setup`, with the URI's logical volume held active first when it is an LV of an
-        lvm-raw SR (the resources, a JSON object, then also carry lvm_activation.FLAG: for
-        whoever reads the state file; `_teardown` asks the holder file itself)."""
+        lvm-raw SR (released again if `setup` fails; `_teardown` asks the holder file)."""
         from . import lvm_activation
-        activated = lvm_activation.activate(uri)
+        lvm_activation.activate(uri)
         try:
-            resources = self.setup(uri)
+            return self.setup(uri)
         except BaseException:
-            if activated:
-                lvm_activation.deactivate(uri, best_effort=True)
+            lvm_activation.deactivate(uri, best_effort=True)
             raise
-        if activated and isinstance(resources, dict):
-            resources = dict(resources, **{lvm_activation.FLAG: True})
-        return resources
 
     def _teardown(self, uri, resources):
         """`teardown`, then the LV released if this datapath holds it (a file test: no lvm2

@@ -12,7 +12,7 @@ datapath plugin alike:
 * otherwise one `lvs` says whether the LV is ours (the LV tagged as an lvm-raw volume, its VG
   as an lvm-raw SR: nothing else is ever activated or deactivated); an LV of ours is held
   active for this datapath (volume/lvm_raw.py `hold_active`: a holder file, then
-  `lvchange -ay -K`), and the setup's resources record it;
+  `lvchange -ay -K`);
 * the last detach releases that hold (`release_active`): the LV is deactivated unless
   something else on this host still needs it (a snapshot's copy reading it). A device still
   open after DEACTIVATE_WAIT seconds (a backend that has not let go) fails the teardown, which
@@ -26,7 +26,6 @@ from ..sdk import log
 from .lifecycle import datapath_error
 
 TIMEOUT = 120.0             # one lvm2 command; under TCG a second or two
-FLAG = "lvm_activated"      # the key setup's resources carry when this module holds the LV
 
 
 def lv_of(uri):
@@ -54,13 +53,14 @@ def _lvm2():
     return lvm.LVM(runner=lvm.Runner(timeout=TIMEOUT))
 
 
-def _errors(uri, what):
+def _errors(uri, name, what):
+    """A function mapping a failure of lvm2, a lock or the lock directory to the datapath
+    error `name` (None for anything else: raised as it is)."""
     from ..volume import command, lvm, store
 
     def wrap(e):
         if isinstance(e, (lvm.LVMError, command.CommandTimeout, store.LockTimeout, OSError)):
-            return datapath_error("Datapath_command_failed" if what.startswith("activate")
-                                  else "Datapath_cleanup_failed", uri, f"cannot {what}: {e}")
+            return datapath_error(name, uri, f"cannot {what}: {e}")
         return None
     return wrap
 
@@ -73,7 +73,7 @@ def activate(uri):
     from ..volume import lvm_raw
     vg, lv = names
     lvm2 = _lvm2()
-    wrap = _errors(uri, f"activate {vg}/{lv}")
+    wrap = _errors(uri, "Datapath_command_failed", f"activate {vg}/{lv}")
     try:
         vgrow, row = lvm2.lv_and_vg(vg, lv)
     except FileNotFoundError:
@@ -104,7 +104,7 @@ def deactivate(uri, best_effort=False):
     vg, lv = names
     who = holder(uri)
     lvm2 = _lvm2()
-    wrap = _errors(uri, f"deactivate {vg}/{lv}")
+    wrap = _errors(uri, "Datapath_cleanup_failed", f"deactivate {vg}/{lv}")
     try:
         if not lvm_raw.holds(vg, lv, who, lvm=lvm2):
             return                  # never held (not ours), or released already

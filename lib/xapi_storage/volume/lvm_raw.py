@@ -465,14 +465,18 @@ def release_active(vg, lvs, who, wait=None, keep_claim_if_busy=False, lvm=None):
         time.sleep(0.2)
 
 
-def _reap_dead_holders(vg):
-    """Release what killed copies held (their holder files; each LV no live holder needs is
-    deactivated): SR.ls's clean-up of a killed snapshot, clone or revert. No lvm2 process
-    unless there is one."""
+def _reap_dead_holders(vg, lv_names):
+    """Release what killed copies held: SR.ls's clean-up of a killed snapshot, clone or
+    revert. A holder of an LV that is gone (not in `lv_names`) is removed; otherwise each LV
+    no live holder needs is deactivated. No lvm2 process unless there is such an LV. (A live
+    holder's LV may be newer than `lv_names`: its holder releases it.)"""
     with get_lvm().locks() as store:
         names = store.names()
+        for lv, who in filter(None, (_holder_parts(vg, n) for n in names)):
+            if not _live(who) and lv not in lv_names:
+                store.unlink(_holder_file(vg, lv, who))
     for lv, who in filter(None, (_holder_parts(vg, n) for n in names)):
-        if not _live(who):
+        if not _live(who) and lv in lv_names:
             busy = release_active(vg, [lv], who, wait=0.0)
             _log(30, f"{vg}/{lv}: released for a killed call ({who})"
                  + (": left active, still open" if busy else ""))
@@ -1012,7 +1016,7 @@ class SR(base.SR):
             rows = get_lvm().lvs(vg)
             reverts = _reverted_keys(rows)
         _forget_stray_locks(vg, {r["name"] for r in rows})
-        _reap_dead_holders(vg)
+        _reap_dead_holders(vg, {r["name"] for r in rows})
         for row in rows:
             if VOL_TAG not in row["tags"] or _revert_base(row["name"]):
                 continue            # not ours: never listed, never touched; or a running revert's
@@ -1062,13 +1066,6 @@ def _forget_stray_locks(vg, lv_names):
     prefix = vg + "."
     with get_lvm().locks() as store:
         for name in store.names():
-            parts = _holder_parts(vg, name)
-            if parts:
-                # a killed copy's holder of an LV that is gone (a live holder's LV may be
-                # newer than `lv_names`: its holder releases it)
-                if parts[0] not in lv_names and not _live(parts[1]):
-                    store.unlink(name)
-                continue
             key = name[len(prefix):-len(".lock")] if name.startswith(prefix) else ""
             if not is_uuid(key) or not name.endswith(".lock") or key in lv_names:
                 continue
